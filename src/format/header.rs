@@ -1,0 +1,267 @@
+//! The 4096-byte image header: see the table in the [module docs](super).
+
+use super::{le_u16, le_u32, le_u64, META_BLOCK};
+use thiserror::Error;
+
+pub const MAGIC: [u8; 8] = *b"FVD\0img\x01";
+pub const VERSION: u32 = 1;
+/// Incompatible feature: the image has a one-level table.
+pub const INCOMPAT_TABLE: u64 = 1;
+const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE;
+/// Flag: the image was not closed cleanly; replay the journal.
+pub const FLAG_DIRTY: u64 = 1;
+pub const MAX_BASE_PATH: usize = 1024;
+const CRC_OFF: usize = 4092;
+const PATH_OFF: usize = 152;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HeaderError {
+    #[error("not an FVD image (bad magic)")]
+    BadMagic,
+    #[error("header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    BadChecksum { stored: u32, computed: u32 },
+    #[error("unsupported FVD version {0}")]
+    UnsupportedVersion(u32),
+    #[error("unsupported incompatible features {0:#x}")]
+    UnsupportedFeatures(u64),
+    #[error("header is truncated ({0} bytes, need 4096)")]
+    Truncated(usize),
+    #[error("bad header field {field}: {why}")]
+    BadField { field: &'static str, why: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseFormat {
+    None,
+    Raw,
+    Fvd,
+}
+
+impl BaseFormat {
+    fn code(self) -> u32 {
+        match self {
+            BaseFormat::None => 0,
+            BaseFormat::Raw => 1,
+            BaseFormat::Fvd => 2,
+        }
+    }
+
+    fn from_code(c: u32) -> Option<Self> {
+        Some(match c {
+            0 => BaseFormat::None,
+            1 => BaseFormat::Raw,
+            2 => BaseFormat::Fvd,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseFormat::None => "none",
+            BaseFormat::Raw => "raw",
+            BaseFormat::Fvd => "fvd",
+        }
+    }
+}
+
+/// A decoded header. Field meanings are in the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub incompat: u64,
+    pub compat: u64,
+    pub flags: u64,
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub chunk_size: u32,
+    pub table_offset: u64,
+    pub table_len: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_len: u64,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub data_offset: u64,
+    pub journal_seq: u64,
+    pub base_size: u64,
+    pub base_format: BaseFormat,
+    pub base_path: String,
+    pub used_chunks: u32,
+    /// Incremented on every header write; the slot with the highest valid
+    /// generation is current.
+    pub generation: u64,
+}
+
+impl Header {
+    pub fn has_table(&self) -> bool {
+        self.incompat & INCOMPAT_TABLE != 0
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.flags & FLAG_DIRTY != 0
+    }
+
+    // header := magic version len incompat compat flags vsize bsize csize
+    //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
+    //           path_len rsvd used rsvd generation path pad crc32
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; META_BLOCK as usize];
+        b[0..8].copy_from_slice(&MAGIC);
+        put32(&mut b, 8, VERSION);
+        put32(&mut b, 12, META_BLOCK as u32);
+        put64(&mut b, 16, self.incompat);
+        put64(&mut b, 24, self.compat);
+        put64(&mut b, 32, self.flags);
+        put64(&mut b, 40, self.virtual_size);
+        put32(&mut b, 48, self.block_size);
+        put32(&mut b, 52, self.chunk_size);
+        put64(&mut b, 56, self.table_offset);
+        put64(&mut b, 64, self.table_len);
+        put64(&mut b, 72, self.bitmap_offset);
+        put64(&mut b, 80, self.bitmap_len);
+        put64(&mut b, 88, self.journal_offset);
+        put64(&mut b, 96, self.journal_len);
+        put64(&mut b, 104, self.data_offset);
+        put64(&mut b, 112, self.journal_seq);
+        put64(&mut b, 120, self.base_size);
+        put32(&mut b, 128, self.base_format.code());
+        let path = self.base_path.as_bytes();
+        let n = path.len().min(MAX_BASE_PATH);
+        b[132..134].copy_from_slice(&(n as u16).to_le_bytes());
+        put32(&mut b, 136, self.used_chunks);
+        put64(&mut b, 144, self.generation);
+        b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
+        let crc = crc32fast::hash(&b[..CRC_OFF]);
+        put32(&mut b, CRC_OFF, crc);
+        b
+    }
+
+    /// Decodes and validates the magic, checksum, version and features.
+    /// Region geometry is validated by [`super::Geometry::from_header`].
+    pub fn decode(b: &[u8]) -> Result<Header, HeaderError> {
+        if b.len() < 8 || b[0..8] != MAGIC {
+            if b.len() < 8 {
+                return Err(HeaderError::Truncated(b.len()));
+            }
+            return Err(HeaderError::BadMagic);
+        }
+        if b.len() < META_BLOCK as usize {
+            return Err(HeaderError::Truncated(b.len()));
+        }
+        let stored = le_u32(b, CRC_OFF);
+        let computed = crc32fast::hash(&b[..CRC_OFF]);
+        if stored != computed {
+            return Err(HeaderError::BadChecksum { stored, computed });
+        }
+        let version = le_u32(b, 8);
+        if version != VERSION {
+            return Err(HeaderError::UnsupportedVersion(version));
+        }
+        if le_u32(b, 12) != META_BLOCK as u32 {
+            return Err(bad("header_len", format!("{} (need 4096)", le_u32(b, 12))));
+        }
+        let incompat = le_u64(b, 16);
+        if incompat & !KNOWN_INCOMPAT != 0 {
+            return Err(HeaderError::UnsupportedFeatures(incompat & !KNOWN_INCOMPAT));
+        }
+        let fmt = le_u32(b, 128);
+        let base_format = BaseFormat::from_code(fmt)
+            .ok_or_else(|| bad("base_format", format!("unknown code {fmt}")))?;
+        let plen = le_u16(b, 132) as usize;
+        if plen > MAX_BASE_PATH {
+            return Err(bad("base_path_len", format!("{plen} > {MAX_BASE_PATH}")));
+        }
+        let base_path = std::str::from_utf8(&b[PATH_OFF..PATH_OFF + plen])
+            .map_err(|_| bad("base_path", "not UTF-8".into()))?
+            .to_string();
+        Ok(Header {
+            incompat,
+            compat: le_u64(b, 24),
+            flags: le_u64(b, 32),
+            virtual_size: le_u64(b, 40),
+            block_size: le_u32(b, 48),
+            chunk_size: le_u32(b, 52),
+            table_offset: le_u64(b, 56),
+            table_len: le_u64(b, 64),
+            bitmap_offset: le_u64(b, 72),
+            bitmap_len: le_u64(b, 80),
+            journal_offset: le_u64(b, 88),
+            journal_len: le_u64(b, 96),
+            data_offset: le_u64(b, 104),
+            journal_seq: le_u64(b, 112),
+            base_size: le_u64(b, 120),
+            base_format,
+            base_path,
+            used_chunks: le_u32(b, 136),
+            generation: le_u64(b, 144),
+        })
+    }
+}
+
+fn bad(field: &'static str, why: String) -> HeaderError {
+    HeaderError::BadField { field, why }
+}
+
+fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[cfg(test)]
+pub(crate) fn sample() -> Header {
+    Header {
+        incompat: INCOMPAT_TABLE,
+        compat: 0,
+        flags: 0,
+        virtual_size: 1 << 30,
+        block_size: 65536,
+        chunk_size: 1 << 20,
+        table_offset: 8192,
+        table_len: 4096,
+        bitmap_offset: 12288,
+        bitmap_len: 4096,
+        journal_offset: 16384,
+        journal_len: 1 << 20,
+        data_offset: 2 << 20,
+        journal_seq: 7,
+        base_size: 1 << 29,
+        base_format: BaseFormat::Raw,
+        base_path: "base.img".into(),
+        used_chunks: 3,
+        generation: 9,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = sample();
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn header_rejects_corruption() {
+        let mut b = sample().encode();
+        b[40] ^= 1;
+        assert!(matches!(Header::decode(&b), Err(HeaderError::BadChecksum { .. })));
+        let mut b = sample().encode();
+        b[0] = b'X';
+        assert_eq!(Header::decode(&b), Err(HeaderError::BadMagic));
+        let b = sample().encode();
+        assert_eq!(Header::decode(&b[..100]), Err(HeaderError::Truncated(100)));
+    }
+
+    #[test]
+    fn header_rejects_unknown_incompat_features() {
+        let mut h = sample();
+        h.incompat |= 1 << 9;
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(HeaderError::UnsupportedFeatures(1 << 9))
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! Geometry: the validated shape of an image, computed from a header (open) or
+//! from create-time choices, with the unit conversions the rest of the crate uses.
+
+use super::header::{Header, INCOMPAT_TABLE};
+use super::{HEADER_AREA, META_BLOCK};
+use crate::units::{BlockIdx, Bytes, ChunkIdx};
+use thiserror::Error;
+
+pub const MIN_BLOCK: u32 = 4096;
+pub const MAX_BLOCK: u32 = 1 << 20;
+pub const MAX_CHUNK: u32 = 64 << 20;
+pub const MIN_JOURNAL: u64 = 2 * META_BLOCK;
+/// Data alignment when the table is off.
+const RAW_DATA_ALIGN: u64 = 1 << 20;
+/// The largest virtual size accepted (64 PiB).
+pub const MAX_VIRTUAL: u64 = 1 << 56;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("virtual size {0:#x} must be a non-zero multiple of 512 up to 64 PiB")]
+    BadVirtualSize(u64),
+    #[error("block size {0} must be a power of two from 4 KiB to 1 MiB")]
+    BadBlockSize(u32),
+    #[error("chunk size {chunk} must be a power-of-two multiple of the block size {block}, at most 64 MiB")]
+    BadChunkSize { chunk: u32, block: u32 },
+    #[error("the table would need {0} entries, more than a 32-bit table can address")]
+    TooManyChunks(u64),
+    #[error("journal size {0:#x} must be a multiple of 4096 and at least 8192")]
+    BadJournalSize(u64),
+    #[error("base size {base:#x} is larger than the virtual size {virt:#x}")]
+    BaseTooLarge { base: u64, virt: u64 },
+    #[error("{region} region at {offset:#x}+{len:#x} is misaligned, too small, or overlaps the previous region")]
+    BadRegion { region: &'static str, offset: u64, len: u64 },
+    #[error("{region} region ends at {end:#x}, beyond the end of the storage at {size:#x}")]
+    BeyondStorage { region: &'static str, end: u64, size: u64 },
+}
+
+/// The validated shape of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    pub virtual_size: Bytes,
+    pub block_size: u32,
+    /// `None` for the raw layout (no table).
+    pub chunk_size: Option<u32>,
+    pub base_size: Bytes,
+    pub table_offset: u64,
+    pub table_len: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_len: u64,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub data_offset: u64,
+}
+
+/// Create-time choices.
+#[derive(Debug, Clone)]
+pub struct CreateParams {
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub chunk_size: Option<u32>,
+    pub base_size: u64,
+    pub journal_len: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+fn check_shape(vsize: u64, block: u32, chunk: Option<u32>, base: u64) -> Result<(), LayoutError> {
+    if vsize == 0 || vsize % 512 != 0 || vsize > MAX_VIRTUAL {
+        return Err(LayoutError::BadVirtualSize(vsize));
+    }
+    if !block.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
+        return Err(LayoutError::BadBlockSize(block));
+    }
+    if let Some(c) = chunk {
+        if !c.is_power_of_two() || c < block || c > MAX_CHUNK {
+            return Err(LayoutError::BadChunkSize { chunk: c, block });
+        }
+        let n = vsize.div_ceil(c as u64);
+        if n >= u32::MAX as u64 {
+            return Err(LayoutError::TooManyChunks(n));
+        }
+    }
+    if base > vsize {
+        return Err(LayoutError::BaseTooLarge { base, virt: vsize });
+    }
+    Ok(())
+}
+
+impl Geometry {
+    /// Lays out a new image.
+    pub fn new(p: &CreateParams) -> Result<Geometry, LayoutError> {
+        check_shape(p.virtual_size, p.block_size, p.chunk_size, p.base_size)?;
+        if p.journal_len % META_BLOCK != 0 || p.journal_len < MIN_JOURNAL {
+            return Err(LayoutError::BadJournalSize(p.journal_len));
+        }
+        let mut g = Geometry {
+            virtual_size: Bytes(p.virtual_size),
+            block_size: p.block_size,
+            chunk_size: p.chunk_size,
+            base_size: Bytes(p.base_size),
+            table_offset: HEADER_AREA,
+            table_len: 0,
+            bitmap_offset: 0,
+            bitmap_len: 0,
+            journal_offset: 0,
+            journal_len: p.journal_len,
+            data_offset: 0,
+        };
+        g.table_len = align_up(g.chunks() * 4, META_BLOCK);
+        g.bitmap_offset = g.table_offset + g.table_len;
+        g.bitmap_len = align_up(g.base_blocks().div_ceil(8), META_BLOCK);
+        g.journal_offset = g.bitmap_offset + g.bitmap_len;
+        let meta_end = g.journal_offset + g.journal_len;
+        let align = p.chunk_size.map(u64::from).unwrap_or(RAW_DATA_ALIGN);
+        g.data_offset = align_up(meta_end, align);
+        Ok(g)
+    }
+
+    /// Validates a header's geometry against the storage size.
+    pub fn from_header(h: &Header, storage_size: u64) -> Result<Geometry, LayoutError> {
+        let chunk = if h.incompat & INCOMPAT_TABLE != 0 { Some(h.chunk_size) } else { None };
+        check_shape(h.virtual_size, h.block_size, chunk, h.base_size)?;
+        let g = Geometry {
+            virtual_size: Bytes(h.virtual_size),
+            block_size: h.block_size,
+            chunk_size: chunk,
+            base_size: Bytes(h.base_size),
+            table_offset: h.table_offset,
+            table_len: h.table_len,
+            bitmap_offset: h.bitmap_offset,
+            bitmap_len: h.bitmap_len,
+            journal_offset: h.journal_offset,
+            journal_len: h.journal_len,
+            data_offset: h.data_offset,
+        };
+        let regions = [
+            ("table", g.table_offset, g.table_len, g.chunks() * 4),
+            ("bitmap", g.bitmap_offset, g.bitmap_len, g.base_blocks().div_ceil(8)),
+            ("journal", g.journal_offset, g.journal_len, MIN_JOURNAL),
+        ];
+        let mut prev_end = HEADER_AREA;
+        for (region, offset, len, need) in regions {
+            let end = offset.checked_add(len);
+            let ok = offset % META_BLOCK == 0
+                && len % META_BLOCK == 0
+                && len >= need
+                && offset >= prev_end
+                && end.is_some();
+            if !ok {
+                return Err(LayoutError::BadRegion { region, offset, len });
+            }
+            prev_end = end.unwrap_or(u64::MAX);
+        }
+        let align = chunk.map(u64::from).unwrap_or(META_BLOCK);
+        if g.data_offset < prev_end || g.data_offset % align != 0 {
+            return Err(LayoutError::BadRegion { region: "data", offset: g.data_offset, len: 0 });
+        }
+        if g.data_offset > storage_size {
+            return Err(LayoutError::BeyondStorage {
+                region: "metadata",
+                end: g.data_offset,
+                size: storage_size,
+            });
+        }
+        Ok(g)
+    }
+
+    pub fn has_table(&self) -> bool {
+        self.chunk_size.is_some()
+    }
+
+    /// Number of table slots (0 without a table).
+    pub fn chunks(&self) -> u64 {
+        match self.chunk_size {
+            Some(c) => self.virtual_size.0.div_ceil(c as u64),
+            None => 0,
+        }
+    }
+
+    /// Number of blocks that have a bitmap bit (the blocks the base covers).
+    pub fn base_blocks(&self) -> u64 {
+        self.base_size.0.div_ceil(self.block_size as u64)
+    }
+
+    pub fn block_of(&self, off: Bytes) -> BlockIdx {
+        BlockIdx(off.0 / self.block_size as u64)
+    }
+
+    pub fn block_start(&self, b: BlockIdx) -> Bytes {
+        Bytes(b.0 * self.block_size as u64)
+    }
+
+    /// The allocation unit: the chunk, or the whole disk without a table.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_size.map(u64::from).unwrap_or(self.virtual_size.0)
+    }
+
+    pub fn chunk_of(&self, off: Bytes) -> ChunkIdx {
+        match self.chunk_size {
+            Some(c) => ChunkIdx(off.0 / c as u64),
+            None => ChunkIdx(0),
+        }
+    }
+
+    /// Bytes of metadata (header, table, bitmap), without the journal.
+    pub fn metadata_bytes(&self) -> u64 {
+        HEADER_AREA + self.table_len + self.bitmap_len
+    }
+
+    /// A fresh header for this geometry.
+    pub fn header(&self, base_format: super::BaseFormat, base_path: &str) -> Header {
+        Header {
+            incompat: if self.has_table() { INCOMPAT_TABLE } else { 0 },
+            compat: 0,
+            flags: 0,
+            virtual_size: self.virtual_size.0,
+            block_size: self.block_size,
+            chunk_size: self.chunk_size.unwrap_or(0),
+            table_offset: self.table_offset,
+            table_len: self.table_len,
+            bitmap_offset: self.bitmap_offset,
+            bitmap_len: self.bitmap_len,
+            journal_offset: self.journal_offset,
+            journal_len: self.journal_len,
+            data_offset: self.data_offset,
+            journal_seq: 1,
+            base_size: self.base_size.0,
+            base_format,
+            base_path: base_path.to_string(),
+            used_chunks: 0,
+            generation: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::BaseFormat;
+
+    fn tib() -> CreateParams {
+        CreateParams {
+            virtual_size: 1 << 40,
+            block_size: 64 << 10,
+            chunk_size: Some(1 << 20),
+            base_size: 1 << 40,
+            journal_len: 16 << 20,
+        }
+    }
+
+    #[test]
+    fn one_tib_over_one_tib_base_needs_about_six_mib() {
+        let g = Geometry::new(&tib()).unwrap();
+        assert_eq!(g.table_len, 4 << 20);
+        assert_eq!(g.bitmap_len, 2 << 20);
+        assert!(g.metadata_bytes() <= (61 << 20) / 10, "{}", g.metadata_bytes());
+    }
+
+    #[test]
+    fn header_geometry_round_trips() {
+        let g = Geometry::new(&tib()).unwrap();
+        let h = g.header(BaseFormat::Raw, "b");
+        assert_eq!(Geometry::from_header(&h, g.data_offset).unwrap(), g);
+    }
+
+    #[test]
+    fn overlapping_regions_are_rejected() {
+        let g = Geometry::new(&tib()).unwrap();
+        let mut h = g.header(BaseFormat::Raw, "b");
+        h.bitmap_offset = h.table_offset + 4096;
+        assert!(matches!(
+            Geometry::from_header(&h, u64::MAX),
+            Err(LayoutError::BadRegion { region: "bitmap", .. })
+        ));
+        let h = g.header(BaseFormat::Raw, "b");
+        assert!(matches!(
+            Geometry::from_header(&h, 4096),
+            Err(LayoutError::BeyondStorage { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_shapes_are_rejected() {
+        let mut p = tib();
+        p.block_size = 3000;
+        assert!(Geometry::new(&p).is_err());
+        let mut p = tib();
+        p.chunk_size = Some(32 << 10);
+        assert!(Geometry::new(&p).is_err());
+        let mut p = tib();
+        p.base_size = 2 << 40;
+        assert!(Geometry::new(&p).is_err());
+        let mut p = tib();
+        p.virtual_size = 1000;
+        assert!(Geometry::new(&p).is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! The FVD on-disk format (normative specification).
+//!
+//! This module turns bytes into validated structs and back. It does no I/O.
+//!
+//! # Layout
+//!
+//! All integers are little-endian. An image is one file or block device:
+//!
+//! | region  | offset                 | length                                   |
+//! |---------|------------------------|------------------------------------------|
+//! | header  | 0 and 4096 (two slots) | 2 × 4096                                 |
+//! | table   | `table_offset`         | `table_len` (0 when the table is off)    |
+//! | bitmap  | `bitmap_offset`        | `bitmap_len` (0 without a base)          |
+//! | journal | `journal_offset`       | `journal_len`, a multiple of 4096        |
+//! | data    | `data_offset`          | to the end of the storage                |
+//!
+//! Regions are 4096-aligned, start at or after 8192, in this order, and do not overlap; `data_offset` is
+//! aligned to the chunk size (to 1 MiB when the table is off) so that chunks and
+//! guest blocks sit on host-filesystem block boundaries.
+//!
+//! # Header (two 4096-byte slots at offsets 0 and 4096)
+//!
+//! A header write goes to the slot the current one is not in, with the
+//! generation incremented; open uses the valid slot with the highest
+//! generation. A torn header write therefore leaves the previous header intact.
+//!
+//! | off  | size | field                 | meaning                                              |
+//! |------|------|-----------------------|------------------------------------------------------|
+//! | 0    | 8    | magic                 | `b"FVD\0img\x01"`                                    |
+//! | 8    | 4    | version               | 1                                                    |
+//! | 12   | 4    | header_len            | 4096                                                 |
+//! | 16   | 8    | incompatible features | bit 0: table present; other bits must be 0 to open   |
+//! | 24   | 8    | compatible features   | ignored when unknown                                 |
+//! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal)|
+//! | 40   | 8    | virtual_size          | guest-visible bytes, multiple of 512                 |
+//! | 48   | 4    | block_size            | copy-on-write block, power of two, 4 KiB–1 MiB        |
+//! | 52   | 4    | chunk_size            | allocation unit, power-of-two multiple of the block, ≤ 64 MiB; 0 when the table is off |
+//! | 56   | 8    | table_offset          |                                                      |
+//! | 64   | 8    | table_len             | ≥ 4 × number of chunks                               |
+//! | 72   | 8    | bitmap_offset         |                                                      |
+//! | 80   | 8    | bitmap_len            | ≥ ⌈base blocks / 8⌉                                  |
+//! | 88   | 8    | journal_offset        |                                                      |
+//! | 96   | 8    | journal_len           | multiple of 4096, ≥ 8192                             |
+//! | 104  | 8    | data_offset           |                                                      |
+//! | 112  | 8    | journal_seq           | sequence number of the first valid journal block      |
+//! | 120  | 8    | base_size             | the base's size at create time (0: no base)          |
+//! | 128  | 4    | base_format           | 0 none, 1 raw, 2 fvd                                 |
+//! | 132  | 2    | base_path_len         | ≤ 1024                                               |
+//! | 134  | 2    | reserved              | 0                                                    |
+//! | 136  | 4    | used_chunks           | high-water mark of physical chunks at the last checkpoint |
+//! | 140  | 4    | reserved              | 0                                                    |
+//! | 144  | 8    | generation            | header write counter; slot = generation % 2           |
+//! | 152  | ≤1024| base_path             | UTF-8; relative paths are relative to the image's folder |
+//! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
+//!
+//! # Table
+//!
+//! One `u32` per virtual chunk: 0 means unallocated, `p + 1` means the chunk's
+//! data lives at `data_offset + p × chunk_size`. No two entries may name the same
+//! `p`. Without a table, guest offset X lives at `data_offset + X` (raw layout).
+//!
+//! # Bitmap
+//!
+//! One bit per block of the base (`⌈base_size / block_size⌉` bits), bit `i` at
+//! byte `i / 8`, bit `i % 8` (least significant first). A set bit means the
+//! block's current data is in the image; a clear bit means it is still in the
+//! base. Blocks at or beyond the base's size have no bit: they are always in the
+//! image (zeros when never written or unallocated). Bits are only ever set.
+//!
+//! # Journal
+//!
+//! A ring-less log of 4096-byte blocks that starts at block 0 of the region after
+//! every checkpoint. Block `i` is valid when its magic and CRC match and its
+//! sequence number is `journal_seq + i`; replay stops at the first block that is
+//! not valid, so a torn, stale or never-written block is never applied. See
+//! [`journal`] for the block and record tables.
+
+pub mod header;
+pub mod journal;
+pub mod layout;
+
+pub use header::{BaseFormat, Header, HeaderError};
+pub use journal::{JournalBlock, JournalError, Record};
+pub use layout::{Geometry, LayoutError};
+
+/// Size of a header slot and of a journal block.
+pub const META_BLOCK: u64 = 4096;
+/// The two header slots.
+pub const HEADER_AREA: u64 = 2 * META_BLOCK;
+
+pub(crate) fn le_u16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+pub(crate) fn le_u32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn le_u64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Decodes a table region into entries (4 bytes each).
+pub fn decode_table(bytes: &[u8], entries: usize) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .take(entries)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Encodes table entries, padded with zeros to `len` bytes.
+pub fn encode_table(entries: &[u32], len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    for (i, e) in entries.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&e.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a bitmap region into 64-bit words (bit i of the region is bit i%64 of word i/64).
+pub fn decode_bitmap(bytes: &[u8], bits: u64) -> Vec<u64> {
+    let words = bits.div_ceil(64) as usize;
+    let mut out = vec![0u64; words];
+    for (i, w) in out.iter_mut().enumerate() {
+        let mut a = [0u8; 8];
+        let start = i * 8;
+        let end = (start + 8).min(bytes.len());
+        if start < end {
+            a[..end - start].copy_from_slice(&bytes[start..end]);
+        }
+        *w = u64::from_le_bytes(a);
+    }
+    // Bits past the end are not part of the bitmap: ignore whatever is stored there.
+    if bits % 64 != 0 {
+        if let Some(last) = out.last_mut() {
+            *last &= (1u64 << (bits % 64)) - 1;
+        }
+    }
+    out
+}
+
+/// Encodes bitmap words, padded with zeros to `len` bytes.
+pub fn encode_bitmap(words: &[u64], len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    for (i, w) in words.iter().enumerate() {
+        let b = w.to_le_bytes();
+        let start = i * 8;
+        let n = 8.min(len.saturating_sub(start));
+        out[start..start + n].copy_from_slice(&b[..n]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_round_trips() {
+        let t = vec![0, 5, 1, u32::MAX];
+        let b = encode_table(&t, 4096);
+        assert_eq!(b.len(), 4096);
+        assert_eq!(decode_table(&b, 4), t);
+    }
+
+    #[test]
+    fn bitmap_round_trips_and_masks_tail() {
+        let w = vec![u64::MAX, 0x5];
+        let b = encode_bitmap(&w, 16);
+        assert_eq!(decode_bitmap(&b, 128), w);
+        assert_eq!(decode_bitmap(&b, 66), vec![u64::MAX, 0x1]);
+        // bit i is byte i/8, bit i%8
+        assert_eq!(b[8], 0x5);
+    }
+}

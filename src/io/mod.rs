@@ -1,0 +1,127 @@
+//! The I/O seam: an [`IoEngine`] submits io_uring operations and awaits their
+//! completion. Two engines exist: [`uring::Uring`], a ring of its own for host
+//! tools, tests and the benchmark, and the ublk queue's ring (in
+//! [`crate::ublk`]), so the queues run the same image code on their own ring.
+//!
+//! The helpers here pick the path per storage: io_uring on the storage's
+//! descriptor, or the storage's synchronous methods when it has none (the
+//! simulated disk in tests).
+
+pub mod uring;
+
+use crate::storage::Storage;
+use io_uring::{opcode, squeue, types};
+use std::future::Future;
+use std::io;
+
+/// Submits io_uring operations.
+pub trait IoEngine {
+    /// Submits `sqe` and resolves to the CQE's result (negative errno on failure).
+    ///
+    /// # Safety
+    /// Every buffer the entry points to must stay valid and unaliased until the
+    /// returned future has completed, and the future must be polled to
+    /// completion (never dropped while the operation is in flight).
+    unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32>;
+}
+
+fn check(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `off`; bytes past the end read as zeros.
+pub async fn read_at<E: IoEngine>(
+    e: &E,
+    s: &dyn Storage,
+    buf: &mut [u8],
+    off: u64,
+) -> io::Result<()> {
+    let Some(fd) = s.raw_fd() else {
+        return s.read_at(buf, off);
+    };
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let len = rest.len().min(1 << 30) as u32;
+        let sqe = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len)
+            .offset(off + done as u64)
+            .build();
+        // SAFETY: `rest` is borrowed mutably across the await below, so it stays
+        // valid and unaliased until the operation completes; we await it at once.
+        let n = check(unsafe { e.submit(sqe) }.await)?;
+        if n == 0 {
+            rest.fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` at `off`.
+pub async fn write_at<E: IoEngine>(e: &E, s: &dyn Storage, buf: &[u8], off: u64) -> io::Result<()> {
+    let Some(fd) = s.raw_fd() else {
+        return s.write_at(buf, off);
+    };
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let len = rest.len().min(1 << 30) as u32;
+        let sqe = opcode::Write::new(types::Fd(fd), rest.as_ptr(), len)
+            .offset(off + done as u64)
+            .build();
+        // SAFETY: `rest` is borrowed across the await below and the kernel only
+        // reads from it; the operation is awaited at once.
+        let n = check(unsafe { e.submit(sqe) }.await)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Makes completed writes durable (fdatasync).
+pub async fn sync<E: IoEngine>(e: &E, s: &dyn Storage) -> io::Result<()> {
+    let Some(fd) = s.raw_fd() else {
+        return s.sync();
+    };
+    let sqe = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
+    // SAFETY: fsync points at no memory.
+    check(unsafe { e.submit(sqe) }.await).map(|_| ())
+}
+
+/// Deallocates a range so that it reads as zeros.
+pub async fn punch<E: IoEngine>(e: &E, s: &dyn Storage, off: u64, len: u64) -> io::Result<()> {
+    let Some(fd) = s.raw_fd() else {
+        return s.punch(off, len);
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let sqe = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();
+    // SAFETY: fallocate points at no memory.
+    check(unsafe { e.submit(sqe) }.await).map(|_| ())
+}
+
+/// An engine for storage without a descriptor: every helper above takes the
+/// synchronous path, so `submit` is never reached.
+pub struct SyncOnly;
+
+impl IoEngine for SyncOnly {
+    unsafe fn submit(&self, _sqe: squeue::Entry) -> impl Future<Output = i32> {
+        std::future::ready(-libc::EOPNOTSUPP)
+    }
+}
+
+/// Runs a future to completion on the current thread with the synchronous
+/// engine (for storage without descriptors, and for code paths where every
+/// operation is synchronous).
+pub fn block_on_sync<F: Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}

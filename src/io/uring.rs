@@ -1,0 +1,176 @@
+//! A thread-local io_uring with a small single-threaded executor, for host
+//! tools, tests and the benchmark.
+
+use super::IoEngine;
+use io_uring::{squeue, IoUring};
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+enum Slot {
+    Waiting(Option<Waker>),
+    Done(i32),
+}
+
+/// One io_uring and the completion slots of its operations in flight.
+pub struct Uring {
+    ring: RefCell<IoUring>,
+    slots: RefCell<slab::Slab<Slot>>,
+    in_flight: Cell<usize>,
+    unsubmitted: Cell<usize>,
+}
+
+impl Uring {
+    pub fn new(entries: u32) -> std::io::Result<Uring> {
+        Ok(Uring {
+            ring: RefCell::new(IoUring::new(entries)?),
+            slots: RefCell::new(slab::Slab::new()),
+            in_flight: Cell::new(0),
+            unsubmitted: Cell::new(0),
+        })
+    }
+
+    /// Runs `fut` (and anything it spawns on `exe`) to completion, driving the ring.
+    pub fn run<'a, T: 'a>(
+        &self,
+        exe: &smol::LocalExecutor<'a>,
+        fut: impl Future<Output = T> + 'a,
+    ) -> std::io::Result<T> {
+        let task = exe.spawn(fut);
+        loop {
+            while exe.try_tick() {}
+            if task.is_finished() {
+                break;
+            }
+            if self.in_flight.get() == 0 {
+                return Err(std::io::Error::other("executor stalled: tasks wait with no I/O in flight"));
+            }
+            self.submit_and_reap(1)?;
+        }
+        Ok(futures::executor::block_on(task))
+    }
+
+    /// Convenience: run one future on a fresh executor.
+    pub fn block_on<T>(&self, fut: impl Future<Output = T>) -> std::io::Result<T> {
+        let exe = smol::LocalExecutor::new();
+        self.run(&exe, fut)
+    }
+
+    fn submit_and_reap(&self, want: usize) -> std::io::Result<()> {
+        {
+            let ring = self.ring.borrow();
+            loop {
+                match ring.submitter().submit_and_wait(want) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.unsubmitted.set(0);
+        }
+        self.reap();
+        Ok(())
+    }
+
+    fn reap(&self) {
+        let mut ring = self.ring.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        for cqe in ring.completion() {
+            let key = cqe.user_data() as usize;
+            if let Some(slot) = slots.get_mut(key) {
+                if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(cqe.result())) {
+                    self.in_flight.set(self.in_flight.get() - 1);
+                    if let Some(w) = w {
+                        w.wake();
+                    }
+                }
+            }
+        }
+    }
+
+    fn push(&self, sqe: squeue::Entry) -> usize {
+        let key = self.slots.borrow_mut().insert(Slot::Waiting(None));
+        let sqe = sqe.user_data(key as u64);
+        loop {
+            let pushed = {
+                let mut ring = self.ring.borrow_mut();
+                let mut sq = ring.submission();
+                // SAFETY: the caller of `submit` guarantees the buffers outlive
+                // the operation (see IoEngine::submit).
+                let ok = unsafe { sq.push(&sqe).is_ok() };
+                ok
+            };
+            if pushed {
+                break;
+            }
+            // Submission queue full: hand what is queued to the kernel.
+            let _ = self.ring.borrow().submit();
+            self.reap();
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.unsubmitted.set(self.unsubmitted.get() + 1);
+        key
+    }
+}
+
+/// The future of one operation on a [`Uring`].
+pub struct UringOp<'r> {
+    ring: &'r Uring,
+    key: usize,
+    done: bool,
+}
+
+impl Future for UringOp<'_> {
+    type Output = i32;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        let mut slots = self.ring.slots.borrow_mut();
+        let key = self.key;
+        match slots.get_mut(key) {
+            Some(Slot::Done(res)) => {
+                let res = *res;
+                slots.remove(key);
+                drop(slots);
+                self.done = true;
+                Poll::Ready(res)
+            }
+            Some(Slot::Waiting(w)) => {
+                *w = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            None => Poll::Ready(-libc::EIO),
+        }
+    }
+}
+
+impl Drop for UringOp<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Dropped while in flight: the kernel may still use the buffers the
+        // caller lent. Wait for the completion here so they outlive it.
+        loop {
+            let finished = matches!(self.ring.slots.borrow().get(self.key), Some(Slot::Done(_)) | None);
+            if finished {
+                break;
+            }
+            if self.ring.submit_and_reap(1).is_err() {
+                break;
+            }
+        }
+        let mut slots = self.ring.slots.borrow_mut();
+        if slots.contains(self.key) {
+            slots.remove(self.key);
+        }
+    }
+}
+
+impl IoEngine for Uring {
+    unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
+        let key = self.push(sqe);
+        UringOp { ring: self, key, done: false }
+    }
+}

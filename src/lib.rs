@@ -1,0 +1,13 @@
+//! fvd: the Fast Virtual Disk image format and a ublk daemon that serves it.
+//!
+//! Layers, each using only the ones before it:
+//! [`format`] (bytes ↔ structs) → [`meta`] (in-memory metadata and plans) →
+//! [`io`] (io_uring engine) → [`storage`] (file, device) → [`image`] (carries
+//! out plans) → `ublk` (the block device front end) → `cli`.
+
+pub mod format;
+pub mod image;
+pub mod io;
+pub mod meta;
+pub mod storage;
+pub mod units;

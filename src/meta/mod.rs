@@ -1,0 +1,189 @@
+//! In-memory metadata: the table, the bitmap, what must be journaled, and the
+//! chunk allocator. This layer decides *plans* (where each piece of a request
+//! lives) and does no I/O.
+//!
+//! Two views are kept. The *live* view (atomics, read without locks on the data
+//! path) is what requests see. The *persist* view is what the journal and the
+//! next checkpoint will write: a table entry enters it when the chunk is
+//! allocated (a fresh chunk reads as zeros, exactly like an unallocated one), a
+//! bitmap bit only once the copied block's data write has completed, so a
+//! record never describes data that has not been written (crash rule 1).
+
+pub mod alloc;
+pub mod bitmap;
+pub mod locks;
+pub mod persist;
+pub mod plan;
+pub mod table;
+
+pub use alloc::Allocator;
+pub use bitmap::Bitmap;
+pub use locks::BlockLocks;
+pub use persist::{Batch, Persist, Snapshot};
+pub use plan::{Piece, Source};
+pub use table::Table;
+
+use crate::format::{Geometry, Record};
+use crate::units::{BlockIdx, Bytes, ChunkIdx, PhysChunk};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MetaError {
+    #[error("table entry {vchunk:#x} points at chunk {phys:#x}, beyond the {limit:#x} chunks the image can hold")]
+    EntryOutOfRange { vchunk: u64, phys: u32, limit: u64 },
+    #[error("table entries {first:#x} and {second:#x} both point at chunk {phys:#x}")]
+    DuplicateEntry { first: u64, second: u64, phys: u32 },
+    #[error("journal record for table entry {0:#x} is beyond the table")]
+    RecordOutOfRange(u64),
+    #[error("journal record sets bitmap bits {first:#x}+{count:#x} beyond the {bits:#x} bits")]
+    BitsOutOfRange { first: u64, count: u32, bits: u64 },
+    #[error("block {block:#x} is marked as in the image but its chunk {vchunk:#x} is unallocated")]
+    BitWithoutChunk { block: u64, vchunk: u64 },
+    #[error("request {off:#x}+{len:#x} is outside the disk of {size:#x} bytes")]
+    OutOfRange { off: u64, len: u64, size: u64 },
+}
+
+/// All metadata of an open image.
+pub struct Meta {
+    pub geo: Geometry,
+    pub table: Table,
+    pub bitmap: Bitmap,
+    pub persist: Persist,
+    pub alloc: Allocator,
+    pub locks: BlockLocks,
+}
+
+/// Applies journal records to plain vectors (used by replay before the live
+/// structures exist).
+pub fn apply_record(
+    geo: &Geometry,
+    table: &mut [u32],
+    bitmap: &mut [u64],
+    r: &Record,
+) -> Result<(), MetaError> {
+    match *r {
+        Record::TableSet { vchunk, entry, .. } => {
+            let slot = table
+                .get_mut(vchunk as usize)
+                .ok_or(MetaError::RecordOutOfRange(vchunk as u64))?;
+            *slot = entry;
+        }
+        Record::BitmapSet { first, count } => {
+            let bits = geo.base_blocks();
+            let end = first.checked_add(count as u64);
+            if end.is_none_or(|e| e > bits) {
+                return Err(MetaError::BitsOutOfRange { first, count, bits });
+            }
+            for b in first..first + count as u64 {
+                bitmap[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks table entries: in range and unique. Returns the high-water mark.
+pub fn validate_table(geo: &Geometry, table: &[u32], storage_size: u64) -> Result<u32, MetaError> {
+    let chunk = geo.chunk_bytes();
+    let by_storage = storage_size.saturating_sub(geo.data_offset) / chunk.max(1);
+    let limit = geo.chunks().min(by_storage);
+    let mut owner: Vec<u32> = vec![u32::MAX; limit as usize];
+    let mut hwm = 0u32;
+    for (v, &e) in table.iter().enumerate() {
+        if e == 0 {
+            continue;
+        }
+        let p = e - 1;
+        if p as u64 >= limit {
+            return Err(MetaError::EntryOutOfRange { vchunk: v as u64, phys: p, limit });
+        }
+        if owner[p as usize] != u32::MAX {
+            return Err(MetaError::DuplicateEntry {
+                first: owner[p as usize] as u64,
+                second: v as u64,
+                phys: p,
+            });
+        }
+        owner[p as usize] = v as u32;
+        hwm = hwm.max(p + 1);
+    }
+    Ok(hwm)
+}
+
+impl Meta {
+    /// Builds the in-memory metadata from validated table and bitmap contents.
+    pub fn new(geo: Geometry, table: Vec<u32>, bitmap: Vec<u64>, hwm: u32) -> Meta {
+        let used: Vec<bool> = {
+            let mut u = vec![false; hwm as usize];
+            for &e in &table {
+                if e != 0 {
+                    u[(e - 1) as usize] = true;
+                }
+            }
+            u
+        };
+        let free = used.iter().enumerate().filter(|(_, &u)| !u).map(|(i, _)| i as u32).collect();
+        Meta {
+            table: Table::new(&table),
+            bitmap: Bitmap::new(&bitmap, geo.base_blocks()),
+            persist: Persist::new(table, bitmap, hwm),
+            alloc: Allocator::new(hwm, free),
+            locks: BlockLocks::default(),
+            geo,
+        }
+    }
+
+    pub fn check_range(&self, off: Bytes, len: u64) -> Result<(), MetaError> {
+        let size = self.geo.virtual_size.0;
+        if off.0.checked_add(len).is_none_or(|end| end > size) {
+            return Err(MetaError::OutOfRange { off: off.0, len, size });
+        }
+        Ok(())
+    }
+
+    /// Whether block `b` reads from the image (true) or from the base (false).
+    pub fn block_in_image(&self, b: BlockIdx) -> bool {
+        b.0 >= self.geo.base_blocks() || self.bitmap.test(b)
+    }
+
+    /// The storage offset of guest byte `off` when its chunk is allocated.
+    pub fn storage_offset(&self, off: Bytes) -> Option<u64> {
+        match self.geo.chunk_size {
+            None => Some(self.geo.data_offset + off.0),
+            Some(c) => {
+                let p = self.table.get(self.geo.chunk_of(off))?;
+                Some(self.geo.data_offset + p.0 as u64 * c as u64 + off.0 % c as u64)
+            }
+        }
+    }
+
+    /// Storage offset of physical chunk `p`.
+    pub fn chunk_offset(&self, p: PhysChunk) -> u64 {
+        self.geo.data_offset + p.0 as u64 * self.geo.chunk_bytes()
+    }
+
+    /// Guest chunks covered by `[off, off+len)`, as (chunk, start, end) ranges clipped to it.
+    pub fn chunk_spans(&self, off: Bytes, len: u64) -> Vec<(ChunkIdx, u64, u64)> {
+        let cb = self.geo.chunk_bytes();
+        let mut out = Vec::new();
+        let mut pos = off.0;
+        let end = off.0 + len;
+        while pos < end {
+            let c = pos / cb;
+            let next = ((c + 1) * cb).min(end);
+            out.push((ChunkIdx(c), pos, next));
+            pos = next;
+        }
+        out
+    }
+
+    /// Marks blocks `first..first+count` as in the image, in both views.
+    /// Call only after their data writes have completed.
+    pub fn set_blocks_written(&self, first: BlockIdx, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.persist.set_bits(first.0, count);
+        self.bitmap.set_range(first, count);
+    }
+}

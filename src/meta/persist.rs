@@ -1,0 +1,183 @@
+//! The persist view: what the journal and the next checkpoint write.
+//!
+//! Updates are merged here between commits: many writes into one chunk give one
+//! table record, neighbouring copied blocks give one bitmap run.
+
+use crate::format::Record;
+use crate::units::PhysChunk;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+struct Inner {
+    table: Vec<u32>,
+    bitmap: Vec<u64>,
+    hwm: u32,
+    dirty_chunks: BTreeMap<u32, ()>,
+    /// Bitmap word index -> bits newly set since the last commit.
+    new_bits: BTreeMap<u64, u64>,
+    /// Chunks freed since the last commit: reusable once that commit is durable.
+    freed: Vec<PhysChunk>,
+}
+
+pub struct Persist {
+    inner: Mutex<Inner>,
+}
+
+/// What one commit writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub freed: Vec<PhysChunk>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.freed.is_empty()
+    }
+}
+
+/// The whole persist view, for a checkpoint.
+pub struct Snapshot {
+    pub table: Vec<u32>,
+    pub bitmap: Vec<u64>,
+    pub hwm: u32,
+}
+
+impl Persist {
+    pub fn new(table: Vec<u32>, bitmap: Vec<u64>, hwm: u32) -> Persist {
+        Persist {
+            inner: Mutex::new(Inner {
+                table,
+                bitmap,
+                hwm,
+                dirty_chunks: BTreeMap::new(),
+                new_bits: BTreeMap::new(),
+                freed: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that guest chunk `vchunk` now maps to `p` (None: freed).
+    pub fn set_entry(&self, vchunk: u64, p: Option<PhysChunk>, hwm: u32) {
+        let mut s = self.lock();
+        let v = vchunk as usize;
+        if let Some(old) = s.table.get(v).copied() {
+            if old != 0 && p.is_none() {
+                s.freed.push(PhysChunk(old - 1));
+            }
+            s.table[v] = p.map(|p| p.0 + 1).unwrap_or(0);
+            s.dirty_chunks.insert(vchunk as u32, ());
+            s.hwm = s.hwm.max(hwm);
+        }
+    }
+
+    /// Records that bits `first..first+count` are set.
+    pub fn set_bits(&self, first: u64, count: u64) {
+        let mut s = self.lock();
+        let end = first + count;
+        let mut b = first;
+        while b < end {
+            let w = b / 64;
+            let lo = b % 64;
+            let hi = ((w + 1) * 64).min(end) - w * 64;
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            if let Some(word) = s.bitmap.get_mut(w as usize) {
+                let fresh = mask & !*word;
+                *word |= mask;
+                if fresh != 0 {
+                    *s.new_bits.entry(w).or_insert(0) |= fresh;
+                }
+            }
+            b = w * 64 + hi;
+        }
+    }
+
+    /// Takes the merged updates since the last commit.
+    pub fn take_batch(&self) -> Batch {
+        let mut s = self.lock();
+        take_batch_locked(&mut s)
+    }
+
+    /// Takes the batch and a full snapshot at the same instant (checkpoint).
+    pub fn take_snapshot(&self) -> (Batch, Snapshot) {
+        let mut s = self.lock();
+        let batch = take_batch_locked(&mut s);
+        let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone(), hwm: s.hwm };
+        (batch, snap)
+    }
+
+    /// Records waiting to be committed (for stats).
+    pub fn pending(&self) -> usize {
+        let s = self.lock();
+        s.dirty_chunks.len() + s.new_bits.len()
+    }
+}
+
+fn take_batch_locked(s: &mut Inner) -> Batch {
+    let mut records = Vec::new();
+    let hwm = s.hwm;
+    for (&v, _) in std::mem::take(&mut s.dirty_chunks).iter() {
+        records.push(Record::TableSet { vchunk: v, entry: s.table[v as usize], used: hwm });
+    }
+    // Turn new bits into runs, merging across word boundaries.
+    let mut run: Option<(u64, u64)> = None;
+    for (&w, &bits) in std::mem::take(&mut s.new_bits).iter() {
+        let mut m = bits;
+        while m != 0 {
+            let lo = m.trailing_zeros() as u64;
+            let len = (!(m >> lo)).trailing_zeros() as u64;
+            let first = w * 64 + lo;
+            run = match run {
+                Some((f, n)) if f + n == first && n + len <= u32::MAX as u64 => Some((f, n + len)),
+                Some((f, n)) => {
+                    records.push(Record::BitmapSet { first: f, count: n as u32 });
+                    Some((first, len))
+                }
+                None => Some((first, len)),
+            };
+            m &= if lo + len >= 64 { 0 } else { !((1u64 << (lo + len)) - 1) };
+        }
+    }
+    if let Some((f, n)) = run {
+        records.push(Record::BitmapSet { first: f, count: n as u32 });
+    }
+    Batch { records, freed: std::mem::take(&mut s.freed) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_merge_into_runs() {
+        let p = Persist::new(vec![0; 4], vec![0; 4], 0);
+        p.set_bits(60, 10);
+        p.set_bits(70, 2);
+        p.set_bits(100, 1);
+        p.set_bits(64, 3); // already set: no new record
+        let b = p.take_batch();
+        assert_eq!(
+            b.records,
+            vec![Record::BitmapSet { first: 60, count: 12 }, Record::BitmapSet { first: 100, count: 1 }]
+        );
+        assert!(p.take_batch().is_empty());
+    }
+
+    #[test]
+    fn table_updates_merge_and_free_is_tracked() {
+        let p = Persist::new(vec![0; 4], vec![], 0);
+        p.set_entry(2, Some(PhysChunk(0)), 1);
+        p.set_entry(2, Some(PhysChunk(0)), 1);
+        p.set_entry(1, Some(PhysChunk(1)), 2);
+        let b = p.take_batch();
+        assert_eq!(b.records.len(), 2);
+        p.set_entry(2, None, 2);
+        let b = p.take_batch();
+        assert_eq!(b.records, vec![Record::TableSet { vchunk: 2, entry: 0, used: 2 }]);
+        assert_eq!(b.freed, vec![PhysChunk(0)]);
+    }
+}

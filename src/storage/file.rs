@@ -1,0 +1,189 @@
+//! A file or block device as image storage.
+
+use super::{Storage, StorageError};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// How to open storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Shared, read-only: no lock that would keep a writer out.
+    ReadOnly,
+    /// Read-write with an exclusive lock: one writer at a time.
+    ReadWrite,
+    /// Create a new file (fails if it exists), read-write, locked.
+    Create,
+}
+
+pub struct FileStorage {
+    file: File,
+    path: String,
+    size: AtomicU64,
+    grow_unit: u64,
+    is_block_device: bool,
+    grow_lock: Mutex<()>,
+}
+
+nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+
+fn device_size(f: &File) -> io::Result<u64> {
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a
+    // live local; the descriptor is open for the duration of the call.
+    unsafe { blk_getsize64(f.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
+    Ok(size)
+}
+
+impl FileStorage {
+    /// Default growth step for files.
+    pub const DEFAULT_GROW_UNIT: u64 = 64 << 20;
+
+    pub fn open(path: &Path, mode: OpenMode) -> Result<FileStorage, StorageError> {
+        let name = path.display().to_string();
+        let mut oo = OpenOptions::new();
+        oo.read(true);
+        match mode {
+            OpenMode::ReadOnly => {}
+            OpenMode::ReadWrite => {
+                oo.write(true);
+            }
+            OpenMode::Create => {
+                oo.write(true).create_new(true).mode(0o644);
+            }
+        }
+        let file = oo.open(path).map_err(|source| StorageError::Open { path: name.clone(), source })?;
+        if mode != OpenMode::ReadOnly {
+            lock_exclusive(&file, &name)?;
+        }
+        let meta = file.metadata().map_err(|source| StorageError::Open { path: name.clone(), source })?;
+        let is_block_device = meta.file_type().is_block_device();
+        let size = if is_block_device {
+            device_size(&file).map_err(|source| StorageError::Open { path: name.clone(), source })?
+        } else {
+            meta.len()
+        };
+        Ok(FileStorage {
+            file,
+            path: name,
+            size: AtomicU64::new(size),
+            grow_unit: Self::DEFAULT_GROW_UNIT,
+            is_block_device,
+            grow_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn with_grow_unit(mut self, unit: u64) -> Self {
+        self.grow_unit = unit.max(4096);
+        self
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+}
+
+fn lock_exclusive(file: &File, name: &str) -> Result<(), StorageError> {
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(StorageError::Locked { path: name.to_string() })
+    } else {
+        Err(StorageError::Open { path: name.to_string(), source: e })
+    }
+}
+
+impl Storage for FileStorage {
+    fn name(&self) -> &str {
+        &self.path
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn ensure_size(&self, min: u64) -> Result<(), StorageError> {
+        if self.size() >= min {
+            return Ok(());
+        }
+        let _g = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let have = self.size();
+        if have >= min {
+            return Ok(());
+        }
+        if self.is_block_device {
+            return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
+        }
+        let want = min.div_ceil(self.grow_unit) * self.grow_unit;
+        self.file
+            .set_len(want)
+            .map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
+        self.size.store(want, Ordering::Release);
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.file.read_at(&mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        punch_fd(self.file.as_raw_fd(), off, len)
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        if self.is_block_device {
+            return None;
+        }
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn has_data(&self, off: u64, len: u64) -> bool {
+        if self.is_block_device {
+            return true;
+        }
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off as i64, libc::SEEK_DATA) };
+        r >= 0 && (r as u64) < off + len
+    }
+}
+
+/// Punches a hole (the range then reads as zeros) without changing the size.
+pub fn punch_fd(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor the caller owns; no memory is passed.
+    let r = unsafe { libc::fallocate(fd, mode, off as i64, len as i64) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,65 @@
+//! Where an image's bytes live: a file, a block device, or (in tests) a
+//! simulated disk that separates volatile from durable bytes.
+//!
+//! The data path does not call these synchronous methods when [`Storage::raw_fd`]
+//! returns a descriptor: it submits io_uring operations on that descriptor
+//! instead (see [`crate::io`]). The synchronous methods serve open, create,
+//! check and storage without a descriptor.
+
+pub mod file;
+pub mod sim;
+
+pub use file::{FileStorage, OpenMode};
+pub use sim::SimStorage;
+
+use std::io;
+use std::os::fd::RawFd;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("{path} is in use by another fvd process (lock held)")]
+    Locked { path: String },
+    #[error("{path}: cannot grow to {want:#x} bytes: {source}")]
+    Grow { path: String, want: u64, source: io::Error },
+    #[error("{path}: no space: the image needs {want:#x} bytes and the device holds {have:#x}")]
+    NoSpace { path: String, want: u64, have: u64 },
+    #[error("{path}: {what} at {offset:#x}: {source}")]
+    Io { path: String, what: &'static str, offset: u64, source: io::Error },
+}
+
+/// The storage under an image (or a raw base).
+pub trait Storage: Send + Sync {
+    /// A name for messages: the path.
+    fn name(&self) -> &str;
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+    /// Makes the storage at least `min` bytes long, growing by the grow unit.
+    /// The one place allocation asks for space.
+    fn ensure_size(&self, min: u64) -> Result<(), StorageError>;
+    /// Reads exactly `buf.len()` bytes; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates a range; it then reads as zeros.
+    fn punch(&self, off: u64, len: u64) -> io::Result<()>;
+    /// The descriptor io_uring operates on, when there is one.
+    fn raw_fd(&self) -> Option<RawFd>;
+    /// Bytes the storage actually occupies, when known.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// Whether a range holds allocated data (false when it is a hole).
+    fn has_data(&self, _off: u64, _len: u64) -> bool {
+        true
+    }
+}
+
+impl StorageError {
+    pub fn io(path: &str, what: &'static str, offset: u64, source: io::Error) -> Self {
+        StorageError::Io { path: path.to_string(), what, offset, source }
+    }
+}

@@ -1,0 +1,113 @@
+# Common prelude of the real-kernel scenarios, sourced inside the guest before each
+# tests/guest/scenarios/<name>.sh (by the entry script tests/guest/run writes).
+#
+# The scenario runs under `set -Eeuo pipefail`, as root, in the repo's top folder, with:
+#   FVD       absolute path of the fvd binary (empty when target/release/fvd was not built)
+#   RESULTS   a folder writable from the guest and kept on the host (target/guest-results/<name>)
+#   WORK      an empty scratch folder under /tmp in the guest (guest memory: keep files small)
+#   SCENARIO  the scenario's name;  FVD_ROOT  the repo's top folder (read-only in the guest)
+#
+# Helpers:
+#   step TEXT              print a timestamped progress line
+#   fail MSG               print MSG and exit 1
+#   need_fvd               fail unless $FVD is an executable
+#   at_exit CMD            run CMD (a shell string) when the scenario ends, last registered first,
+#                          whatever the outcome; its failures are reported, never fatal
+#   wait_for_path PATH [T] wait up to T seconds (default 10) for PATH to exist; returns 1 if not
+#   modprobe_ublk          load ublk_drv and wait for /dev/ublk-control
+#   modprobe_dm            load dm-mod and dm-thin-pool and wait for /dev/mapper/control
+#   modprobe_loop          load loop and wait for /dev/loop-control (losetup needs it first:
+#                          the guest does not load modules on demand for device nodes)
+#   start_udev             make sure systemd-udevd runs (start it, trigger, settle if not)
+#   udev_settle            wait for udev's queue to drain
+#   run CMD...             print "+ CMD..." and run it
+
+export LVM_SUPPRESS_FD_WARNINGS=1
+
+_GUEST_T0=${EPOCHREALTIME/./}
+
+step() {
+    local now=${EPOCHREALTIME/./}
+    local ds=$(( (now - _GUEST_T0) / 100000 ))
+    printf '[%(%H:%M:%S)T +%d.%ds] %s\n' -1 $((ds / 10)) $((ds % 10)) "$*"
+}
+
+fail() {
+    printf 'FAIL: %s\n' "$*"
+    exit 1
+}
+
+need_fvd() {
+    [[ -n ${FVD:-} && -x ${FVD:-} ]] ||
+        fail "fvd binary not found (FVD='${FVD:-}'): build it first with cargo build --release --bin fvd"
+}
+
+run() {
+    printf '+ %s\n' "$*"
+    "$@"
+}
+
+_AT_EXIT=()
+at_exit() {
+    _AT_EXIT+=("$1")
+}
+_run_at_exit() {
+    local rc=$? i
+    set +e
+    trap - ERR
+    for ((i = ${#_AT_EXIT[@]} - 1; i >= 0; i--)); do
+        eval "${_AT_EXIT[i]}" || printf 'cleanup failed: %s\n' "${_AT_EXIT[i]}"
+    done
+    return $rc
+}
+trap _run_at_exit EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# Say which command failed under set -e.
+trap '_rc=$?; printf "error: %s:%s: \`%s\` exited %s\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$_rc"' ERR
+
+wait_for_path() {
+    local path=$1 secs=${2:-10}
+    local deadline=$(( ${EPOCHREALTIME/./} + secs * 1000000 ))
+    while [[ ! -e $path ]]; do
+        if (( ${EPOCHREALTIME/./} > deadline )); then
+            printf 'wait_for_path: %s did not appear within %ss\n' "$path" "$secs"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+modprobe_ublk() {
+    modprobe ublk_drv || fail "modprobe ublk_drv failed"
+    wait_for_path /dev/ublk-control 10 || fail "/dev/ublk-control missing after modprobe ublk_drv"
+}
+
+modprobe_dm() {
+    modprobe dm-mod || fail "modprobe dm-mod failed"
+    modprobe dm-thin-pool || fail "modprobe dm-thin-pool failed"
+    wait_for_path /dev/mapper/control 10 || fail "/dev/mapper/control missing after modprobe dm-mod"
+}
+
+modprobe_loop() {
+    modprobe loop || fail "modprobe loop failed"
+    wait_for_path /dev/loop-control 10 || fail "/dev/loop-control missing after modprobe loop"
+}
+
+udev_settle() {
+    udevadm settle --timeout=60 || printf 'udev_settle: udevadm settle timed out\n'
+}
+
+start_udev() {
+    if ! udevadm control --ping >/dev/null 2>&1; then
+        local udevd
+        udevd=$(command -v systemd-udevd || echo /usr/lib/systemd/systemd-udevd)
+        [[ -x $udevd ]] || fail "systemd-udevd not found (install Debian's udev: scripts/setup-guest)"
+        "$udevd" --daemon || fail "could not start systemd-udevd"
+        udevadm control --ping --timeout=10 >/dev/null || fail "systemd-udevd does not answer"
+        udevadm trigger --action=add --type=subsystems >/dev/null 2>&1 || true
+        udevadm trigger --action=add --type=devices >/dev/null 2>&1 || true
+    fi
+    udev_settle
+}

@@ -1,0 +1,3 @@
+step crash
+echo c > /proc/sysrq-trigger
+sleep 30

@@ -1,0 +1,2 @@
+step failing
+fail "on purpose"

@@ -1,0 +1,3 @@
+# timeout: 5
+step sleeping
+sleep 100
