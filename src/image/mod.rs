@@ -1,1 +1,144 @@
-//! placeholder
+//! An open FVD image: carries out the plans of [`crate::meta`] with the I/O of
+//! [`crate::io`] on the storage of [`crate::storage`].
+//!
+//! `Image` is `Send + Sync`: the ublk queues share one `Arc<Image>`, each
+//! driving it from its own thread with its own io_uring. Requests to
+//! allocated, already-copied data take no lock; allocation, copy-on-write and
+//! journal commits take short locks of their own.
+
+mod base;
+mod commit;
+mod create;
+mod data;
+mod error;
+mod inspect;
+mod open;
+
+pub use base::Base;
+pub use create::{create, create_on, CreateOptions};
+pub use error::ImageError;
+pub use inspect::{check, header_of, CheckReport, MapKind, MapRange};
+pub use open::OpenOptions;
+
+use crate::format::{Geometry, Header};
+use crate::meta::Meta;
+use crate::storage::Storage;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Counters, for `fvd info`, `fvd list` and the benchmark.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub guest_writes: AtomicU64,
+    pub cow_blocks: AtomicU64,
+    pub chunks_allocated: AtomicU64,
+    pub journal_commits: AtomicU64,
+    pub journal_records: AtomicU64,
+    pub journal_blocks: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub data_syncs: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub guest_writes: u64,
+    pub cow_blocks: u64,
+    pub chunks_allocated: u64,
+    pub journal_commits: u64,
+    pub journal_records: u64,
+    pub journal_blocks: u64,
+    pub checkpoints: u64,
+    pub data_syncs: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            guest_writes: g(&self.guest_writes),
+            cow_blocks: g(&self.cow_blocks),
+            chunks_allocated: g(&self.chunks_allocated),
+            journal_commits: g(&self.journal_commits),
+            journal_records: g(&self.journal_records),
+            journal_blocks: g(&self.journal_blocks),
+            checkpoints: g(&self.checkpoints),
+            data_syncs: g(&self.data_syncs),
+        }
+    }
+}
+
+/// Journal position, guarded by the commit lock.
+pub(crate) struct JournalPos {
+    /// Index of the next block to write in the journal region.
+    next: u64,
+}
+
+pub struct Image {
+    path: PathBuf,
+    storage: Box<dyn Storage>,
+    base: Option<Base>,
+    meta: Meta,
+    header: Mutex<Header>,
+    journal: async_lock::Mutex<JournalPos>,
+    opts: OpenOptions,
+    /// Writes and discards completed so far, and how many of them a finished
+    /// commit covered: a flush with nothing new to cover returns at once.
+    completed: AtomicU64,
+    durable: AtomicU64,
+    /// Set when a commit failed part-way: the image refuses further writes.
+    failed: AtomicBool,
+    closed: AtomicBool,
+    /// Whether the journal had to be replayed at open.
+    recovered: bool,
+    pub stats: Stats,
+}
+
+impl Image {
+    pub fn geometry(&self) -> &Geometry {
+        &self.meta.geo
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
+    pub fn base(&self) -> Option<&Base> {
+        self.base.as_ref()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.meta.geo.virtual_size.0
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.meta.geo.block_size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    pub fn writethrough(&self) -> bool {
+        self.opts.writethrough
+    }
+
+    /// True when open found the image not cleanly closed and replayed its journal.
+    pub fn was_recovered(&self) -> bool {
+        self.recovered
+    }
+
+    pub fn header(&self) -> Header {
+        self.header.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

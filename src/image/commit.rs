@@ -1,0 +1,198 @@
+//! Making metadata durable: journal commits, checkpoints, header writes, close.
+//!
+//! Ordering, for every commit: take the merged updates (their data writes have
+//! completed) → fdatasync the data → write the journal blocks → fdatasync. A
+//! record is therefore never durable before the data it describes (crash rule 1).
+
+use super::{Image, ImageError, JournalPos};
+use crate::format::{self, journal, Header, META_BLOCK};
+use crate::io::{self, IoEngine};
+use crate::meta::Batch;
+use std::sync::atomic::Ordering;
+
+impl Image {
+    fn io_error(&self, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+        move |source| ImageError::Io { path: self.name(), what, offset, source }
+    }
+
+    pub(crate) fn check_not_failed(&self) -> Result<(), ImageError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(ImageError::Failed { path: self.name() });
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before the call durable, with the metadata
+    /// that describes it. Concurrent flushes share one commit.
+    pub async fn flush<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        self.check_not_failed()?;
+        let target = self.completed.load(Ordering::Acquire);
+        let mut j = self.journal.lock().await;
+        if self.durable.load(Ordering::Acquire) >= target && target > 0 {
+            return Ok(());
+        }
+        let covered = self.completed.load(Ordering::Acquire);
+        let r = self.commit_locked(e, &mut j).await;
+        if r.is_err() {
+            self.failed.store(true, Ordering::Release);
+        } else {
+            self.durable.fetch_max(covered, Ordering::AcqRel);
+        }
+        r
+    }
+
+    pub(crate) fn note_completed(&self) {
+        self.completed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn sync_data<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        self.stats.data_syncs.fetch_add(1, Ordering::Relaxed);
+        io::sync(e, self.storage.as_ref()).await.map_err(self.io_error("fdatasync", 0))
+    }
+
+    async fn commit_locked<E: IoEngine>(&self, e: &E, j: &mut JournalPos) -> Result<(), ImageError> {
+        let batch = self.meta.persist.take_batch();
+        if batch.records.is_empty() {
+            self.sync_data(e).await?;
+            self.release_freed(batch);
+            return Ok(());
+        }
+        let geo = &self.meta.geo;
+        let capacity = geo.journal_len / META_BLOCK;
+        let need = journal::blocks_for(batch.records.len());
+        if j.next + need > capacity {
+            // The journal is full: write the whole persist view (which holds
+            // these records' effects) as a checkpoint instead.
+            return self.checkpoint_with(e, j, batch).await;
+        }
+        let seq = self.header_seq() + j.next;
+        let bytes = journal::pack(&batch.records, seq);
+        self.sync_data(e).await?;
+        let off = geo.journal_offset + j.next * META_BLOCK;
+        io::write_at(e, self.storage.as_ref(), &bytes, off).await.map_err(self.io_error("journal write", off))?;
+        self.sync_data(e).await?;
+        j.next += need;
+        self.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.journal_records.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        self.stats.journal_blocks.fetch_add(need, Ordering::Relaxed);
+        self.release_freed(batch);
+        Ok(())
+    }
+
+    fn release_freed(&self, batch: Batch) {
+        if !batch.freed.is_empty() {
+            self.meta.alloc.release(batch.freed);
+        }
+    }
+
+    fn header_seq(&self) -> u64 {
+        self.header.lock().unwrap_or_else(|p| p.into_inner()).journal_seq
+    }
+
+    /// Writes the whole persist view (table, bitmap) and starts a new journal.
+    pub(crate) async fn checkpoint_locked<E: IoEngine>(
+        &self,
+        e: &E,
+        j: &mut JournalPos,
+    ) -> Result<(), ImageError> {
+        self.checkpoint_with(e, j, Batch::default()).await
+    }
+
+    /// A checkpoint that also completes `carried`, a batch already taken.
+    async fn checkpoint_with<E: IoEngine>(
+        &self,
+        e: &E,
+        j: &mut JournalPos,
+        carried: Batch,
+    ) -> Result<(), ImageError> {
+        let (mut batch, snap) = self.meta.persist.take_snapshot();
+        batch.freed.extend(carried.freed);
+        let geo = &self.meta.geo;
+        self.sync_data(e).await?;
+        let s = self.storage.as_ref();
+        if geo.table_len > 0 {
+            let t = format::encode_table(&snap.table, geo.table_len as usize);
+            io::write_at(e, s, &t, geo.table_offset).await.map_err(self.io_error("table write", geo.table_offset))?;
+        }
+        if geo.bitmap_len > 0 {
+            let b = format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize);
+            io::write_at(e, s, &b, geo.bitmap_offset).await.map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
+        }
+        self.sync_data(e).await?;
+        let next_seq = self.header_seq() + j.next;
+        self.write_header(e, |h| {
+            h.journal_seq = next_seq;
+            h.used_chunks = snap.hwm;
+        })
+        .await?;
+        j.next = 0;
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.release_freed(batch);
+        Ok(())
+    }
+
+    /// Writes a new header generation into the other slot, durably.
+    pub(crate) async fn write_header<E: IoEngine>(
+        &self,
+        e: &E,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<(), ImageError> {
+        let mut h = self.header();
+        change(&mut h);
+        h.generation += 1;
+        let off = (h.generation % 2) * META_BLOCK;
+        io::write_at(e, self.storage.as_ref(), &h.encode(), off).await.map_err(self.io_error("header write", off))?;
+        self.sync_data(e).await?;
+        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
+        Ok(())
+    }
+
+    /// After a crash: chunks that no record names may hold data of writes whose
+    /// records were lost; punch them so a later allocation starts from zeros.
+    pub(crate) async fn wipe_unreferenced<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        if !self.meta.geo.has_table() {
+            return Ok(());
+        }
+        let s = self.storage.as_ref();
+        let cb = self.meta.geo.chunk_bytes();
+        for p in self.meta.alloc.free_chunks() {
+            let off = self.meta.chunk_offset(crate::units::PhysChunk(p));
+            io::punch(e, s, off, cb).await.map_err(self.io_error("punch free chunk", off))?;
+        }
+        let end = self.meta.chunk_offset(crate::units::PhysChunk(self.meta.alloc.hwm()));
+        if s.size() > end {
+            io::punch(e, s, end, s.size() - end).await.map_err(self.io_error("punch past used chunks", end))?;
+        }
+        Ok(())
+    }
+
+    /// Commits, checkpoints and marks the image clean.
+    pub async fn close_async<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.check_not_failed()?;
+        let mut j = self.journal.lock().await;
+        self.checkpoint_locked(e, &mut j).await?;
+        self.write_header(e, |h| h.flags &= !format::header::FLAG_DIRTY).await
+    }
+
+    /// [`Image::close_async`] on a ring of its own.
+    pub fn close(&self) -> Result<(), ImageError> {
+        let ring = crate::io::uring::Uring::new(64).map_err(self.io_error("io_uring setup", 0))?;
+        ring.block_on(self.close_async(&ring)).map_err(self.io_error("close", 0))?
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !self.closed.load(Ordering::Acquire) {
+            if let Err(e) = self.close() {
+                tracing::warn!(image = %self.name(), error = %e, "closing image failed; it will be recovered at next open");
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Creating a new image.
+
+use super::base::resolve;
+use super::ImageError;
+use crate::format::layout::CreateParams;
+use crate::format::{BaseFormat, Geometry, Header, HEADER_AREA};
+use crate::storage::{FileStorage, OpenMode, Storage};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size; defaults to the base's size.
+    pub size: Option<u64>,
+    pub base: Option<PathBuf>,
+    pub block_size: u32,
+    /// `None`: no table (raw layout).
+    pub chunk_size: Option<u32>,
+    pub journal_size: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: None,
+            base: None,
+            block_size: 64 << 10,
+            chunk_size: Some(1 << 20),
+            journal_size: 16 << 20,
+        }
+    }
+}
+
+/// Detects whether a base is an FVD image or raw.
+fn probe_base(path: &Path) -> Result<BaseFormat, ImageError> {
+    let s = FileStorage::open(path, OpenMode::ReadOnly)?;
+    let mut magic = [0u8; 8];
+    if s.size() >= 8 {
+        s.read_at(&mut magic, 0).map_err(|source| ImageError::Io {
+            path: path.display().to_string(),
+            what: "base probe",
+            offset: 0,
+            source,
+        })?;
+    }
+    Ok(if magic == crate::format::header::MAGIC { BaseFormat::Fvd } else { BaseFormat::Raw })
+}
+
+/// Creates an image file (or formats a block device) at `path`.
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError> {
+    let (base_str, base_format, base_size) = match &opts.base {
+        None => (String::new(), BaseFormat::None, 0),
+        Some(b) => {
+            let stored = b.to_string_lossy().to_string();
+            let p = resolve(path, &stored);
+            let fmt = probe_base(&p)?;
+            let size = match fmt {
+                BaseFormat::Fvd => {
+                    let o = super::OpenOptions { read_only: true, ..Default::default() };
+                    super::Image::open(&p, &o)?.size()
+                }
+                _ => FileStorage::open(&p, OpenMode::ReadOnly)?.size(),
+            };
+            (stored, fmt, size)
+        }
+    };
+    let existing_device = std::fs::metadata(path).map(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    let mode = if matches!(existing_device, Ok(true)) { OpenMode::ReadWrite } else { OpenMode::Create };
+    let virtual_size = opts.size.unwrap_or(base_size.div_ceil(512) * 512);
+    let params = CreateParams {
+        virtual_size,
+        block_size: opts.block_size,
+        chunk_size: opts.chunk_size,
+        base_size,
+        journal_len: opts.journal_size,
+    };
+    let name = path.display().to_string();
+    let geo = Geometry::new(&params).map_err(|source| ImageError::Layout { path: name.clone(), source })?;
+    let storage = FileStorage::open(path, mode)?;
+    let r = create_on(&storage, &geo, &base_str, base_format);
+    if r.is_err() && mode == OpenMode::Create {
+        let _ = std::fs::remove_file(path);
+    }
+    r.map(|_| geo)
+}
+
+/// Writes a fresh image with geometry `geo` onto `s`.
+pub fn create_on(s: &dyn Storage, geo: &Geometry, base: &str, fmt: BaseFormat) -> Result<(), ImageError> {
+    let name = s.name().to_string();
+    let io = |what: &'static str, offset: u64| {
+        let name = name.clone();
+        move |source| ImageError::Io { path: name, what, offset, source }
+    };
+    if base.len() > crate::format::header::MAX_BASE_PATH {
+        return Err(ImageError::Invalid { path: name, why: "base path longer than 1024 bytes".into() });
+    }
+    s.ensure_size(geo.data_offset)?;
+    // Zero the metadata regions: on a reused block device they hold old bytes.
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = HEADER_AREA;
+    while off < geo.data_offset {
+        let n = (geo.data_offset - off).min(zeros.len() as u64) as usize;
+        s.write_at(&zeros[..n], off).map_err(io("metadata zeroing", off))?;
+        off += n as u64;
+    }
+    let mut h: Header = geo.header(fmt, base);
+    // A random first sequence number: a stale journal left on reused storage
+    // by an earlier image can never look like part of this one's log.
+    h.journal_seq = rand::random::<u32>() as u64 + 1;
+    h.generation = 1;
+    let mut other = h.clone();
+    other.generation = 0;
+    s.write_at(&h.encode(), 4096).map_err(io("header write", 4096))?;
+    s.write_at(&other.encode(), 0).map_err(io("header write", 0))?;
+    s.sync().map_err(io("fdatasync", 0))?;
+    Ok(())
+}

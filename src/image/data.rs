@@ -1,0 +1,268 @@
+//! The data path: read, write, discard and write-zeroes.
+//!
+//! Every request is planned first (no I/O), then all of its pieces are issued
+//! at once and awaited together: a read that touches the base and several
+//! chunks costs one round trip, not one per piece.
+
+use super::{Image, ImageError};
+use crate::io::{self, IoEngine};
+use crate::meta::{Piece, Source};
+use crate::units::{BlockIdx, Bytes, ChunkIdx};
+use futures::future::join_all;
+use std::sync::atomic::Ordering;
+
+fn first_error(results: Vec<Result<(), ImageError>>) -> Result<(), ImageError> {
+    results.into_iter().collect()
+}
+
+impl Image {
+    fn check_request(&self, off: u64, len: u64, write: bool) -> Result<(), ImageError> {
+        if off % 512 != 0 || len % 512 != 0 {
+            return Err(ImageError::Unaligned { path: self.name(), off, len });
+        }
+        self.meta
+            .check_range(Bytes(off), len)
+            .map_err(|source| ImageError::Meta { path: self.name(), source })?;
+        if write {
+            if self.opts.read_only {
+                return Err(ImageError::ReadOnly { path: self.name() });
+            }
+            self.check_not_failed()?;
+        }
+        Ok(())
+    }
+
+    fn meta_err(&self) -> impl FnOnce(crate::meta::MetaError) -> ImageError + '_ {
+        move |source| ImageError::Meta { path: self.name(), source }
+    }
+
+    fn data_err(&self, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+        move |source| ImageError::Io { path: self.name(), what, offset, source }
+    }
+
+    /// Reads `buf.len()` bytes at guest offset `off` (both multiples of 512).
+    pub async fn read<E: IoEngine>(&self, e: &E, off: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.check_request(off, buf.len() as u64, false)?;
+        let plan = self.meta.plan_read(Bytes(off), buf.len() as u64).map_err(self.meta_err())?;
+        let mut futs = Vec::with_capacity(plan.len());
+        let mut rest = buf;
+        for p in &plan {
+            let (piece, tail) = rest.split_at_mut(p.len);
+            rest = tail;
+            futs.push(self.read_piece(e, p.src, piece));
+        }
+        first_error(join_all(futs).await)
+    }
+
+    async fn read_piece<E: IoEngine>(&self, e: &E, src: Source, buf: &mut [u8]) -> Result<(), ImageError> {
+        match src {
+            Source::Image(so) => {
+                io::read_at(e, self.storage.as_ref(), buf, so).await.map_err(self.data_err("read", so))
+            }
+            Source::Base(bo) => match &self.base {
+                Some(b) => b.read(e, buf, bo).await,
+                None => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            },
+            Source::Zero | Source::Copy(_) => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `buf` at guest offset `off`. With `fua` (or in writethrough mode)
+    /// the data and its metadata are durable when this returns.
+    pub async fn write<E: IoEngine>(&self, e: &E, off: u64, buf: &[u8], fua: bool) -> Result<(), ImageError> {
+        let len = buf.len() as u64;
+        self.check_request(off, len, true)?;
+        self.allocate_range(off, len, |_| true)?;
+        let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
+        let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
+        let r = first_error(join_all(futs).await);
+        self.stats.guest_writes.fetch_add(1, Ordering::Relaxed);
+        self.note_completed();
+        r?;
+        if fua || self.opts.writethrough {
+            self.flush(e).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes (or, with `data` None, zeroes) one planned piece.
+    async fn write_piece<E: IoEngine>(
+        &self,
+        e: &E,
+        req_off: u64,
+        p: &Piece,
+        data: Option<&[u8]>,
+    ) -> Result<(), ImageError> {
+        match p.src {
+            Source::Image(so) => self.put(e, so, p.len, data).await,
+            Source::Copy(_) => self.copy_in(e, req_off + p.buf_off as u64, p.len, data).await,
+            Source::Base(_) | Source::Zero => Ok(()),
+        }
+    }
+
+    /// Writes `data` (or zeros) at storage offset `so`.
+    async fn put<E: IoEngine>(&self, e: &E, so: u64, len: usize, data: Option<&[u8]>) -> Result<(), ImageError> {
+        let s = self.storage.as_ref();
+        match data {
+            Some(d) => io::write_at(e, s, d, so).await.map_err(self.data_err("write", so)),
+            None => io::punch(e, s, so, len as u64).await.map_err(self.data_err("punch", so)),
+        }
+    }
+
+    /// Copy-on-write of the blocks under `[goff, goff+len)`, which are still in
+    /// the base: either whole blocks (written as they are), or part of one
+    /// block (the rest of the block is read from the base and written with it).
+    /// The bits are set only after the block's data write has completed.
+    async fn copy_in<E: IoEngine>(&self, e: &E, goff: u64, len: usize, data: Option<&[u8]>) -> Result<(), ImageError> {
+        let geo = &self.meta.geo;
+        let bs = geo.block_size as u64;
+        let first = goff / bs;
+        let last = (goff + len as u64 - 1) / bs;
+        let mut guards = Vec::with_capacity((last - first + 1) as usize);
+        for b in first..=last {
+            guards.push(self.meta.locks.lock(BlockIdx(b)).await);
+        }
+        let so = |g: u64| {
+            self.meta.storage_offset(Bytes(g)).ok_or_else(|| ImageError::Invalid {
+                path: self.name(),
+                why: format!("chunk of guest offset {g:#x} vanished during copy-on-write"),
+            })
+        };
+        let whole = goff % bs == 0 && len as u64 % bs == 0;
+        if whole {
+            self.put(e, so(goff)?, len, data).await?;
+        } else if self.meta.block_in_image(BlockIdx(first)) {
+            // Copied by another request while we waited for the lock.
+            return self.put(e, so(goff)?, len, data).await;
+        } else {
+            let start = first * bs;
+            let mut blk = vec![0u8; bs as usize];
+            let head = (goff - start) as usize;
+            let tail = head + len;
+            {
+                let (h, rest) = blk.split_at_mut(head);
+                let (_, t) = rest.split_at_mut(len);
+                let (rh, rt) = futures::join!(
+                    self.read_base_clipped(e, h, start),
+                    self.read_base_clipped(e, t, start + tail as u64)
+                );
+                rh?;
+                rt?;
+            }
+            if let Some(d) = data {
+                blk[head..tail].copy_from_slice(d);
+            }
+            let target = so(start)?;
+            io::write_at(e, self.storage.as_ref(), &blk, target).await.map_err(self.data_err("copy-on-write", target))?;
+        }
+        let n = last - first + 1;
+        self.meta.set_blocks_written(BlockIdx(first), n);
+        self.stats.cow_blocks.fetch_add(n, Ordering::Relaxed);
+        drop(guards);
+        Ok(())
+    }
+
+    /// Reads from the base; bytes past the base's size read as zeros.
+    async fn read_base_clipped<E: IoEngine>(&self, e: &E, buf: &mut [u8], off: u64) -> Result<(), ImageError> {
+        let base_size = self.meta.geo.base_size.0;
+        let n = (base_size.saturating_sub(off) as usize).min(buf.len());
+        buf[n..].fill(0);
+        match (&self.base, n) {
+            (Some(b), n) if n > 0 => b.read(e, &mut buf[..n], off).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes sure every chunk under `[off, off+len)` for which `want` says yes
+    /// is allocated, asking the storage to grow first when needed.
+    fn allocate_range(&self, off: u64, len: u64, want: impl Fn(ChunkIdx) -> bool) -> Result<(), ImageError> {
+        let geo = &self.meta.geo;
+        let s = self.storage.as_ref();
+        if !geo.has_table() {
+            return Ok(s.ensure_size(geo.data_offset + off + len)?);
+        }
+        let cb = geo.chunk_bytes();
+        for (c, _, _) in self.meta.chunk_spans(Bytes(off), len) {
+            if self.meta.table.get(c).is_some() || !want(c) {
+                continue;
+            }
+            let grow = |hwm: u32| s.ensure_size(geo.data_offset + hwm as u64 * cb);
+            let Some((p, hwm)) = self.meta.alloc.allocate(geo.chunks(), grow)? else {
+                return Err(ImageError::Invalid { path: self.name(), why: "no free chunk left".into() });
+            };
+            match self.meta.table.install(c, p) {
+                Ok(()) => {
+                    self.meta.persist.set_entry(c.0, Some(p), hwm);
+                    self.stats.chunks_allocated.fetch_add(1, Ordering::Relaxed);
+                }
+                // Another request allocated this chunk first.
+                Err(_) => self.meta.alloc.release([p]),
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards `[off, off+len)`: it reads as zeros afterwards, also over a
+    /// base. Whole chunks beyond the base are freed; the rest is punched.
+    pub async fn discard<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
+        self.check_request(off, len, true)?;
+        let geo = &self.meta.geo;
+        let base_end = geo.base_blocks() * geo.block_size as u64;
+        let cb = geo.chunk_bytes();
+        let mut frees = Vec::new();
+        let mut spans = Vec::new();
+        for (c, s, end) in self.meta.chunk_spans(Bytes(off), len) {
+            let whole = s == c.0 * cb && end - s == cb;
+            if geo.has_table() && whole && s >= base_end {
+                frees.push(self.free_chunk(e, c));
+            } else {
+                spans.push(self.zero_span(e, s, end));
+            }
+        }
+        let (a, b) = futures::join!(join_all(frees), join_all(spans));
+        self.note_completed();
+        first_error(a)?;
+        first_error(b)
+    }
+
+    /// Write-zeroes: the same effect as a discard (zeros read back).
+    pub async fn write_zeroes<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
+        self.discard(e, off, len).await
+    }
+
+    async fn free_chunk<E: IoEngine>(&self, e: &E, c: ChunkIdx) -> Result<(), ImageError> {
+        let Some(p) = self.meta.table.get(c) else {
+            return Ok(());
+        };
+        let off = self.meta.chunk_offset(p);
+        io::punch(e, self.storage.as_ref(), off, self.meta.geo.chunk_bytes())
+            .await
+            .map_err(self.data_err("punch chunk", off))?;
+        if self.meta.table.clear(c).is_some() {
+            self.meta.persist.set_entry(c.0, None, self.meta.alloc.hwm());
+        }
+        Ok(())
+    }
+
+    /// Zeroes a span inside one chunk.
+    async fn zero_span<E: IoEngine>(&self, e: &E, s: u64, end: u64) -> Result<(), ImageError> {
+        let geo = &self.meta.geo;
+        let touches_base = s < geo.base_blocks() * geo.block_size as u64;
+        if geo.has_table() && self.meta.table.get(geo.chunk_of(Bytes(s))).is_none() {
+            if !touches_base {
+                return Ok(()); // unallocated beyond the base: already zeros
+            }
+            self.allocate_range(s, end - s, |_| true)?;
+        } else if !geo.has_table() {
+            self.allocate_range(s, end - s, |_| true)?;
+        }
+        let plan = self.meta.plan_write(Bytes(s), end - s).map_err(self.meta_err())?;
+        first_error(join_all(plan.iter().map(|p| self.write_piece(e, s, p, None))).await)
+    }
+}

@@ -1,0 +1,46 @@
+use crate::format::{HeaderError, LayoutError};
+use crate::meta::MetaError;
+use crate::storage::StorageError;
+use std::io;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{path}: {source}")]
+    Header { path: String, source: HeaderError },
+    #[error("{path}: {source}")]
+    Layout { path: String, source: LayoutError },
+    #[error("{path}: {source}")]
+    Meta { path: String, source: MetaError },
+    #[error("{path}: base image {base}: {why}")]
+    Base { path: String, base: String, why: String },
+    #[error("{path}: {what} at {offset:#x}: {source}")]
+    Io { path: String, what: &'static str, offset: u64, source: io::Error },
+    #[error("{path}: request {off:#x}+{len:#x} is not aligned to 512 bytes")]
+    Unaligned { path: String, off: u64, len: u64 },
+    #[error("{path}: image is open read-only")]
+    ReadOnly { path: String },
+    #[error("{path}: an earlier metadata commit failed; the image refuses writes until reopened")]
+    Failed { path: String },
+    #[error("{path}: {why}")]
+    Invalid { path: String, why: String },
+}
+
+impl ImageError {
+    /// The errno a block device should report for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ImageError::Storage(StorageError::NoSpace { .. }) => libc::ENOSPC,
+            ImageError::Storage(StorageError::Grow { source, .. })
+            | ImageError::Storage(StorageError::Io { source, .. })
+            | ImageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ImageError::Unaligned { .. } | ImageError::Meta { source: MetaError::OutOfRange { .. }, .. } => {
+                libc::EINVAL
+            }
+            ImageError::ReadOnly { .. } => libc::EROFS,
+            _ => libc::EIO,
+        }
+    }
+}

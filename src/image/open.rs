@@ -1,0 +1,174 @@
+//! Opening an image: header, geometry, metadata load, journal replay.
+
+use super::base::open_base;
+use super::{Base, Image, ImageError, JournalPos, Stats};
+use crate::format::{self, Geometry, Header, JournalBlock, HEADER_AREA, META_BLOCK};
+use crate::meta::{self, Meta};
+use crate::storage::{FileStorage, OpenMode, Storage};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// Make every write's data and metadata durable before it completes.
+    pub writethrough: bool,
+    /// Growth step of the storage file (default 64 MiB).
+    pub grow_unit: Option<u64>,
+}
+
+/// The metadata as found on storage, before it goes live.
+pub(crate) struct Loaded {
+    pub header: Header,
+    pub geo: Geometry,
+    pub table: Vec<u32>,
+    pub bitmap: Vec<u64>,
+    /// Journal blocks replayed (0 when the image was clean).
+    pub replayed_blocks: u64,
+    pub replayed_records: u64,
+}
+
+fn io_err(s: &dyn Storage, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = s.name().to_string();
+    move |source| ImageError::Io { path, what, offset, source }
+}
+
+/// Reads both header slots and returns the valid one with the highest generation.
+pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
+    let path = s.name().to_string();
+    let size = s.size();
+    if size < META_BLOCK {
+        return Err(ImageError::Header {
+            path,
+            source: format::HeaderError::Truncated(size as usize),
+        });
+    }
+    let mut buf = vec![0u8; HEADER_AREA as usize];
+    let n = (size.min(HEADER_AREA)) as usize;
+    s.read_at(&mut buf[..n], 0).map_err(io_err(s, "header read", 0))?;
+    let first = Header::decode(&buf[..META_BLOCK as usize]);
+    let second = if n as u64 >= HEADER_AREA { Header::decode(&buf[META_BLOCK as usize..]) } else { Err(format::HeaderError::BadMagic) };
+    match (first, second) {
+        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
+        (Ok(a), Err(_)) => Ok(a),
+        (Err(_), Ok(b)) => Ok(b),
+        (Err(e), Err(_)) => Err(ImageError::Header { path, source: e }),
+    }
+}
+
+/// Loads header, table and bitmap, and replays the journal in memory when the
+/// image is dirty. Writes nothing.
+pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
+    let path = s.name().to_string();
+    let header = read_header(s)?;
+    let geo = Geometry::from_header(&header, s.size())
+        .map_err(|source| ImageError::Layout { path: path.clone(), source })?;
+    let mut tbytes = vec![0u8; geo.table_len as usize];
+    s.read_at(&mut tbytes, geo.table_offset).map_err(io_err(s, "table read", geo.table_offset))?;
+    let mut table = format::decode_table(&tbytes, geo.chunks() as usize);
+    let mut bbytes = vec![0u8; geo.bitmap_len as usize];
+    s.read_at(&mut bbytes, geo.bitmap_offset).map_err(io_err(s, "bitmap read", geo.bitmap_offset))?;
+    let mut bitmap = format::decode_bitmap(&bbytes, geo.base_blocks());
+    let mut replayed_blocks = 0;
+    let mut replayed_records = 0;
+    if header.is_dirty() {
+        let mut jbytes = vec![0u8; geo.journal_len as usize];
+        s.read_at(&mut jbytes, geo.journal_offset).map_err(io_err(s, "journal read", geo.journal_offset))?;
+        for (i, blk) in jbytes.chunks(META_BLOCK as usize).enumerate() {
+            let Ok(block) = JournalBlock::decode(blk, header.journal_seq + i as u64) else {
+                break;
+            };
+            for r in &block.records {
+                meta::apply_record(&geo, &mut table, &mut bitmap, r)
+                    .map_err(|source| ImageError::Meta { path: path.clone(), source })?;
+            }
+            replayed_blocks += 1;
+            replayed_records += block.records.len() as u64;
+        }
+    }
+    Ok(Loaded { header, geo, table, bitmap, replayed_blocks, replayed_records })
+}
+
+impl Image {
+    /// Opens an image file or block device, and its base.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
+        let mode = if opts.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
+        let mut storage = FileStorage::open(path, mode)?;
+        if let Some(u) = opts.grow_unit {
+            storage = storage.with_grow_unit(u);
+        }
+        let header = read_header(&storage)?;
+        let base = open_base(path, &header.base_path, header.base_format, header.base_size)?;
+        Image::open_on(path, Box::new(storage), base, opts)
+    }
+
+    /// Opens an image on given storage with an already opened base.
+    pub fn open_on(
+        path: &Path,
+        storage: Box<dyn Storage>,
+        base: Option<Base>,
+        opts: &OpenOptions,
+    ) -> Result<Image, ImageError> {
+        let name = storage.name().to_string();
+        let loaded = load(storage.as_ref())?;
+        if loaded.header.base_size > 0 && base.is_none() {
+            return Err(ImageError::Base {
+                path: name,
+                base: loaded.header.base_path.clone(),
+                why: "the image needs its base and none was given".into(),
+            });
+        }
+        let hwm = meta::validate_table(&loaded.geo, &loaded.table, storage.size())
+            .map_err(|source| ImageError::Meta { path: name.clone(), source })?;
+        let recovered = loaded.header.is_dirty();
+        if recovered {
+            tracing::info!(
+                image = %name,
+                blocks = loaded.replayed_blocks,
+                records = loaded.replayed_records,
+                "image was not closed cleanly: journal replayed"
+            );
+        }
+        let img = Image {
+            path: path.to_path_buf(),
+            meta: Meta::new(loaded.geo, loaded.table, loaded.bitmap, hwm),
+            storage,
+            base,
+            header: Mutex::new(loaded.header),
+            journal: async_lock::Mutex::new(JournalPos { next: 0 }),
+            opts: opts.clone(),
+            completed: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            closed: AtomicBool::new(opts.read_only),
+            recovered,
+            stats: Stats::default(),
+        };
+        if !opts.read_only {
+            img.start_writing()?;
+        }
+        Ok(img)
+    }
+
+    /// Before the first write: after a crash, wipe chunks that no durable
+    /// record names (a write may have reached them without its record), write
+    /// the replayed state as a checkpoint, and mark the image dirty.
+    fn start_writing(&self) -> Result<(), ImageError> {
+        let ring = crate::io::uring::Uring::new(64)
+            .map_err(|source| ImageError::Io { path: self.name(), what: "io_uring setup", offset: 0, source })?;
+        ring.block_on(async {
+            if self.recovered {
+                self.wipe_unreferenced(&ring).await?;
+                let mut j = self.journal.lock().await;
+                self.checkpoint_locked(&ring, &mut j).await?;
+            }
+            self.write_header(&ring, |h| h.flags |= format::header::FLAG_DIRTY).await
+        })
+        .map_err(|source| ImageError::Io { path: self.name(), what: "open", offset: 0, source })?
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.storage.name().to_string()
+    }
+}
