@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Common prelude of the real-kernel scenarios, sourced inside the guest before each
 # tests/guest/scenarios/<name>.sh (by the entry script tests/guest/run writes).
 #
@@ -65,6 +66,7 @@ trap 'exit 143' TERM
 trap 'exit 130' INT
 
 # Say which command failed under set -e.
+# shellcheck disable=SC2154
 trap '_rc=$?; printf "error: %s:%s: \`%s\` exited %s\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$_rc"' ERR
 
 wait_for_path() {

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Smoke test of the harness itself: the guest kernel has what fvd's tests need.
 # timeout: 300
 

@@ -1,0 +1,109 @@
+//! Real-kernel tests: the scenarios in tests/guest/scenarios/, each run by tests/guest/run
+//! in a freshly booted Debian 6.12 guest (virtme-ng, software emulation), where ublk and
+//! device-mapper exist. They take minutes, so they run only when asked:
+//!
+//!     scripts/setup-guest                      # once per machine, as root
+//!     FVD_GUEST_TESTS=1 cargo test --test guest -- --nocapture
+//!
+//! FVD_GUEST_SCENARIOS="00-kernel 10-foo" picks scenarios (default: all of them).
+//! FVD=/path/to/fvd uses that binary instead of building target/release/fvd.
+
+use std::env;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn say(msg: &str) {
+    // Straight to the process's stderr, past the test harness's output capture, so the
+    // message shows in a plain `cargo test` run.
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn has_kernel(root: &Path) -> bool {
+    std::fs::read_dir(root.join("target/guest-kernel/boot"))
+        .map(|dir| {
+            dir.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .unwrap_or(false)
+}
+
+fn cargo() -> OsString {
+    env::var_os("CARGO")
+        .or_else(|| option_env!("CARGO").map(OsString::from))
+        .unwrap_or_else(|| OsString::from("cargo"))
+}
+
+#[test]
+fn guest_scenarios() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+
+    let mut why = Vec::new();
+    if env::var("FVD_GUEST_TESTS").as_deref() != Ok("1") {
+        why.push("FVD_GUEST_TESTS not set to 1");
+    }
+    if !has_kernel(&root) {
+        why.push("guest kernel not installed in target/guest-kernel");
+    }
+    if !root.join("target/guest-venv/bin/vng").exists() {
+        why.push("virtme-ng not installed in target/guest-venv");
+    }
+    if !why.is_empty() {
+        say(&format!(
+            "SKIP guest_scenarios: skipping real-kernel tests: {}; \
+             run scripts/setup-guest and scripts/test (or FVD_GUEST_TESTS=1 cargo test --test guest)",
+            why.join(", ")
+        ));
+        return;
+    }
+
+    let fvd = match env::var_os("FVD") {
+        Some(path) => {
+            say(&format!(
+                "guest_scenarios: using FVD={}",
+                Path::new(&path).display()
+            ));
+            PathBuf::from(path)
+        }
+        None => {
+            say("guest_scenarios: cargo build --release --bin fvd");
+            let status = Command::new(cargo())
+                .args(["build", "--release", "--bin", "fvd"])
+                .current_dir(&root)
+                .status()
+                .expect("could not run cargo");
+            assert!(
+                status.success(),
+                "cargo build --release --bin fvd failed: {status}"
+            );
+            let target = env::var_os("CARGO_TARGET_DIR")
+                .map(|t| root.join(t))
+                .unwrap_or_else(|| root.join("target"));
+            target.join("release/fvd")
+        }
+    };
+    assert!(fvd.is_file(), "fvd binary not found at {}", fvd.display());
+    let fvd = fvd.canonicalize().expect("canonicalize the fvd path");
+
+    let scenarios: Vec<String> = env::var("FVD_GUEST_SCENARIOS")
+        .unwrap_or_default()
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+
+    // Inherited stdout/stderr: the runner's lines stream as they come.
+    let status = Command::new("bash")
+        .arg(root.join("tests/guest/run"))
+        .arg("--keep-going")
+        .args(&scenarios)
+        .env("FVD", &fvd)
+        .current_dir(&root)
+        .status()
+        .expect("could not run tests/guest/run");
+    assert!(
+        status.success(),
+        "tests/guest/run failed ({status}); logs in target/guest-results/<scenario>/"
+    );
+}
