@@ -1,3 +1,0 @@
-step crash
-echo c > /proc/sysrq-trigger
-sleep 30

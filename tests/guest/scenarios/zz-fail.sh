@@ -1,2 +1,0 @@
-step failing
-fail "on purpose"

@@ -1,3 +1,0 @@
-# timeout: 5
-step sleeping
-sleep 100
