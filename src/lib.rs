@@ -11,3 +11,6 @@ pub mod io;
 pub mod meta;
 pub mod storage;
 pub mod units;
+pub mod bench;
+pub mod cli;
+pub mod logging;

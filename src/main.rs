@@ -1,3 +1,4 @@
 fn main() {
-    println!("Hello, world!");
+    fvd::logging::init();
+    std::process::exit(fvd::cli::main());
 }

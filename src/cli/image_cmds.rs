@@ -1,0 +1,237 @@
+//! create, info, check, map.
+
+use super::{fail, CliError};
+use crate::format::Geometry;
+use crate::image::{self, CreateOptions, Image, OpenOptions};
+use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::units::{human, parse_size};
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map(|b| b.0)
+}
+
+fn size32_arg(s: &str) -> Result<u32, String> {
+    let v = parse_size(s)?.0;
+    u32::try_from(v).map_err(|_| format!("'{s}' is too large"))
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The new image file, or an existing block device to format.
+    pub image: PathBuf,
+    /// Virtual disk size (k/M/G/T suffixes); defaults to the base's size.
+    #[arg(short, long, value_parser = size_arg)]
+    pub size: Option<u64>,
+    /// Read-only base image (raw or fvd); relative paths are relative to the image's folder.
+    #[arg(short, long)]
+    pub base: Option<PathBuf>,
+    /// Copy-on-write block size, 4k to 1M.
+    #[arg(long, value_parser = size32_arg, default_value = "64k")]
+    pub block_size: u32,
+    /// Allocation chunk size (power-of-two multiple of the block, up to 64M).
+    #[arg(long, value_parser = size32_arg, default_value = "1M", conflicts_with = "no_table")]
+    pub chunk_size: u32,
+    /// No table: raw layout, guest offset X at data offset + X.
+    #[arg(long)]
+    pub no_table: bool,
+    /// Journal size.
+    #[arg(long, value_parser = size_arg, default_value = "16M")]
+    pub journal_size: u64,
+}
+
+pub fn create(a: CreateArgs) -> Result<i32, CliError> {
+    if a.size.is_none() && a.base.is_none() {
+        return Err(fail(format!("{}: give --size, or --base to take the base's size", a.image.display())));
+    }
+    let opts = CreateOptions {
+        size: a.size,
+        base: a.base.clone(),
+        block_size: a.block_size,
+        chunk_size: (!a.no_table).then_some(a.chunk_size),
+        journal_size: a.journal_size,
+    };
+    let geo = image::create(&a.image, &opts)?;
+    println!(
+        "Formatting '{}', fmt=fvd size={} block_size={} {}{}",
+        a.image.display(),
+        geo.virtual_size.0,
+        geo.block_size,
+        match geo.chunk_size {
+            Some(c) => format!("chunk_size={c}"),
+            None => "table=off".into(),
+        },
+        a.base.map(|b| format!(" base={}", b.display())).unwrap_or_default()
+    );
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    pub image: PathBuf,
+    #[arg(long, value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+}
+
+fn geometry_json(g: &Geometry) -> serde_json::Value {
+    json!({
+        "virtual-size": g.virtual_size.0,
+        "block-size": g.block_size,
+        "chunk-size": g.chunk_size,
+        "table": g.has_table(),
+        "chunks": g.chunks(),
+        "base-blocks": g.base_blocks(),
+        "metadata-bytes": g.metadata_bytes(),
+        "regions": {
+            "table": [g.table_offset, g.table_len],
+            "bitmap": [g.bitmap_offset, g.bitmap_len],
+            "journal": [g.journal_offset, g.journal_len],
+            "data": g.data_offset,
+        },
+    })
+}
+
+pub fn info(a: InfoArgs) -> Result<i32, CliError> {
+    let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
+    let g = img.geometry();
+    let h = img.header();
+    let s = img.storage();
+    let map = img.map();
+    let sum = |k: image::MapKind| map.iter().filter(|r| r.kind == k).map(|r| r.length).sum::<u64>();
+    let mut v = json!({
+        "filename": a.image.display().to_string(),
+        "format": "fvd",
+        "clean": !h.is_dirty(),
+        "storage-size": s.size(),
+        "storage-allocated": s.allocated_bytes(),
+        "allocated-chunks": img.allocated_chunks(),
+        "copied-blocks": img.meta().bitmap.count_set(),
+        "data-bytes": sum(image::MapKind::Data),
+        "base-bytes": sum(image::MapKind::Base),
+        "zero-bytes": sum(image::MapKind::Zero),
+        "journal-seq": h.journal_seq,
+    });
+    let obj = v.as_object_mut().ok_or_else(|| fail("internal: info is not an object"))?;
+    for (k, val) in geometry_json(g).as_object().into_iter().flatten() {
+        obj.insert(k.clone(), val.clone());
+    }
+    if let Some(b) = img.base() {
+        obj.insert(
+            "base".into(),
+            json!({"filename": h.base_path, "resolved": b.name(), "format": b.format().name(), "size": h.base_size}),
+        );
+    }
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("image: {}", a.image.display());
+    println!("file format: fvd");
+    println!("virtual size: {} ({} bytes)", human(g.virtual_size.0), g.virtual_size.0);
+    println!("storage size: {} ({} allocated)", human(s.size()), s.allocated_bytes().map(human).unwrap_or("n/a".into()));
+    println!("block size: {}", g.block_size);
+    match g.chunk_size {
+        Some(c) => println!("chunk size: {c} ({} chunks, {} allocated)", g.chunks(), img.allocated_chunks()),
+        None => println!("table: off (raw layout)"),
+    }
+    println!("metadata: {} (header + table + bitmap), journal {}", human(g.metadata_bytes()), human(g.journal_len));
+    if let Some(b) = img.base() {
+        println!("base: {} ({}, {}, resolved to {})", h.base_path, b.format().name(), human(h.base_size), b.name());
+        println!("copied blocks: {} of {}", img.meta().bitmap.count_set(), g.base_blocks());
+    }
+    println!(
+        "data in image: {}, in base: {}, zero: {}",
+        human(sum(image::MapKind::Data)),
+        human(sum(image::MapKind::Base)),
+        human(sum(image::MapKind::Zero))
+    );
+    println!("clean: {}", if h.is_dirty() { "no (journal will be replayed at next open)" } else { "yes" });
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    pub image: PathBuf,
+    /// Replay the journal and reclaim leaked chunks.
+    #[arg(short, long)]
+    pub repair: bool,
+    #[arg(long, value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+}
+
+pub fn check(a: CheckArgs) -> Result<i32, CliError> {
+    let mode = if a.repair { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
+    let s = FileStorage::open(&a.image, mode)?;
+    let mut r = image::check(&s);
+    if a.repair && r.corruptions.is_empty() && (!r.leaks.is_empty() || r.dirty) {
+        let cb = image::header_of(&s).map(|h| h.chunk_size as u64).unwrap_or(0);
+        let data_off = image::header_of(&s).map(|h| h.data_offset).unwrap_or(0);
+        for &p in &r.leaked_chunks {
+            s.punch(data_off + p as u64 * cb, cb)?;
+        }
+        s.sync()?;
+        drop(s);
+        // Opening read-write replays the journal and checkpoints it.
+        let img = Image::open(&a.image, &OpenOptions::default())?;
+        img.close()?;
+        drop(img);
+        let s = FileStorage::open(&a.image, OpenMode::ReadOnly)?;
+        let after = image::check(&s);
+        r = image::CheckReport { repaired: true, ..after };
+    }
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for c in &r.corruptions {
+            println!("ERROR {c}");
+        }
+        for l in &r.leaks {
+            println!("Leaked: {l}");
+        }
+        if r.dirty {
+            println!(
+                "The image was not closed cleanly; its journal holds {} valid block(s), {} record(s), replayable.",
+                r.journal_blocks_replayed, r.journal_records_replayed
+            );
+        }
+        if r.exit_code() == 0 {
+            println!("No errors were found on the image.");
+        }
+        if r.total_chunks > 0 {
+            println!("{}/{} chunks allocated", r.allocated_chunks, r.total_chunks);
+        }
+        if r.repaired {
+            println!("Repair done.");
+        }
+    }
+    Ok(r.exit_code())
+}
+
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    pub image: PathBuf,
+    #[arg(long, value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+}
+
+pub fn map(a: MapArgs) -> Result<i32, CliError> {
+    let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
+    let m = img.map();
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(0);
+    }
+    println!("{:<20}{:<20}{:<8}{}", "Offset", "Length", "Kind", "Storage offset");
+    for r in &m {
+        let so = r.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
+        let kind = match r.kind {
+            image::MapKind::Data => "data",
+            image::MapKind::Base => "base",
+            image::MapKind::Zero => "zero",
+        };
+        println!("{:<20}{:<20}{:<8}{}", format!("{:#x}", r.start), format!("{:#x}", r.length), kind, so);
+    }
+    Ok(0)
+}

@@ -1,0 +1,84 @@
+//! The command line: qemu-img / qemu-io conventions for image commands,
+//! rublk / ublksrv conventions for the daemon commands.
+
+mod convert;
+pub mod daemon;
+mod image_cmds;
+mod io_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "fvd", version, about = "Fast Virtual Disk: FVD images served as Linux block devices through ublk")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create an image (a thin copy-on-write overlay when --base is given).
+    Create(image_cmds::CreateArgs),
+    /// Show an image's geometry, sizes, base, allocation and state.
+    Info(image_cmds::InfoArgs),
+    /// Check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks only).
+    Check(image_cmds::CheckArgs),
+    /// Show which ranges are data in the image, in the base, or zero.
+    Map(image_cmds::MapArgs),
+    /// Run qemu-io style commands against an image.
+    Io(io_cmd::IoArgs),
+    /// Convert between raw and fvd, sparse-aware.
+    Convert(convert::ConvertArgs),
+    /// Benchmark the engine against raw files with an fio-like load.
+    Bench(crate::bench::BenchArgs),
+    /// Serve an image as /dev/ublkbN.
+    Start(daemon::StartArgs),
+    /// Stop a device: flush, checkpoint, mark clean, delete.
+    Stop(daemon::StopArgs),
+    /// List fvd devices.
+    List(daemon::ListArgs),
+    /// Take over a device whose daemon died (ublk user recovery).
+    Recover(daemon::RecoverArgs),
+}
+
+/// A failed command: one line for the user, and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    pub msg: String,
+    pub code: i32,
+}
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError { msg: e.to_string(), code: 1 }
+    }
+}
+
+pub fn fail(msg: impl Into<String>) -> CliError {
+    CliError { msg: msg.into(), code: 1 }
+}
+
+/// Runs the command line; returns the exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Create(a) => image_cmds::create(a),
+        Cmd::Info(a) => image_cmds::info(a),
+        Cmd::Check(a) => image_cmds::check(a),
+        Cmd::Map(a) => image_cmds::map(a),
+        Cmd::Io(a) => io_cmd::run(a),
+        Cmd::Convert(a) => convert::run(a),
+        Cmd::Bench(a) => crate::bench::run(a).map_err(CliError::from),
+        Cmd::Start(a) => daemon::start(a),
+        Cmd::Stop(a) => daemon::stop(a),
+        Cmd::List(a) => daemon::list(a),
+        Cmd::Recover(a) => daemon::recover(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fvd: {}", e.msg);
+            e.code
+        }
+    }
+}
