@@ -8,6 +8,7 @@ use super::{Image, ImageError};
 use crate::io::{self, IoEngine};
 use crate::meta::{Piece, Source};
 use crate::units::{BlockIdx, Bytes, ChunkIdx};
+
 use futures::future::join_all;
 use std::sync::atomic::Ordering;
 
@@ -78,7 +79,7 @@ impl Image {
     pub async fn write<E: IoEngine>(&self, e: &E, off: u64, buf: &[u8], fua: bool) -> Result<(), ImageError> {
         let len = buf.len() as u64;
         self.check_request(off, len, true)?;
-        self.allocate_range(off, len, |_| true)?;
+        self.allocate_range(e, off, len).await?;
         let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
         let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
         let r = first_error(join_all(futs).await);
@@ -181,7 +182,19 @@ impl Image {
 
     /// Makes sure every chunk under `[off, off+len)` for which `want` says yes
     /// is allocated, asking the storage to grow first when needed.
-    fn allocate_range(&self, off: u64, len: u64, want: impl Fn(ChunkIdx) -> bool) -> Result<(), ImageError> {
+    async fn allocate_range<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
+        match self.try_allocate_range(off, len) {
+            Err(ImageError::Invalid { .. }) if self.meta.persist.has_freed() => {
+                // Every chunk is in use or freed by a discard whose record is
+                // not yet durable: commit, which makes the freed ones reusable.
+                self.flush(e).await?;
+                self.try_allocate_range(off, len)
+            }
+            r => r,
+        }
+    }
+
+    fn try_allocate_range(&self, off: u64, len: u64) -> Result<(), ImageError> {
         let geo = &self.meta.geo;
         let s = self.storage.as_ref();
         if !geo.has_table() {
@@ -189,7 +202,7 @@ impl Image {
         }
         let cb = geo.chunk_bytes();
         for (c, _, _) in self.meta.chunk_spans(Bytes(off), len) {
-            if self.meta.table.get(c).is_some() || !want(c) {
+            if self.meta.table.get(c).is_some() {
                 continue;
             }
             let grow = |hwm: u32| s.ensure_size(geo.data_offset + hwm as u64 * cb);
@@ -258,9 +271,9 @@ impl Image {
             if !touches_base {
                 return Ok(()); // unallocated beyond the base: already zeros
             }
-            self.allocate_range(s, end - s, |_| true)?;
+            self.allocate_range(e, s, end - s).await?;
         } else if !geo.has_table() {
-            self.allocate_range(s, end - s, |_| true)?;
+            self.allocate_range(e, s, end - s).await?;
         }
         let plan = self.meta.plan_write(Bytes(s), end - s).map_err(self.meta_err())?;
         first_error(join_all(plan.iter().map(|p| self.write_piece(e, s, p, None))).await)

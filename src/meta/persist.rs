@@ -110,6 +110,11 @@ impl Persist {
         (batch, snap)
     }
 
+    /// Whether chunks freed since the last commit wait for it.
+    pub fn has_freed(&self) -> bool {
+        !self.lock().freed.is_empty()
+    }
+
     /// Records waiting to be committed (for stats).
     pub fn pending(&self) -> usize {
         let s = self.lock();

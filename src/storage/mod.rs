@@ -63,3 +63,37 @@ impl StorageError {
         StorageError::Io { path: path.to_string(), what, offset, source }
     }
 }
+
+/// Shared storage (tests keep a handle to reopen or crash it).
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn ensure_size(&self, min: u64) -> Result<(), StorageError> {
+        (**self).ensure_size(min)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        (**self).read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        (**self).write_at(buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).punch(off, len)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        (**self).raw_fd()
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
+    fn has_data(&self, off: u64, len: u64) -> bool {
+        (**self).has_data(off, len)
+    }
+}

@@ -34,6 +34,14 @@ pub struct SimStorage {
     limit: u64,
     /// Counts I/O events (writes, punches, syncs) for crash-point selection.
     events: Mutex<u64>,
+    /// When set, a crash image is captured before each event with this probability.
+    capture: Mutex<Option<Capture>>,
+}
+
+struct Capture {
+    rng: rand::rngs::StdRng,
+    probability: f64,
+    images: Vec<Vec<u8>>,
 }
 
 impl SimStorage {
@@ -48,6 +56,7 @@ impl SimStorage {
             state: Mutex::new(State { durable: bytes, pending: Vec::new(), size }),
             limit: u64::MAX,
             events: Mutex::new(0),
+            capture: Mutex::new(None),
         }
     }
 
@@ -62,6 +71,30 @@ impl SimStorage {
 
     fn bump(&self) {
         *self.events.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    /// From now on, before each write, punch or sync, capture with the given
+    /// probability the disk as a power cut at that instant could leave it.
+    pub fn start_capture(&self, seed: u64, probability: f64) {
+        use rand::SeedableRng;
+        *self.capture.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Capture { rng: rand::rngs::StdRng::seed_from_u64(seed), probability, images: Vec::new() });
+    }
+
+    /// The crash images captured since the last call.
+    pub fn take_captured(&self) -> Vec<Vec<u8>> {
+        let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        c.as_mut().map(|c| std::mem::take(&mut c.images)).unwrap_or_default()
+    }
+
+    fn maybe_capture(&self) {
+        let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = c.as_mut() {
+            if c.rng.gen_bool(c.probability) {
+                let img = self.crash(&mut c.rng);
+                c.images.push(img);
+            }
+        }
     }
 
     /// Number of write, punch and sync events so far.
@@ -180,6 +213,7 @@ impl Storage for SimStorage {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.maybe_capture();
         let mut s = self.lock();
         let end = off + buf.len() as u64;
         if end > s.size {
@@ -192,6 +226,7 @@ impl Storage for SimStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.maybe_capture();
         let mut s = self.lock();
         let pending = std::mem::take(&mut s.pending);
         let size = s.size as usize;
@@ -206,6 +241,7 @@ impl Storage for SimStorage {
     }
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.maybe_capture();
         self.lock().pending.push(Pending::Punch { off, len });
         self.bump();
         Ok(())
@@ -213,6 +249,12 @@ impl Storage for SimStorage {
 
     fn raw_fd(&self) -> Option<RawFd> {
         None
+    }
+
+    /// A simulated disk has no holes: a range "has data" when it is not all zeros.
+    fn has_data(&self, off: u64, len: u64) -> bool {
+        let mut buf = vec![0u8; len as usize];
+        self.read_at(&mut buf, off).is_ok() && buf.iter().any(|&b| b != 0)
     }
 }
 
