@@ -113,9 +113,16 @@ impl Image {
         let geo = &self.meta.geo;
         self.sync_data(e).await?;
         let s = self.storage.as_ref();
+        // The snapshot may hold updates the journal does not, so a torn
+        // checkpoint must be safe on its own: the table goes first and is made
+        // durable before any bit that relies on it (a new table entry alone
+        // points at a chunk of zeros, which is what an unallocated one reads).
         if geo.table_len > 0 {
             let t = format::encode_table(&snap.table, geo.table_len as usize);
             io::write_at(e, s, &t, geo.table_offset).await.map_err(self.io_error("table write", geo.table_offset))?;
+            if geo.bitmap_len > 0 {
+                self.sync_data(e).await?;
+            }
         }
         if geo.bitmap_len > 0 {
             let b = format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize);
