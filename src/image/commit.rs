@@ -176,10 +176,28 @@ impl Image {
         Ok(())
     }
 
+    /// Marks the image dirty on storage before its first change, so that a
+    /// crash from here on is recovered by replaying the journal.
+    pub(crate) async fn ensure_dirty<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        if self.marked_dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _j = self.journal.lock().await;
+        if self.marked_dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.write_header(e, |h| h.flags |= format::header::FLAG_DIRTY).await?;
+        self.marked_dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Commits, checkpoints and marks the image clean.
     pub async fn close_async<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        if !self.marked_dirty.load(Ordering::Acquire) {
+            return Ok(()); // never changed: nothing to write
         }
         self.check_not_failed()?;
         let mut j = self.journal.lock().await;

@@ -33,6 +33,11 @@ impl Image {
         Ok(())
     }
 
+    async fn check_write<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
+        self.check_request(off, len, true)?;
+        self.ensure_dirty(e).await
+    }
+
     fn meta_err(&self) -> impl FnOnce(crate::meta::MetaError) -> ImageError + '_ {
         move |source| ImageError::Meta { path: self.name(), source }
     }
@@ -78,7 +83,7 @@ impl Image {
     /// the data and its metadata are durable when this returns.
     pub async fn write<E: IoEngine>(&self, e: &E, off: u64, buf: &[u8], fua: bool) -> Result<(), ImageError> {
         let len = buf.len() as u64;
-        self.check_request(off, len, true)?;
+        self.check_write(e, off, len).await?;
         self.allocate_range(e, off, len).await?;
         let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
         let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
@@ -224,7 +229,7 @@ impl Image {
     /// Discards `[off, off+len)`: it reads as zeros afterwards, also over a
     /// base. Whole chunks beyond the base are freed; the rest is punched.
     pub async fn discard<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
-        self.check_request(off, len, true)?;
+        self.check_write(e, off, len).await?;
         let geo = &self.meta.geo;
         let base_end = geo.base_blocks() * geo.block_size as u64;
         let cb = geo.chunk_bytes();

@@ -90,6 +90,8 @@ pub struct Image {
     durable: AtomicU64,
     /// Set when a commit failed part-way: the image refuses further writes.
     failed: AtomicBool,
+    /// Whether the header on storage says dirty (set before the first change).
+    marked_dirty: AtomicBool,
     closed: AtomicBool,
     /// Whether the journal had to be replayed at open.
     recovered: bool,

@@ -141,6 +141,8 @@ impl Image {
             completed: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            // A recovered image stays marked dirty until it is closed.
+            marked_dirty: AtomicBool::new(recovered),
             closed: AtomicBool::new(opts.read_only),
             recovered,
             stats: Stats::default(),
@@ -151,19 +153,19 @@ impl Image {
         Ok(img)
     }
 
-    /// Before the first write: after a crash, wipe chunks that no durable
-    /// record names (a write may have reached them without its record), write
-    /// the replayed state as a checkpoint, and mark the image dirty.
+    /// After a crash: wipe chunks that no durable record names (a write may
+    /// have reached them without its record) and write the replayed state as
+    /// a checkpoint. A clean image is not written to until its first change.
     fn start_writing(&self) -> Result<(), ImageError> {
+        if !self.recovered {
+            return Ok(());
+        }
         let ring = crate::io::uring::Uring::new(64)
             .map_err(|source| ImageError::Io { path: self.name(), what: "io_uring setup", offset: 0, source })?;
         ring.block_on(async {
-            if self.recovered {
-                self.wipe_unreferenced(&ring).await?;
-                let mut j = self.journal.lock().await;
-                self.checkpoint_locked(&ring, &mut j).await?;
-            }
-            self.write_header(&ring, |h| h.flags |= format::header::FLAG_DIRTY).await
+            self.wipe_unreferenced(&ring).await?;
+            let mut j = self.journal.lock().await;
+            self.checkpoint_locked(&ring, &mut j).await
         })
         .map_err(|source| ImageError::Io { path: self.name(), what: "open", offset: 0, source })?
     }
