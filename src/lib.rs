@@ -10,6 +10,7 @@ pub mod image;
 pub mod io;
 pub mod meta;
 pub mod storage;
+pub mod ublk;
 pub mod units;
 pub mod bench;
 pub mod cli;

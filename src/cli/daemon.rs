@@ -1,15 +1,22 @@
-//! Daemon commands: start, stop, list, recover. (Filled in by the ublk work.)
+//! Daemon commands: start, stop, list, recover (rublk / ublksrv conventions).
 
 use super::{fail, CliError};
+use crate::ublk::control::{self, Stopped};
+use crate::ublk::serve::{serve, Mode, Reporter, ServeOptions};
+use crate::ublk::spawn::{detach, startup_log};
+use crate::ublk::state::RunDir;
+use crate::ublk::{kernel, DaemonError};
+use crate::units::human;
 use clap::Args;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct StartArgs {
     /// The image file or block device.
     pub image: PathBuf,
     /// Device ID (N in /dev/ublkbN); the kernel picks one when omitted.
-    #[arg(short = 'n', long = "number")]
+    #[arg(short = 'n', long = "number", allow_negative_numbers = true)]
     pub id: Option<i32>,
     /// Number of queues (default: min(cores, 4)).
     #[arg(long)]
@@ -26,14 +33,25 @@ pub struct StartArgs {
     /// Stay in the foreground instead of detaching.
     #[arg(long)]
     pub foreground: bool,
+    /// Logical block size of the device: 512 or 4096.
+    #[arg(long, default_value_t = 512, value_parser = logical_block_arg)]
+    pub logical_block_size: u32,
+    /// Complete writes that allocate or copy before their metadata is
+    /// journaled (faster first writes; a daemon crash then loses them, so
+    /// `fvd recover` can't hide the crash from applications).
+    #[arg(long)]
+    pub lazy_metadata: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct StopArgs {
-    #[arg(short = 'n', long = "number")]
+    #[arg(short = 'n', long = "number", allow_negative_numbers = true)]
     pub id: Option<i32>,
     #[arg(long)]
     pub all: bool,
+    /// Seconds to wait for a daemon to finish its stop.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -44,22 +62,120 @@ pub struct ListArgs {
 
 #[derive(Args, Debug)]
 pub struct RecoverArgs {
-    #[arg(short = 'n', long = "number")]
+    #[arg(short = 'n', long = "number", allow_negative_numbers = true)]
     pub id: i32,
 }
 
-pub fn start(_a: StartArgs) -> Result<i32, CliError> {
-    Err(fail("fvd start: the ublk front end is not built yet"))
+fn logical_block_arg(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4k" | "4K" => Ok(4096),
+        _ => Err(format!("'{s}': the logical block size is 512 or 4096")),
+    }
 }
 
-pub fn stop(_a: StopArgs) -> Result<i32, CliError> {
-    Err(fail("fvd stop: the ublk front end is not built yet"))
+fn err(e: DaemonError) -> CliError {
+    fail(e.to_string())
 }
 
-pub fn list(_a: ListArgs) -> Result<i32, CliError> {
-    Err(fail("fvd list: the ublk front end is not built yet"))
+fn device_id(id: i32) -> Result<u32, CliError> {
+    u32::try_from(id).map_err(|_| err(DaemonError::BadId(i64::from(id))))
 }
 
-pub fn recover(_a: RecoverArgs) -> Result<i32, CliError> {
-    Err(fail("fvd recover: the ublk front end is not built yet"))
+fn default_queues() -> u16 {
+    std::thread::available_parallelism().map(|n| n.get().min(4) as u16).unwrap_or(1)
+}
+
+pub fn start(a: StartArgs) -> Result<i32, CliError> {
+    kernel::check_root("fvd start").map_err(err)?;
+    kernel::check_driver().map_err(err)?;
+    let image = std::fs::canonicalize(&a.image).map_err(|_| err(DaemonError::NoImage(a.image.clone())))?;
+    let id = a.id.map(device_id).transpose()?;
+    let queues = a.queues.unwrap_or_else(default_queues);
+    if queues == 0 || queues > libublk::sys::UBLK_MAX_NR_QUEUES as u16 {
+        return Err(fail(format!("--queues must be 1 to {}", libublk::sys::UBLK_MAX_NR_QUEUES)));
+    }
+    if a.depth == 0 || u32::from(a.depth) > libublk::sys::UBLK_MAX_QUEUE_DEPTH {
+        return Err(fail(format!("--depth must be 1 to {}", libublk::sys::UBLK_MAX_QUEUE_DEPTH)));
+    }
+    let rd = RunDir::system();
+    let log = (!a.foreground).then(|| startup_log(&rd));
+    let o = ServeOptions {
+        image,
+        mode: Mode::Add { id },
+        queues,
+        depth: a.depth,
+        writethrough: a.writethrough,
+        read_only: a.read_only,
+        logical_block: a.logical_block_size,
+        lazy_metadata: a.lazy_metadata,
+        run_dir: rd.clone(),
+        log: log.clone(),
+        recoveries: 0,
+    };
+    match log {
+        None => serve(o, Reporter::Stdout).map_err(err)?,
+        Some(log) => println!("{}", detach(&rd, log, false, move |rep| serve(o, rep)).map_err(err)?),
+    }
+    Ok(0)
+}
+
+pub fn stop(a: StopArgs) -> Result<i32, CliError> {
+    kernel::check_root("fvd stop").map_err(err)?;
+    let rd = RunDir::system();
+    let ids: Vec<u32> = match (a.id, a.all) {
+        (Some(id), false) => vec![device_id(id)?],
+        (None, true) => rd.list().map_err(err)?.iter().map(|s| s.id).collect(),
+        _ => return Err(fail("fvd stop: give -n ID or --all")),
+    };
+    let mut failed = None;
+    for id in ids {
+        match control::stop(&rd, id, Duration::from_secs(a.timeout)) {
+            Ok(Stopped::Clean(st)) => println!("stopped {} ({})", st.device, st.image.display()),
+            Ok(Stopped::Repaired(st)) => println!(
+                "stopped {} ({}): its daemon had died; device deleted, image journal replayed and closed clean",
+                st.device,
+                st.image.display()
+            ),
+            Err(e) => {
+                eprintln!("fvd: {e}");
+                failed = Some(1);
+            }
+        }
+    }
+    Ok(failed.unwrap_or(0))
+}
+
+pub fn list(a: ListArgs) -> Result<i32, CliError> {
+    let devs = control::list(&RunDir::system()).map_err(err)?;
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&devs)?);
+        return Ok(0);
+    }
+    if devs.is_empty() {
+        return Ok(0);
+    }
+    println!("{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} BASE", "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "IMAGE");
+    for d in &devs {
+        println!(
+            "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} {}",
+            d.st.id,
+            d.st.device,
+            d.status(),
+            d.st.pid,
+            d.st.queues,
+            human(d.st.virtual_size),
+            d.st.image.display(),
+            d.st.base.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(0)
+}
+
+pub fn recover(a: RecoverArgs) -> Result<i32, CliError> {
+    kernel::check_root("fvd recover").map_err(err)?;
+    let id = device_id(a.id)?;
+    kernel::check_driver().map_err(err)?;
+    println!("{}", control::recover(&RunDir::system(), id).map_err(err)?);
+    Ok(0)
 }

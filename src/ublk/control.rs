@@ -1,0 +1,134 @@
+//! The commands that act on running devices: stop, recover, list.
+
+use super::kernel::{self, KernelState};
+use super::serve::{serve, Mode, ServeOptions};
+use super::spawn::detach;
+use super::state::{DeviceState, RunDir};
+use super::DaemonError;
+use crate::image::{Image, OpenOptions};
+use std::time::{Duration, Instant};
+
+/// How a stop went.
+#[derive(Debug)]
+pub enum Stopped {
+    /// The daemon stopped the device and closed the image clean.
+    Clean(DeviceState),
+    /// The daemon was gone: the device was deleted here and the image's
+    /// journal replayed and closed clean.
+    Repaired(DeviceState),
+}
+
+fn wait_exit(pid: i32, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while kernel::daemon_alive(pid) {
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// Stops device `id`: SIGTERM to its daemon, which flushes, checkpoints,
+/// marks the image clean and deletes the device; or, when the daemon is
+/// gone, does that cleanup here.
+pub fn stop(rd: &RunDir, id: u32, timeout: Duration) -> Result<Stopped, DaemonError> {
+    let st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
+    if kernel::daemon_alive(st.pid) {
+        tracing::info!(id, pid = st.pid, "sending SIGTERM");
+        let pid = nix::unistd::Pid::from_raw(st.pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .map_err(|e| DaemonError::Sys { what: "signalling the daemon", source: e.into() })?;
+        if !wait_exit(st.pid, timeout) {
+            return Err(DaemonError::StopTimeout { id, pid: st.pid, secs: timeout.as_secs() });
+        }
+        // A daemon that finished its stop removed the state file.
+        if rd.read(id)?.is_none() {
+            return Ok(Stopped::Clean(st));
+        }
+        tracing::warn!(id, "the daemon exited without finishing the stop; cleaning up");
+    }
+    repair(rd, st).map(Stopped::Repaired)
+}
+
+/// The daemon is gone: delete the device and bring the image back to clean.
+fn repair(rd: &RunDir, st: DeviceState) -> Result<DeviceState, DaemonError> {
+    if kernel::device_exists(st.id) {
+        kernel::delete_device(st.id)?;
+    }
+    if !st.read_only {
+        // Opening read-write replays the journal; closing checkpoints and
+        // marks the image clean.
+        let img = Image::open(&st.image, &OpenOptions::default())?;
+        img.close()?;
+    }
+    rd.remove(st.id)?;
+    Ok(st)
+}
+
+/// Starts a new daemon that takes device `id` back after its daemon died
+/// (ublk user recovery: queued and in-flight requests are reissued to it).
+pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
+    let st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
+    if kernel::daemon_alive(st.pid) {
+        return Err(DaemonError::StillRunning { id, pid: st.pid });
+    }
+    if !kernel::device_exists(id) {
+        return Err(DaemonError::Gone(id));
+    }
+    let o = ServeOptions {
+        image: st.image.clone(),
+        mode: Mode::Recover { id },
+        queues: st.queues,
+        depth: st.depth,
+        writethrough: st.writethrough,
+        read_only: st.read_only,
+        logical_block: st.logical_block_size,
+        lazy_metadata: st.lazy_metadata,
+        run_dir: rd.clone(),
+        log: Some(rd.log_path(id)),
+        recoveries: st.recoveries + 1,
+    };
+    detach(rd, rd.log_path(id), true, move |rep| serve(o, rep))
+}
+
+/// A device as `fvd list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Listed {
+    #[serde(flatten)]
+    pub st: DeviceState,
+    /// Whether the daemon process is running.
+    pub daemon_running: bool,
+    /// The driver's view: live, quiesced, ... or absent.
+    pub kernel_state: String,
+}
+
+impl Listed {
+    /// One word for humans: live, starting, stopping, crashed (recoverable), gone.
+    pub fn status(&self) -> &'static str {
+        match (self.daemon_running, self.kernel_state.as_str()) {
+            (true, _) if self.st.state == "starting" => "starting",
+            (true, _) if self.st.state == "stopping" => "stopping",
+            (true, "live") | (true, "unknown") => "live",
+            (true, _) => "recovering",
+            (false, "absent") => "gone",
+            (false, _) => "crashed",
+        }
+    }
+}
+
+pub fn list(rd: &RunDir) -> Result<Vec<Listed>, DaemonError> {
+    Ok(rd
+        .list()?
+        .into_iter()
+        .map(|st| {
+            let kernel_state = if kernel::device_exists(st.id) {
+                kernel::device_state(st.id).map(KernelState::name).unwrap_or("unknown")
+            } else {
+                "absent"
+            };
+            Listed { daemon_running: kernel::daemon_alive(st.pid), kernel_state: kernel_state.into(), st }
+        })
+        .collect())
+}

@@ -1,0 +1,23 @@
+//! The block device front end: serves an [`crate::image::Image`] as
+//! `/dev/ublkbN` through the kernel's ublk driver (libublk).
+//!
+//! - [`queue`]: one thread, one io_uring and one executor per queue, one task
+//!   per tag; [`engine`] plugs the image engine into the queue's ring.
+//! - [`request`]: a ublk I/O descriptor → an image operation → a result.
+//! - [`params`]: the device parameters (block sizes, cache, discard).
+//! - [`serve`]: the daemon's life: open, add or recover, serve, stop, close.
+//! - [`spawn`]: detaching the daemon; [`control`]: stop, recover, list;
+//!   [`state`]: the run dir (/run/fvd); [`kernel`]: driver and process checks.
+
+pub mod control;
+pub mod engine;
+pub mod error;
+pub mod kernel;
+pub mod params;
+pub mod queue;
+pub mod request;
+pub mod serve;
+pub mod spawn;
+pub mod state;
+
+pub use error::DaemonError;

@@ -1,0 +1,69 @@
+//! One queue: a thread with its own io_uring and executor, one task per tag.
+
+use super::engine::{Doorbell, QueueEngine};
+use super::request::{decode, execute, Policy};
+use crate::image::Image;
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{BufDesc, UblkError};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Seconds without I/O before libublk lets an idle queue release its buffers.
+const IDLE_SECS: u64 = 20;
+
+/// Serves queue `qid` until the device stops. Runs on the queue's thread.
+pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy) {
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!(queue = qid, error = %super::error::ublk_why(&e), "queue setup failed");
+            return;
+        }
+    };
+    let bell = match Doorbell::new() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(queue = qid, error = %e, "eventfd for the queue failed");
+            return;
+        }
+    };
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let mut tasks = Vec::new();
+    for tag in q.tags() {
+        let (q, img) = (q.clone(), img.clone());
+        tasks.push(exe.spawn(bell.wrap(async move {
+            match tag_task(&q, tag, &img, pol).await {
+                Err(UblkError::QueueIsDown) | Ok(()) => {}
+                Err(e) => tracing::error!(queue = qid, tag, error = %super::error::ublk_why(&e), "tag task failed"),
+            }
+        })));
+    }
+    let bell_task = exe.spawn(bell.clone().serve());
+    let ticker = exe.clone();
+    smol::block_on(exe.run(async {
+        let run_ops = || while ticker.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(IDLE_SECS), run_ops, done).await {
+            tracing::error!(queue = qid, error = %super::error::ublk_why(&e), "queue loop failed");
+        }
+    }));
+    // The bell's poll points at no memory: dropping it in flight is harmless.
+    bell.stop();
+    drop(bell_task);
+    tracing::debug!(queue = qid, "queue done");
+}
+
+/// One tag: fetch a request, carry it out, commit the result, repeat.
+async fn tag_task(q: &UblkQueue<'_>, tag: u16, img: &Image, pol: Policy) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    loop {
+        let iod = *q.get_iod(tag);
+        let res = match decode(&iod) {
+            Ok(req) => execute(img, &QueueEngine, req, buf.as_mut_slice(), pol).await,
+            Err(errno) => errno,
+        };
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+    }
+}

@@ -1,0 +1,196 @@
+//! The run dir: one JSON file per device (`<dir>/<id>.json`) that `fvd list`,
+//! `fvd stop`, `fvd recover` and the udev helper read, and the daemons' logs.
+//!
+//! The files are written whole and renamed into place, so a reader never sees
+//! half a file. The dir is /run/fvd, or $FVD_RUN_DIR.
+
+use super::DaemonError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the run dir is when $FVD_RUN_DIR does not say otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/fvd";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeviceState {
+    pub id: u32,
+    /// The block device, /dev/ublkbN.
+    pub device: String,
+    /// The image, as an absolute path.
+    pub image: PathBuf,
+    pub base: Option<String>,
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub logical_block_size: u32,
+    pub queues: u16,
+    pub depth: u16,
+    pub read_only: bool,
+    pub writethrough: bool,
+    pub lazy_metadata: bool,
+    /// The serving daemon.
+    pub pid: i32,
+    /// starting, live, stopping.
+    pub state: String,
+    /// How many times a new daemon took the device over.
+    pub recoveries: u32,
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: impl Into<PathBuf>) -> RunDir {
+        RunDir { root: root.into() }
+    }
+
+    /// /run/fvd, or $FVD_RUN_DIR.
+    pub fn system() -> RunDir {
+        match std::env::var_os("FVD_RUN_DIR") {
+            Some(d) if !d.is_empty() => RunDir::new(d),
+            _ => RunDir::new(DEFAULT_RUN_DIR),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn state_path(&self, id: u32) -> PathBuf {
+        self.root.join(format!("{id}.json"))
+    }
+
+    pub fn log_path(&self, id: u32) -> PathBuf {
+        self.root.join(format!("{id}.log"))
+    }
+
+    fn err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+        let path = path.to_path_buf();
+        move |source| DaemonError::State { path, source }
+    }
+
+    pub fn create(&self) -> Result<(), DaemonError> {
+        std::fs::create_dir_all(&self.root).map_err(self.err(&self.root))
+    }
+
+    pub fn write(&self, st: &DeviceState) -> Result<(), DaemonError> {
+        self.create()?;
+        let path = self.state_path(st.id);
+        let tmp = self.root.join(format!(".{}.json.{}", st.id, std::process::id()));
+        // One key per line: the udev helper reads it with sed.
+        let text = serde_json::to_string_pretty(st).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        std::fs::write(&tmp, text + "\n").map_err(self.err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(self.err(&path))
+    }
+
+    /// Changes a device's file in place (read, change, write).
+    pub fn update(&self, id: u32, change: impl FnOnce(&mut DeviceState)) -> Result<(), DaemonError> {
+        if let Some(mut st) = self.read(id)? {
+            change(&mut st);
+            self.write(&st)?;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, id: u32) -> Result<Option<DeviceState>, DaemonError> {
+        let path = self.state_path(id);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| DaemonError::Invalid(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(&path)(e)),
+        }
+    }
+
+    pub fn remove(&self, id: u32) -> Result<(), DaemonError> {
+        let path = self.state_path(id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every device with a state file, by ID. Files that don't parse are
+    /// skipped with a warning: one bad file must not hide the others.
+    pub fn list(&self) -> Result<Vec<DeviceState>, DaemonError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(&self.root)(e)),
+        };
+        let mut out = Vec::new();
+        for ent in entries.flatten() {
+            let name = ent.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            match self.read(id) {
+                Ok(Some(st)) => out.push(st),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "skipping a device state file"),
+            }
+        }
+        out.sort_by_key(|s| s.id);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn sample(id: u32) -> DeviceState {
+        DeviceState {
+            id,
+            device: format!("/dev/ublkb{id}"),
+            image: PathBuf::from("/srv/disk.fvd"),
+            base: Some("/srv/base.raw".into()),
+            virtual_size: 1 << 30,
+            block_size: 65536,
+            logical_block_size: 512,
+            queues: 2,
+            depth: 128,
+            read_only: false,
+            writethrough: false,
+            lazy_metadata: false,
+            pid: 1234,
+            state: "live".into(),
+            recoveries: 0,
+            log: None,
+        }
+    }
+
+    #[test]
+    fn write_read_list_remove() {
+        let d = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(d.path().join("run"));
+        assert!(rd.list().unwrap().is_empty());
+        assert_eq!(rd.read(3).unwrap(), None);
+        rd.write(&sample(3)).unwrap();
+        rd.write(&sample(1)).unwrap();
+        std::fs::write(rd.root().join("junk.json"), "x").unwrap();
+        std::fs::write(rd.root().join("7.json"), "{").unwrap();
+        let ids: Vec<u32> = rd.list().unwrap().iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+        rd.update(3, |s| s.state = "stopping".into()).unwrap();
+        assert_eq!(rd.read(3).unwrap().unwrap().state, "stopping");
+        rd.remove(3).unwrap();
+        rd.remove(3).unwrap();
+        assert_eq!(rd.read(3).unwrap(), None);
+    }
+
+    /// The udev helper greps the image line out of the file.
+    #[test]
+    fn image_is_on_a_line_of_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(d.path());
+        rd.write(&sample(0)).unwrap();
+        let text = std::fs::read_to_string(rd.state_path(0)).unwrap();
+        assert!(text.lines().any(|l| l == "  \"image\": \"/srv/disk.fvd\","), "{text}");
+    }
+}
