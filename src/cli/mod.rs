@@ -68,7 +68,7 @@ pub fn main() -> i32 {
         Cmd::Map(a) => image_cmds::map(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
-        Cmd::Bench(a) => crate::bench::run(a).map_err(CliError::from),
+        Cmd::Bench(a) => crate::bench::run(a).map_err(fail),
         Cmd::Start(a) => daemon::start(a),
         Cmd::Stop(a) => daemon::stop(a),
         Cmd::List(a) => daemon::list(a),

@@ -69,7 +69,7 @@ impl Image {
             return self.checkpoint_with(e, j, batch).await;
         }
         let seq = self.header_seq() + j.next;
-        let bytes = journal::pack(&batch.records, seq);
+        let bytes = io::AlignedBuf::from_slice(&journal::pack(&batch.records, seq));
         self.sync_data(e).await?;
         let off = geo.journal_offset + j.next * META_BLOCK;
         io::write_at(e, self.storage.as_ref(), &bytes, off).await.map_err(self.io_error("journal write", off))?;
@@ -118,14 +118,14 @@ impl Image {
         // durable before any bit that relies on it (a new table entry alone
         // points at a chunk of zeros, which is what an unallocated one reads).
         if geo.table_len > 0 {
-            let t = format::encode_table(&snap.table, geo.table_len as usize);
+            let t = io::AlignedBuf::from_slice(&format::encode_table(&snap.table, geo.table_len as usize));
             io::write_at(e, s, &t, geo.table_offset).await.map_err(self.io_error("table write", geo.table_offset))?;
             if geo.bitmap_len > 0 {
                 self.sync_data(e).await?;
             }
         }
         if geo.bitmap_len > 0 {
-            let b = format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize);
+            let b = io::AlignedBuf::from_slice(&format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize));
             io::write_at(e, s, &b, geo.bitmap_offset).await.map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
         }
         self.sync_data(e).await?;
@@ -151,7 +151,8 @@ impl Image {
         change(&mut h);
         h.generation += 1;
         let off = (h.generation % 2) * META_BLOCK;
-        io::write_at(e, self.storage.as_ref(), &h.encode(), off).await.map_err(self.io_error("header write", off))?;
+        let bytes = io::AlignedBuf::from_slice(&h.encode());
+        io::write_at(e, self.storage.as_ref(), &bytes, off).await.map_err(self.io_error("header write", off))?;
         self.sync_data(e).await?;
         *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
         Ok(())

@@ -148,7 +148,7 @@ impl Image {
             return self.put(e, so(goff)?, len, data).await;
         } else {
             let start = first * bs;
-            let mut blk = vec![0u8; bs as usize];
+            let mut blk = io::AlignedBuf::zeroed(bs as usize);
             let head = (goff - start) as usize;
             let tail = head + len;
             {

@@ -16,6 +16,8 @@ pub struct OpenOptions {
     pub writethrough: bool,
     /// Growth step of the storage file (default 64 MiB).
     pub grow_unit: Option<u64>,
+    /// Bypass the host page cache for data (O_DIRECT), as qemu's cache=none.
+    pub direct: bool,
 }
 
 /// The metadata as found on storage, before it goes live.
@@ -97,6 +99,9 @@ impl Image {
         let mut storage = FileStorage::open(path, mode)?;
         if let Some(u) = opts.grow_unit {
             storage = storage.with_grow_unit(u);
+        }
+        if opts.direct {
+            storage = storage.with_direct_io()?;
         }
         let header = read_header(&storage)?;
         let base = open_base(path, &header.base_path, header.base_format, header.base_size)?;

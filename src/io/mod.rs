@@ -7,7 +7,10 @@
 //! descriptor, or the storage's synchronous methods when it has none (the
 //! simulated disk in tests).
 
+pub mod aligned;
 pub mod uring;
+
+pub use aligned::AlignedBuf;
 
 use crate::storage::Storage;
 use io_uring::{opcode, squeue, types};

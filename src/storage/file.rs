@@ -22,6 +22,8 @@ pub enum OpenMode {
 
 pub struct FileStorage {
     file: File,
+    /// The same file opened with O_DIRECT, for the data path (see `direct`).
+    direct: Option<File>,
     path: String,
     size: AtomicU64,
     grow_unit: u64,
@@ -69,6 +71,7 @@ impl FileStorage {
         };
         Ok(FileStorage {
             file,
+            direct: None,
             path: name,
             size: AtomicU64::new(size),
             grow_unit: Self::DEFAULT_GROW_UNIT,
@@ -80,6 +83,27 @@ impl FileStorage {
     pub fn with_grow_unit(mut self, unit: u64) -> Self {
         self.grow_unit = unit.max(4096);
         self
+    }
+
+    /// Routes the io_uring data path through O_DIRECT (bypassing the host
+    /// page cache, as qemu's cache=none); synchronous metadata access at open
+    /// and check keeps the buffered descriptor.
+    pub fn with_direct_io(mut self) -> Result<Self, StorageError> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).custom_flags(libc::O_DIRECT);
+        // Read-only storage has no exclusive lock; opening for write here
+        // only when the buffered descriptor was opened for write too.
+        let writable = {
+            // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+            let fl = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
+            fl >= 0 && (fl & libc::O_ACCMODE) == libc::O_RDWR
+        };
+        oo.write(writable);
+        let f = oo
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+            .map_err(|source| StorageError::Open { path: self.path.clone(), source })?;
+        self.direct = Some(f);
+        Ok(self)
     }
 
     pub fn is_block_device(&self) -> bool {
@@ -156,7 +180,7 @@ impl Storage for FileStorage {
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
-        Some(self.file.as_raw_fd())
+        Some(self.direct.as_ref().unwrap_or(&self.file).as_raw_fd())
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
