@@ -64,6 +64,7 @@ async fn tag_task(q: &UblkQueue<'_>, tag: u16, img: &Image, pol: Policy) -> Resu
             Ok(req) => execute(img, &QueueEngine, req, buf.as_mut_slice(), pol).await,
             Err(errno) => errno,
         };
+        tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
 }

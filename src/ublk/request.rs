@@ -34,6 +34,10 @@ pub fn decode(iod: &sys::ublksrv_io_desc) -> Result<Request, i32> {
         sys::UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
         _ => return Err(-libc::EOPNOTSUPP),
     };
+    if op == Op::Flush {
+        // A flush has no range: the block layer puts its sector at -1.
+        return Ok(Request { op, off: 0, len: 0 });
+    }
     let off = iod.start_sector.checked_mul(512).ok_or(-libc::EINVAL)?;
     Ok(Request { op, off, len: u64::from(iod.nr_sectors) << 9 })
 }
@@ -54,6 +58,7 @@ pub struct Policy {
 pub async fn execute<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u8], pol: Policy) -> i32 {
     let len = req.len as usize;
     if matches!(req.op, Op::Read | Op::Write { .. }) && (len > buf.len() || len > i32::MAX as usize) {
+        tracing::warn!(op = ?req.op, len, buf = buf.len(), "request larger than its buffer");
         return -libc::EINVAL;
     }
     let r = match req.op {
@@ -108,7 +113,8 @@ mod tests {
         assert_eq!(r, Request { op: Op::Write { fua: true }, off: 4096, len: 8192 });
         let r = decode(&iod(sys::UBLK_IO_OP_WRITE, 0, 0, 1)).unwrap();
         assert_eq!(r.op, Op::Write { fua: false });
-        assert_eq!(decode(&iod(sys::UBLK_IO_OP_FLUSH, 0, 0, 0)).unwrap().op, Op::Flush);
+        let flush = Request { op: Op::Flush, off: 0, len: 0 };
+        assert_eq!(decode(&iod(sys::UBLK_IO_OP_FLUSH, 0, u64::MAX, 0)), Ok(flush));
         assert_eq!(decode(&iod(sys::UBLK_IO_OP_DISCARD, 0, 2, 4)).unwrap().len, 2048);
         assert_eq!(decode(&iod(sys::UBLK_IO_OP_WRITE_ZEROES, 0, 0, 8)).unwrap().op, Op::WriteZeroes);
         assert_eq!(decode(&iod(sys::UBLK_IO_OP_ZONE_OPEN, 0, 0, 8)), Err(-libc::EOPNOTSUPP));

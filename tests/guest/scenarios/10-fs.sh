@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# ext4 on an 8 GiB (thin) image: files survive umount, stop and a new start;
+# the image is clean after each stop.
+# timeout: 300
+
+need_fvd
+modprobe_ublk
+export RUST_LOG=${RUST_LOG:-fvd=info}
+at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+img=$WORK/disk.fvd
+mnt=$WORK/mnt
+mkdir -p "$mnt"
+
+step "create an 8 GiB image"
+run "$FVD" create -s 8G "$img"
+
+step "start"
+dev=$("$FVD" start "$img")
+[[ $dev == /dev/ublkb* ]] || fail "fvd start printed '$dev', want /dev/ublkbN"
+id=${dev#/dev/ublkb}
+at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
+[[ -b $dev ]] || fail "$dev is not a block device"
+size=$(blockdev --getsize64 "$dev")
+[[ $size -eq $((8 << 30)) ]] || fail "$dev is $size bytes, want 8 GiB"
+run "$FVD" list
+for q in logical_block_size physical_block_size optimal_io_size discard_granularity write_cache fua; do
+    printf '  queue/%s = %s\n' "$q" "$(cat /sys/block/ublkb$id/queue/$q)"
+done
+[[ $(cat /sys/block/ublkb$id/queue/write_cache) == "write back" ]] || fail "write cache not write back"
+[[ $(cat /sys/block/ublkb$id/queue/discard_granularity) -eq 65536 ]] || fail "discard granularity is not the block size"
+
+step "mkfs.ext4, mount, write files"
+run mkfs.ext4 -q -F "$dev"
+mount "$dev" "$mnt"
+at_exit "umount $mnt 2>/dev/null || true"
+mkdir -p "$mnt/d"
+for i in $(seq 1 20); do
+    head -c $((i * 37 * 1024)) /dev/urandom >"$mnt/d/f$i"
+done
+head -c $((24 << 20)) /dev/urandom >"$mnt/big"
+(cd "$mnt" && find . -type f -print0 | sort -z | xargs -0 sha256sum) >"$WORK/sums"
+wc -l <"$WORK/sums"
+umount "$mnt"
+
+step "fsck -n"
+run fsck.ext4 -n -f "$dev"
+
+step "stop; the image is clean"
+run "$FVD" stop -n "$id"
+[[ ! -e $dev ]] || fail "$dev still exists after stop"
+run "$FVD" check "$img"
+"$FVD" info "$img" | tee "$RESULTS/info.txt"
+"$FVD" info --output json "$img" | grep -q '"clean": true' || fail "image not clean after stop"
+
+step "start again, files intact"
+dev=$("$FVD" start -n "$id" "$img")
+[[ $dev == "/dev/ublkb$id" ]] || fail "restart with -n $id gave $dev"
+mount "$dev" "$mnt"
+(cd "$mnt" && sha256sum --quiet -c "$WORK/sums") || fail "files differ after restart"
+umount "$mnt"
+run "$FVD" stop -n "$id"
+run "$FVD" check "$img"
+step "ok"
