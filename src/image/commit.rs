@@ -15,6 +15,11 @@ impl Image {
         move |source| ImageError::Io { path: self.name(), what, offset, source }
     }
 
+    /// The commit lock; its holder may run on another queue's thread.
+    pub(crate) async fn journal_lock(&self) -> async_lock::MutexGuard<'_, JournalPos> {
+        crate::io::wake::CrossThread(Box::pin(self.journal.lock())).await
+    }
+
     pub(crate) fn check_not_failed(&self) -> Result<(), ImageError> {
         if self.failed.load(Ordering::Acquire) {
             return Err(ImageError::Failed { path: self.name() });
@@ -30,7 +35,7 @@ impl Image {
         }
         self.check_not_failed()?;
         let target = self.completed.load(Ordering::Acquire);
-        let mut j = self.journal.lock().await;
+        let mut j = self.journal_lock().await;
         if self.durable.load(Ordering::Acquire) >= target && target > 0 {
             return Ok(());
         }
@@ -183,7 +188,7 @@ impl Image {
         if self.marked_dirty.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _j = self.journal.lock().await;
+        let _j = self.journal_lock().await;
         if self.marked_dirty.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -201,7 +206,7 @@ impl Image {
             return Ok(()); // never changed: nothing to write
         }
         self.check_not_failed()?;
-        let mut j = self.journal.lock().await;
+        let mut j = self.journal_lock().await;
         self.checkpoint_locked(e, &mut j).await?;
         self.write_header(e, |h| h.flags &= !format::header::FLAG_DIRTY).await
     }

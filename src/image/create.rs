@@ -96,10 +96,12 @@ pub fn create_on(s: &dyn Storage, geo: &Geometry, base: &str, fmt: BaseFormat) -
     if base.len() > crate::format::header::MAX_BASE_PATH {
         return Err(ImageError::Invalid { path: name, why: "base path longer than 1024 bytes".into() });
     }
+    let fresh = s.size() == 0;
     s.ensure_size(geo.data_offset)?;
-    // Zero the metadata regions: on a reused block device they hold old bytes.
+    // Zero the metadata regions of reused storage (a block device holds old
+    // bytes); a new file is sparse zeros already and stays sparse.
     let zeros = vec![0u8; 1 << 20];
-    let mut off = HEADER_AREA;
+    let mut off = if fresh { geo.data_offset } else { HEADER_AREA };
     while off < geo.data_offset {
         let n = (geo.data_offset - off).min(zeros.len() as u64) as usize;
         s.write_at(&zeros[..n], off).map_err(io("metadata zeroing", off))?;

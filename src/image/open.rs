@@ -169,7 +169,7 @@ impl Image {
             .map_err(|source| ImageError::Io { path: self.name(), what: "io_uring setup", offset: 0, source })?;
         ring.block_on(async {
             self.wipe_unreferenced(&ring).await?;
-            let mut j = self.journal.lock().await;
+            let mut j = self.journal_lock().await;
             self.checkpoint_locked(&ring, &mut j).await
         })
         .map_err(|source| ImageError::Io { path: self.name(), what: "open", offset: 0, source })?

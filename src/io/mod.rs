@@ -9,6 +9,7 @@
 
 pub mod aligned;
 pub mod uring;
+pub mod wake;
 
 pub use aligned::AlignedBuf;
 

@@ -8,6 +8,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+/// user_data of the kick read (never a slab key).
+const KICK_DATA: u64 = u64::MAX;
+
 enum Slot {
     Waiting(Option<Waker>),
     Done(i32),
@@ -16,6 +19,9 @@ enum Slot {
 /// One io_uring and the completion slots of its operations in flight.
 pub struct Uring {
     ring: RefCell<IoUring>,
+    kick: std::sync::Arc<super::wake::Kick>,
+    kick_buf: Box<std::cell::UnsafeCell<u64>>,
+    kick_armed: Cell<bool>,
     slots: RefCell<slab::Slab<Slot>>,
     in_flight: Cell<usize>,
     unsubmitted: Cell<usize>,
@@ -25,6 +31,9 @@ impl Uring {
     pub fn new(entries: u32) -> std::io::Result<Uring> {
         Ok(Uring {
             ring: RefCell::new(IoUring::new(entries)?),
+            kick: std::sync::Arc::new(super::wake::Kick::new()?),
+            kick_buf: Box::new(std::cell::UnsafeCell::new(0)),
+            kick_armed: Cell::new(false),
             slots: RefCell::new(slab::Slab::new()),
             in_flight: Cell::new(0),
             unsubmitted: Cell::new(0),
@@ -37,17 +46,22 @@ impl Uring {
         exe: &smol::LocalExecutor<'a>,
         fut: impl Future<Output = T> + 'a,
     ) -> std::io::Result<T> {
+        super::wake::set_thread_kick(Some(self.kick.clone()));
         let task = exe.spawn(fut);
-        loop {
+        let r = loop {
             while exe.try_tick() {}
             if task.is_finished() {
-                break;
+                break Ok(());
             }
-            if self.in_flight.get() == 0 {
-                return Err(std::io::Error::other("executor stalled: tasks wait with no I/O in flight"));
+            // Tasks wait for I/O or for another thread: sleep until either
+            // a completion or a kick arrives.
+            self.arm_kick();
+            if let Err(e) = self.submit_and_reap(1) {
+                break Err(e);
             }
-            self.submit_and_reap(1)?;
-        }
+        };
+        super::wake::set_thread_kick(None);
+        r?;
         Ok(futures::executor::block_on(task))
     }
 
@@ -74,10 +88,30 @@ impl Uring {
         Ok(())
     }
 
+    /// Keeps one read of the kick eventfd in flight.
+    fn arm_kick(&self) {
+        if self.kick_armed.get() {
+            return;
+        }
+        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(self.kick.raw_fd()), self.kick_buf.get().cast(), 8)
+            .build()
+            .user_data(KICK_DATA);
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: the 8-byte target lives in a Box owned by this ring, which
+        // outlives every operation on it (the ring is dropped first: field order).
+        if unsafe { ring.submission().push(&sqe) }.is_ok() {
+            self.kick_armed.set(true);
+        }
+    }
+
     fn reap(&self) {
         let mut ring = self.ring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
+            if cqe.user_data() == KICK_DATA {
+                self.kick_armed.set(false);
+                continue;
+            }
             let key = cqe.user_data() as usize;
             if let Some(slot) = slots.get_mut(key) {
                 if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(cqe.result())) {

@@ -55,7 +55,7 @@ impl<'a> Future for LockFuture<'a> {
         let mut m = self.locks.shard(self.block);
         match m.get_mut(&self.block) {
             Some(waiters) => {
-                waiters.push(cx.waker().clone());
+                waiters.push(crate::io::wake::cross_thread_waker(cx.waker()));
                 Poll::Pending
             }
             None => {
