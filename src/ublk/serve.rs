@@ -207,6 +207,11 @@ fn make_ctrl(o: &ServeOptions) -> Result<UblkCtrl, DaemonError> {
     let flags = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
     match o.mode {
         Mode::Add { id } => {
+            // Checked here because libublk, when adding with an ID that is
+            // taken, deletes the device that has it while cleaning up.
+            if let Some(id) = id.filter(|&i| kernel::device_exists(i)) {
+                return Err(DaemonError::IdInUse(id as i32));
+            }
             let want = id.map(|i| i as i32).unwrap_or(-1);
             UblkCtrlBuilder::default()
                 .name("fvd")

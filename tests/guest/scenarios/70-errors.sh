@@ -1,0 +1,65 @@
+# shellcheck shell=bash
+# Every error a user can hit says what is wrong, and exits non-zero.
+# timeout: 300
+
+need_fvd
+img=$WORK/disk.fvd
+img2=$WORK/other.fvd
+"$FVD" create -s 64M "$img" >/dev/null
+"$FVD" create -s 64M "$img2" >/dev/null
+
+# expect_fail TEXT CMD...: CMD must fail and say TEXT on stderr.
+expect_fail() {
+    local want=$1 rc=0 out
+    shift
+    out=$("$@" 2>&1 >/dev/null) || rc=$?
+    printf '+ %s\n    -> exit %s: %s\n' "$*" "$rc" "$out"
+    [[ $rc -ne 0 ]] || fail "'$*' succeeded; want a failure saying '$want'"
+    [[ $out == *"$want"* ]] || fail "'$*' said '$out'; want '$want'"
+}
+
+step "ublk_drv not loaded"
+if [[ -e /dev/ublk-control ]]; then
+    rmmod ublk_drv || fail "ublk_drv is loaded and can't be unloaded"
+fi
+expect_fail "ublk_drv is not loaded: run 'modprobe ublk_drv'" "$FVD" start "$img"
+"$FVD" list >/dev/null || fail "fvd list must work without the driver"
+
+modprobe_ublk
+
+step "not root"
+expect_fail "needs root" setpriv --reuid=65534 --regid=65534 --clear-groups "$FVD" start "$img"
+expect_fail "needs root" setpriv --reuid=65534 --regid=65534 --clear-groups "$FVD" stop -n 0
+
+step "image missing, not an image"
+expect_fail "$WORK/nope.fvd: no such image file" "$FVD" start "$WORK/nope.fvd"
+head -c 1M /dev/zero >"$WORK/zeros.img"
+expect_fail "$WORK/zeros.img" "$FVD" start "$WORK/zeros.img"
+
+step "bad and unknown IDs"
+expect_fail "no fvd device with ID 99" "$FVD" stop -n 99
+expect_fail "no fvd device with ID 99" "$FVD" recover -n 99
+expect_fail "bad device ID -1" "$FVD" stop -n -1
+expect_fail "bad device ID -2" "$FVD" start -n -2 "$img"
+expect_fail "give -n ID or --all" "$FVD" stop
+
+step "a running device"
+dev=$("$FVD" start "$img")
+id=${dev#/dev/ublkb}
+at_exit "\"$FVD\" stop --all >/dev/null 2>&1 || true"
+expect_fail "is in use by another fvd process (lock held)" "$FVD" start "$img"
+expect_fail "device ID $id is already in use" "$FVD" start -n "$id" "$img2"
+expect_fail "is still running; nothing to recover" "$FVD" recover -n "$id"
+n=$("$FVD" list --output json | grep -c '"id":')
+[[ $n -eq 1 ]] || fail "failed starts left devices behind: fvd list shows $n"
+[[ $(ls /sys/class/ublk-char | wc -l) -eq 1 ]] || fail "failed starts left ublk devices: $(ls /sys/class/ublk-char)"
+
+step "queue and depth limits"
+expect_fail "--queues must be" "$FVD" start --queues 0 "$img2"
+expect_fail "--depth must be" "$FVD" start --depth 0 "$img2"
+expect_fail "logical block size is 512 or 4096" "$FVD" start --logical-block-size 1024 "$img2"
+
+run "$FVD" stop -n "$id"
+expect_fail "no fvd device with ID $id" "$FVD" stop -n "$id"
+run "$FVD" check "$img"
+step "ok"
