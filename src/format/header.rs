@@ -10,6 +10,14 @@ pub const INCOMPAT_TABLE: u64 = 1;
 const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE;
 /// Flag: the image was not closed cleanly; replay the journal.
 pub const FLAG_DIRTY: u64 = 1;
+/// Compatible feature: the whole base has been copied into the image; the base
+/// is never opened and the bitmap never consulted again.
+pub const COMPAT_PREFETCHED: u64 = 1;
+/// Compatible feature: serve reads from the base with copy-on-read by default.
+pub const COMPAT_COPY_ON_READ: u64 = 1 << 1;
+/// Compatible feature: prefetch the base in the background by default.
+pub const COMPAT_PREFETCH: u64 = 1 << 2;
+const CURSOR_OFF: usize = PATH_OFF + MAX_BASE_PATH;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -88,11 +96,18 @@ pub struct Header {
     /// Incremented on every header write; the slot with the highest valid
     /// generation is current.
     pub generation: u64,
+    /// Prefetch progress: every base block below this index is in the image
+    /// (copied, or needing no copy), whatever the bitmap says.
+    pub prefetch_cursor: u64,
 }
 
 impl Header {
     pub fn has_table(&self) -> bool {
         self.incompat & INCOMPAT_TABLE != 0
+    }
+
+    pub fn is_prefetched(&self) -> bool {
+        self.compat & COMPAT_PREFETCHED != 0
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -101,7 +116,7 @@ impl Header {
 
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
-    //           path_len rsvd used rsvd generation path pad crc32
+    //           path_len rsvd used rsvd generation path[1024] prefetch_cursor pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -128,6 +143,7 @@ impl Header {
         b[132..134].copy_from_slice(&(n as u16).to_le_bytes());
         put32(&mut b, 136, self.used_chunks);
         put64(&mut b, 144, self.generation);
+        put64(&mut b, CURSOR_OFF, self.prefetch_cursor);
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -192,6 +208,7 @@ impl Header {
             base_path,
             used_chunks: le_u32(b, 136),
             generation: le_u64(b, 144),
+            prefetch_cursor: le_u64(b, CURSOR_OFF),
         })
     }
 }
@@ -230,6 +247,7 @@ pub(crate) fn sample() -> Header {
         base_path: "base.img".into(),
         used_chunks: 3,
         generation: 9,
+        prefetch_cursor: 5,
     }
 }
 

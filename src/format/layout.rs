@@ -231,6 +231,7 @@ impl Geometry {
             base_path: base_path.to_string(),
             used_chunks: 0,
             generation: 0,
+            prefetch_cursor: 0,
         }
     }
 }

@@ -30,7 +30,7 @@
 //! | 8    | 4    | version               | 1                                                    |
 //! | 12   | 4    | header_len            | 4096                                                 |
 //! | 16   | 8    | incompatible features | bit 0: table present; other bits must be 0 to open   |
-//! | 24   | 8    | compatible features   | ignored when unknown                                 |
+//! | 24   | 8    | compatible features   | bit 0 prefetched (base fully copied: never opened again), bit 1 copy-on-read by default, bit 2 prefetch by default; unknown bits ignored |
 //! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal)|
 //! | 40   | 8    | virtual_size          | guest-visible bytes, multiple of 512                 |
 //! | 48   | 4    | block_size            | copy-on-write block, power of two, 4 KiB–1 MiB        |
@@ -51,6 +51,7 @@
 //! | 140  | 4    | reserved              | 0                                                    |
 //! | 144  | 8    | generation            | header write counter; slot = generation % 2           |
 //! | 152  | ≤1024| base_path             | UTF-8; relative paths are relative to the image's folder |
+//! | 1176 | 8    | prefetch_cursor       | every base block below this index is in the image, whatever the bitmap says |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table
@@ -65,7 +66,12 @@
 //! byte `i / 8`, bit `i % 8` (least significant first). A set bit means the
 //! block's current data is in the image; a clear bit means it is still in the
 //! base. Blocks at or beyond the base's size have no bit: they are always in the
-//! image (zeros when never written or unallocated). Bits are only ever set.
+//! image (zeros when never written or unallocated). Bits are only ever set. A
+//! set bit whose chunk is unallocated reads as zeros: create presets the bits
+//! of base blocks that are holes or all zeros, so they never need a copy.
+//! Copy-on-read and prefetch never set bits on storage (the base does not
+//! change, so "in the base" stays true); prefetch progress is the header's
+//! `prefetch_cursor`, written at checkpoints after the copied data is durable.
 //!
 //! # Journal
 //!

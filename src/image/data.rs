@@ -88,6 +88,9 @@ impl Image {
         let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
         let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
         let r = first_error(join_all(futs).await);
+        if r.is_ok() {
+            self.meta.record_written(Bytes(off), len);
+        }
         self.stats.guest_writes.fetch_add(1, Ordering::Relaxed);
         self.note_completed();
         r?;
@@ -244,9 +247,12 @@ impl Image {
             }
         }
         let (a, b) = futures::join!(join_all(frees), join_all(spans));
+        let r = first_error(a).and_then(|_| first_error(b));
+        if r.is_ok() {
+            self.meta.record_written(Bytes(off), len);
+        }
         self.note_completed();
-        first_error(a)?;
-        first_error(b)
+        r
     }
 
     /// Write-zeroes: the same effect as a discard (zeros read back).

@@ -4,6 +4,7 @@ use super::open::{load, read_header};
 use super::{Image, ImageError};
 use crate::format::{Geometry, Header};
 use crate::meta::{self, MetaError};
+
 use crate::storage::Storage;
 use crate::units::{BlockIdx, Bytes, ChunkIdx, PhysChunk};
 use serde::Serialize;
@@ -57,20 +58,6 @@ pub fn check(s: &dyn Storage) -> CheckReport {
     r.corruptions.extend(problems.iter().map(|e| format!("{}: {e}", s.name())));
     r.allocated_chunks = loaded.table.iter().filter(|&&e| e != 0).count() as u64;
     if geo.has_table() {
-        // Bits set for blocks whose chunk is unallocated.
-        let bs = geo.block_size as u64;
-        for b in 0..geo.base_blocks() {
-            let set = loaded.bitmap[(b / 64) as usize] & (1 << (b % 64)) != 0;
-            let chunk = geo.chunk_of(Bytes(b * bs));
-            if set && loaded.table.get(chunk.0 as usize).copied().unwrap_or(0) == 0 {
-                r.corruptions.push(format!(
-                    "{}: {}",
-                    s.name(),
-                    MetaError::BitWithoutChunk { block: b, vchunk: chunk.0 }
-                ));
-                break;
-            }
-        }
         if problems.is_empty() {
             let mut used = vec![false; geo.chunks() as usize];
             let mut hwm = 0usize;

@@ -104,7 +104,13 @@ impl Image {
             storage = storage.with_direct_io()?;
         }
         let header = read_header(&storage)?;
-        let base = open_base(path, &header.base_path, header.base_format, header.base_size)?;
+        // Once the whole base is in the image the base is never opened again:
+        // it may have been moved away.
+        let base = if header.is_prefetched() {
+            None
+        } else {
+            open_base(path, &header.base_path, header.base_format, header.base_size)?
+        };
         Image::open_on(path, Box::new(storage), base, opts)
     }
 
@@ -117,7 +123,7 @@ impl Image {
     ) -> Result<Image, ImageError> {
         let name = storage.name().to_string();
         let loaded = load(storage.as_ref())?;
-        if loaded.header.base_size > 0 && base.is_none() {
+        if loaded.header.base_size > 0 && base.is_none() && !loaded.header.is_prefetched() {
             return Err(ImageError::Base {
                 path: name,
                 base: loaded.header.base_path.clone(),
@@ -137,7 +143,14 @@ impl Image {
         }
         let img = Image {
             path: path.to_path_buf(),
-            meta: Meta::new(loaded.geo, loaded.table, loaded.bitmap, hwm),
+            meta: Meta::with_progress(
+                loaded.geo,
+                loaded.table,
+                loaded.bitmap,
+                hwm,
+                loaded.header.prefetch_cursor,
+                loaded.header.is_prefetched(),
+            ),
             storage,
             base,
             header: Mutex::new(loaded.header),

@@ -47,7 +47,18 @@ pub enum MetaError {
 pub struct Meta {
     pub geo: Geometry,
     pub table: Table,
+    /// Live: which base blocks have their data in the image (guest writes,
+    /// copy-on-read, prefetch, zero blocks).
     pub bitmap: Bitmap,
+    /// Which of those are recorded on storage (guest writes and zero blocks
+    /// only): a guest write to a block that is live but not recorded must
+    /// still record it.
+    pub recorded: Bitmap,
+    /// Every base block below this is live (prefetch progress).
+    pub prefetch_cursor: std::sync::atomic::AtomicU64,
+    /// The whole base is in the image and that is durable: the bitmap is
+    /// neither consulted nor updated any more.
+    pub all_present: std::sync::atomic::AtomicBool,
     pub persist: Persist,
     pub alloc: Allocator,
     pub locks: BlockLocks,
@@ -113,6 +124,18 @@ pub fn validate_table(geo: &Geometry, table: &[u32], storage_size: u64) -> Resul
 impl Meta {
     /// Builds the in-memory metadata from validated table and bitmap contents.
     pub fn new(geo: Geometry, table: Vec<u32>, bitmap: Vec<u64>, hwm: u32) -> Meta {
+        Meta::with_progress(geo, table, bitmap, hwm, 0, false)
+    }
+
+    /// As [`Meta::new`], with prefetch progress from the header.
+    pub fn with_progress(
+        geo: Geometry,
+        table: Vec<u32>,
+        bitmap: Vec<u64>,
+        hwm: u32,
+        cursor: u64,
+        prefetched: bool,
+    ) -> Meta {
         let used: Vec<bool> = {
             let mut u = vec![false; hwm as usize];
             for &e in &table {
@@ -123,9 +146,15 @@ impl Meta {
             u
         };
         let free = used.iter().enumerate().filter(|(_, &u)| !u).map(|(i, _)| i as u32).collect();
+        let live = Bitmap::new(&bitmap, geo.base_blocks());
+        let cursor = cursor.min(geo.base_blocks());
+        live.set_range(BlockIdx(0), cursor);
         Meta {
             table: Table::new(&table),
-            bitmap: Bitmap::new(&bitmap, geo.base_blocks()),
+            recorded: Bitmap::new(&bitmap, geo.base_blocks()),
+            bitmap: live,
+            prefetch_cursor: std::sync::atomic::AtomicU64::new(cursor),
+            all_present: std::sync::atomic::AtomicBool::new(prefetched),
             persist: Persist::new(table, bitmap, hwm),
             alloc: Allocator::new(hwm, free),
             locks: BlockLocks::default(),
@@ -143,7 +172,11 @@ impl Meta {
 
     /// Whether block `b` reads from the image (true) or from the base (false).
     pub fn block_in_image(&self, b: BlockIdx) -> bool {
-        b.0 >= self.geo.base_blocks() || self.bitmap.test(b)
+        b.0 >= self.geo.base_blocks() || self.bitmap.test(b) || self.all_present()
+    }
+
+    pub fn all_present(&self) -> bool {
+        self.all_present.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The storage offset of guest byte `off` when its chunk is allocated.
@@ -177,13 +210,48 @@ impl Meta {
         out
     }
 
-    /// Marks blocks `first..first+count` as in the image, in both views.
-    /// Call only after their data writes have completed.
+    /// Marks blocks `first..first+count` as in the image and recorded (a
+    /// guest write). Call only after their data writes have completed.
     pub fn set_blocks_written(&self, first: BlockIdx, count: u64) {
-        if count == 0 {
+        if count == 0 || self.all_present() {
             return;
         }
         self.persist.set_bits(first.0, count);
+        self.recorded.set_range(first, count);
         self.bitmap.set_range(first, count);
+    }
+
+    /// Marks blocks as in the image in memory only (copy-on-read, prefetch):
+    /// on storage they still read from the base, which holds the same bytes.
+    pub fn set_blocks_copied(&self, first: BlockIdx, count: u64) {
+        self.bitmap.set_range(first, count);
+    }
+
+    /// After a guest write to `[off, off+len)` completed: records the base
+    /// blocks under it that are live but not yet recorded.
+    pub fn record_written(&self, off: Bytes, len: u64) {
+        let bb = self.geo.base_blocks();
+        if len == 0 || self.all_present() || off.0 >= bb * self.geo.block_size as u64 {
+            return;
+        }
+        let bs = self.geo.block_size as u64;
+        let first = off.0 / bs;
+        let end = ((off.0 + len).div_ceil(bs)).min(bb);
+        let mut run: Option<(u64, u64)> = None;
+        for b in first..end {
+            if self.recorded.test(BlockIdx(b)) {
+                if let Some((f, n)) = run.take() {
+                    self.set_blocks_written(BlockIdx(f), n);
+                }
+            } else {
+                run = match run {
+                    Some((f, n)) => Some((f, n + 1)),
+                    None => Some((b, 1)),
+                };
+            }
+        }
+        if let Some((f, n)) = run {
+            self.set_blocks_written(BlockIdx(f), n);
+        }
     }
 }

@@ -80,12 +80,7 @@ impl Meta {
             }
             match self.storage_offset(Bytes(s)) {
                 Some(so) => push(&mut out, Piece { buf_off, len: n, src: Source::Image(so) }),
-                None if b.0 < self.geo.base_blocks() => {
-                    return Err(MetaError::BitWithoutChunk {
-                        block: b.0,
-                        vchunk: self.geo.chunk_of(Bytes(s)).0,
-                    })
-                }
+                // Unallocated: never written, or a zero block of the base.
                 None => push(&mut out, Piece { buf_off, len: n, src: Source::Zero }),
             }
         }

@@ -5,7 +5,8 @@ use super::serve::{serve, Mode, ServeOptions};
 use super::spawn::detach;
 use super::state::{DeviceState, RunDir};
 use super::DaemonError;
-use crate::image::{Image, OpenOptions};
+use crate::image::{Image, ImageError, OpenOptions};
+use crate::storage::StorageError;
 use std::time::{Duration, Instant};
 
 /// How a stop went.
@@ -58,9 +59,15 @@ fn repair(rd: &RunDir, st: DeviceState) -> Result<DeviceState, DaemonError> {
     }
     if !st.read_only {
         // Opening read-write replays the journal; closing checkpoints and
-        // marks the image clean.
-        let img = Image::open(&st.image, &OpenOptions::default())?;
-        img.close()?;
+        // marks the image clean. An image another daemon serves by now is
+        // that daemon's to look after.
+        match Image::open(&st.image, &OpenOptions::default()) {
+            Ok(img) => img.close()?,
+            Err(ImageError::Storage(StorageError::Locked { .. })) => {
+                tracing::info!(image = %st.image.display(), "image is served by another daemon now; left to it");
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     rd.remove(st.id)?;
     Ok(st)
@@ -70,7 +77,8 @@ fn repair(rd: &RunDir, st: DeviceState) -> Result<DeviceState, DaemonError> {
 /// (ublk user recovery: queued and in-flight requests are reissued to it).
 pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
     let st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
-    if kernel::daemon_alive(st.pid) {
+    // A daemon killed a moment ago may still be tearing down its rings.
+    if !wait_exit(st.pid, Duration::from_secs(5)) {
         return Err(DaemonError::StillRunning { id, pid: st.pid });
     }
     if !kernel::device_exists(id) {
