@@ -132,10 +132,11 @@ pub fn stop(a: StopArgs) -> Result<i32, CliError> {
     for id in ids {
         match control::stop(&rd, id, Duration::from_secs(a.timeout)) {
             Ok(Stopped::Clean(st)) => println!("stopped {} ({})", st.device, st.image.display()),
-            Ok(Stopped::Repaired(st)) => println!(
-                "stopped {} ({}): its daemon had died; device deleted, image journal replayed and closed clean",
+            Ok(Stopped::Repaired(st, closed)) => println!(
+                "stopped {} ({}): its daemon had died; device deleted, {}",
                 st.device,
-                st.image.display()
+                st.image.display(),
+                if closed { "image journal replayed and closed clean" } else { "image left to the daemon now serving it" }
             ),
             Err(e) => {
                 eprintln!("fvd: {e}");

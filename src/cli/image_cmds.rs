@@ -40,6 +40,16 @@ pub struct CreateArgs {
     /// Journal size.
     #[arg(long, value_parser = size_arg, default_value = "16M")]
     pub journal_size: u64,
+    /// Do not scan the base for holes and zero blocks (by default their bits
+    /// are preset, so they never cost a copy or a bitmap update).
+    #[arg(long)]
+    pub no_zero_detect: bool,
+    /// Serve with copy-on-read by default (reads from the base are stored in the image).
+    #[arg(long)]
+    pub copy_on_read: bool,
+    /// Prefetch the whole base into the image in the background by default.
+    #[arg(long)]
+    pub prefetch: bool,
 }
 
 pub fn create(a: CreateArgs) -> Result<i32, CliError> {
@@ -52,6 +62,9 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
         block_size: a.block_size,
         chunk_size: (!a.no_table).then_some(a.chunk_size),
         journal_size: a.journal_size,
+        zero_detect: !a.no_zero_detect,
+        copy_on_read: a.copy_on_read,
+        prefetch: a.prefetch,
     };
     let geo = image::create(&a.image, &opts)?;
     println!(
@@ -65,6 +78,10 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
         },
         a.base.map(|b| format!(" base={}", b.display())).unwrap_or_default()
     );
+    if geo.base_blocks() > 0 && !a.no_zero_detect {
+        let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
+        println!("zero blocks of the base preset: {} of {}", img.meta().recorded.count_set(), geo.base_blocks());
+    }
     Ok(0)
 }
 
@@ -112,6 +129,11 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         "base-bytes": sum(image::MapKind::Base),
         "zero-bytes": sum(image::MapKind::Zero),
         "journal-seq": h.journal_seq,
+        "prefetched": h.is_prefetched(),
+        "prefetch-cursor": h.prefetch_cursor,
+        "copy-on-read": h.compat & crate::format::header::COMPAT_COPY_ON_READ != 0,
+        "prefetch": h.compat & crate::format::header::COMPAT_PREFETCH != 0,
+        "storage-status": img.storage().status(),
     });
     let obj = v.as_object_mut().ok_or_else(|| fail("internal: info is not an object"))?;
     for (k, val) in geometry_json(g).as_object().into_iter().flatten() {
@@ -139,7 +161,18 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
     println!("metadata: {} (header + table + bitmap), journal {}", human(g.metadata_bytes()), human(g.journal_len));
     if let Some(b) = img.base() {
         println!("base: {} ({}, {}, resolved to {})", h.base_path, b.format().name(), human(h.base_size), b.name());
-        println!("copied blocks: {} of {}", img.meta().bitmap.count_set(), g.base_blocks());
+        println!("base blocks in the image (written or zero): {} of {}", img.meta().bitmap.count_set(), g.base_blocks());
+    }
+    if h.base_size > 0 {
+        let pct = |c: u64| 100.0 * c as f64 / g.base_blocks().max(1) as f64;
+        if h.is_prefetched() {
+            println!("prefetch: done (the base is no longer opened)");
+        } else {
+            println!("prefetch: {:.1}% ({} of {} blocks)", pct(h.prefetch_cursor), h.prefetch_cursor, g.base_blocks());
+        }
+    }
+    if let Some(st) = img.storage().status() {
+        println!("storage status: {st}");
     }
     println!(
         "data in image: {}, in base: {}, zero: {}",

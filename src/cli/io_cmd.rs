@@ -20,6 +20,9 @@ pub struct IoArgs {
     /// Writethrough mode.
     #[arg(long)]
     pub writethrough: bool,
+    /// Copy-on-read (default: the image's setting).
+    #[arg(long)]
+    pub copy_on_read: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -165,11 +168,19 @@ pub fn run(a: IoArgs) -> Result<i32, CliError> {
         .iter()
         .map(|c| parse(c).map_err(|e| fail(format!("-c '{c}': {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let opts = OpenOptions { read_only: a.read_only, writethrough: a.writethrough, ..Default::default() };
+    let opts = OpenOptions {
+        read_only: a.read_only,
+        writethrough: a.writethrough,
+        copy_on_read: a.copy_on_read.then_some(true),
+        ..Default::default()
+    };
     let img = Image::open(&a.image, &opts)?;
     let ring = Uring::new(256)?;
     for c in &cmds {
         let line = ring.block_on(exec(&img, &ring, c))??;
+        if img.background_pending() {
+            ring.block_on(img.run_background_copies(&ring))?;
+        }
         if !line.is_empty() {
             println!("{line}");
         }

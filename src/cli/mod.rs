@@ -5,6 +5,7 @@ mod convert;
 pub mod daemon;
 mod image_cmds;
 mod io_cmd;
+mod prefetch;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Cmd {
     Io(io_cmd::IoArgs),
     /// Convert between raw and fvd, sparse-aware.
     Convert(convert::ConvertArgs),
+    /// Copy the whole base into the image, after which the base is not needed.
+    Prefetch(prefetch::PrefetchArgs),
     /// Benchmark the engine against raw files with an fio-like load.
     Bench(crate::bench::BenchArgs),
     /// Serve an image as /dev/ublkbN.
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Cmd::Map(a) => image_cmds::map(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
+        Cmd::Prefetch(a) => prefetch::run(a),
         Cmd::Bench(a) => crate::bench::run(a).map_err(fail),
         Cmd::Start(a) => daemon::start(a),
         Cmd::Stop(a) => daemon::stop(a),

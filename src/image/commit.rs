@@ -82,6 +82,8 @@ impl Image {
         j.next += need;
         self.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
         self.stats.journal_records.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        let bits = batch.records.iter().filter(|r| matches!(r, format::Record::BitmapSet { .. })).count();
+        self.stats.bitmap_records.fetch_add(bits as u64, Ordering::Relaxed);
         self.stats.journal_blocks.fetch_add(need, Ordering::Relaxed);
         self.release_freed(batch);
         Ok(())
@@ -116,6 +118,10 @@ impl Image {
         let (mut batch, snap) = self.meta.persist.take_snapshot();
         batch.freed.extend(carried.freed);
         let geo = &self.meta.geo;
+        // Prefetch progress, read before the data sync that makes the copies
+        // below it durable.
+        let cursor = self.meta.prefetch_cursor.load(Ordering::Acquire);
+        let prefetched = geo.base_blocks() > 0 && cursor >= geo.base_blocks();
         self.sync_data(e).await?;
         let s = self.storage.as_ref();
         // The snapshot may hold updates the journal does not, so a torn
@@ -138,9 +144,18 @@ impl Image {
         self.write_header(e, |h| {
             h.journal_seq = next_seq;
             h.used_chunks = snap.hwm;
+            h.prefetch_cursor = cursor;
+            if prefetched {
+                h.compat |= format::header::COMPAT_PREFETCHED;
+            }
         })
         .await?;
         j.next = 0;
+        if prefetched && !self.meta.all_present() {
+            // Durable now: from here on the bitmap is neither read nor written.
+            self.meta.all_present.store(true, Ordering::Release);
+            tracing::info!(image = %self.name(), "the whole base is in the image; the base is no longer needed");
+        }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.release_freed(batch);
         Ok(())

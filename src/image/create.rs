@@ -16,6 +16,13 @@ pub struct CreateOptions {
     /// `None`: no table (raw layout).
     pub chunk_size: Option<u32>,
     pub journal_size: u64,
+    /// Preset the bits of base blocks that are holes or all zeros, so they
+    /// never need a copy or a bitmap update.
+    pub zero_detect: bool,
+    /// Serve with copy-on-read by default.
+    pub copy_on_read: bool,
+    /// Prefetch the base in the background by default.
+    pub prefetch: bool,
 }
 
 impl Default for CreateOptions {
@@ -26,6 +33,9 @@ impl Default for CreateOptions {
             block_size: 64 << 10,
             chunk_size: Some(1 << 20),
             journal_size: 16 << 20,
+            zero_detect: true,
+            copy_on_read: false,
+            prefetch: false,
         }
     }
 }
@@ -79,7 +89,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
     let name = path.display().to_string();
     let geo = Geometry::new(&params).map_err(|source| ImageError::Layout { path: name.clone(), source })?;
     let storage = FileStorage::open(path, mode)?;
-    let r = create_on(&storage, &geo, &base_str, base_format);
+    let compat = if opts.copy_on_read { crate::format::header::COMPAT_COPY_ON_READ } else { 0 }
+        | if opts.prefetch { crate::format::header::COMPAT_PREFETCH } else { 0 };
+    let preset = if opts.zero_detect && base_format != BaseFormat::None {
+        let (words, zero) = super::zero_scan::zero_blocks(&resolve(path, &base_str), base_format, &geo)?;
+        tracing::info!(zero_blocks = zero, of = geo.base_blocks(), "zero blocks of the base preset");
+        Some(words)
+    } else {
+        None
+    };
+    let r = create_on_with(&storage, &geo, &base_str, base_format, compat, preset.as_deref());
     if r.is_err() && mode == OpenMode::Create {
         let _ = std::fs::remove_file(path);
     }
@@ -88,6 +107,18 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
 
 /// Writes a fresh image with geometry `geo` onto `s`.
 pub fn create_on(s: &dyn Storage, geo: &Geometry, base: &str, fmt: BaseFormat) -> Result<(), ImageError> {
+    create_on_with(s, geo, base, fmt, 0, None)
+}
+
+/// [`create_on`] with compatible feature bits and preset bitmap words.
+pub fn create_on_with(
+    s: &dyn Storage,
+    geo: &Geometry,
+    base: &str,
+    fmt: BaseFormat,
+    compat: u64,
+    preset: Option<&[u64]>,
+) -> Result<(), ImageError> {
     let name = s.name().to_string();
     let io = |what: &'static str, offset: u64| {
         let name = name.clone();
@@ -107,7 +138,12 @@ pub fn create_on(s: &dyn Storage, geo: &Geometry, base: &str, fmt: BaseFormat) -
         s.write_at(&zeros[..n], off).map_err(io("metadata zeroing", off))?;
         off += n as u64;
     }
+    if let Some(words) = preset {
+        let b = crate::format::encode_bitmap(words, geo.bitmap_len as usize);
+        s.write_at(&b, geo.bitmap_offset).map_err(io("bitmap write", geo.bitmap_offset))?;
+    }
     let mut h: Header = geo.header(fmt, base);
+    h.compat = compat;
     // A random first sequence number: a stale journal left on reused storage
     // by an earlier image can never look like part of this one's log.
     h.journal_seq = rand::random::<u32>() as u64 + 1;

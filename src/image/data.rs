@@ -51,13 +51,21 @@ impl Image {
         self.check_request(off, buf.len() as u64, false)?;
         let plan = self.meta.plan_read(Bytes(off), buf.len() as u64).map_err(self.meta_err())?;
         let mut futs = Vec::with_capacity(plan.len());
-        let mut rest = buf;
+        let mut rest = &mut *buf;
         for p in &plan {
             let (piece, tail) = rest.split_at_mut(p.len);
             rest = tail;
             futs.push(self.read_piece(e, p.src, piece));
         }
-        first_error(join_all(futs).await)
+        first_error(join_all(futs).await)?;
+        if self.cor.is_some() {
+            for p in plan.iter().filter(|p| matches!(p.src, Source::Base(_))) {
+                if let Source::Base(bo) = p.src {
+                    self.queue_copy_on_read(bo, &buf[p.buf_off..p.buf_off + p.len], bo, p.len);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn read_piece<E: IoEngine>(&self, e: &E, src: Source, buf: &mut [u8]) -> Result<(), ImageError> {
@@ -190,7 +198,7 @@ impl Image {
 
     /// Makes sure every chunk under `[off, off+len)` for which `want` says yes
     /// is allocated, asking the storage to grow first when needed.
-    async fn allocate_range<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
+    pub(crate) async fn allocate_range<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
         match self.try_allocate_range(off, len) {
             Err(ImageError::Invalid { .. }) if self.meta.persist.has_freed() => {
                 // Every chunk is in use or freed by a discard whose record is

@@ -6,6 +6,7 @@
 //! allocated, already-copied data take no lock; allocation, copy-on-write and
 //! journal commits take short locks of their own.
 
+mod background;
 mod base;
 mod commit;
 mod create;
@@ -13,7 +14,9 @@ mod data;
 mod error;
 mod inspect;
 mod open;
+mod zero_scan;
 
+pub use background::{sleep, CorQueue, PrefetchOptions, PrefetchProgress, PrefetchState};
 pub use base::Base;
 pub use create::{create, create_on, CreateOptions};
 pub use error::ImageError;
@@ -36,6 +39,8 @@ pub struct Stats {
     pub chunks_allocated: AtomicU64,
     pub journal_commits: AtomicU64,
     pub journal_records: AtomicU64,
+    /// Of those, bitmap records (the updates FVD's base optimizations avoid).
+    pub bitmap_records: AtomicU64,
     pub journal_blocks: AtomicU64,
     pub checkpoints: AtomicU64,
     pub data_syncs: AtomicU64,
@@ -49,6 +54,7 @@ pub struct StatsSnapshot {
     pub chunks_allocated: u64,
     pub journal_commits: u64,
     pub journal_records: u64,
+    pub bitmap_records: u64,
     pub journal_blocks: u64,
     pub checkpoints: u64,
     pub data_syncs: u64,
@@ -63,6 +69,7 @@ impl Stats {
             chunks_allocated: g(&self.chunks_allocated),
             journal_commits: g(&self.journal_commits),
             journal_records: g(&self.journal_records),
+            bitmap_records: g(&self.bitmap_records),
             journal_blocks: g(&self.journal_blocks),
             checkpoints: g(&self.checkpoints),
             data_syncs: g(&self.data_syncs),
@@ -95,6 +102,9 @@ pub struct Image {
     closed: AtomicBool,
     /// Whether the journal had to be replayed at open.
     recovered: bool,
+    /// Copy-on-read queue (None when copy-on-read is off).
+    cor: Option<background::CorQueue>,
+    pub prefetch: background::PrefetchProgress,
     pub stats: Stats,
 }
 

@@ -18,7 +18,12 @@ pub struct OpenOptions {
     pub grow_unit: Option<u64>,
     /// Bypass the host page cache for data (O_DIRECT), as qemu's cache=none.
     pub direct: bool,
+    /// Copy-on-read: None follows the image's default (set at create).
+    pub copy_on_read: Option<bool>,
 }
+
+/// Bytes of copy-on-read data queued at most.
+const COR_QUEUE_LIMIT: u64 = 32 << 20;
 
 /// The metadata as found on storage, before it goes live.
 pub(crate) struct Loaded {
@@ -141,7 +146,14 @@ impl Image {
                 "image was not closed cleanly: journal replayed"
             );
         }
+        let cor_default = loaded.header.compat & format::header::COMPAT_COPY_ON_READ != 0;
+        let cor_on = opts.copy_on_read.unwrap_or(cor_default)
+            && !opts.read_only
+            && base.is_some()
+            && !loaded.header.is_prefetched();
         let img = Image {
+            cor: cor_on.then(|| super::background::CorQueue::new(COR_QUEUE_LIMIT)),
+            prefetch: Default::default(),
             path: path.to_path_buf(),
             meta: Meta::with_progress(
                 loaded.geo,

@@ -56,6 +56,10 @@ pub trait Storage: Send + Sync {
     fn has_data(&self, _off: u64, _len: u64) -> bool {
         true
     }
+    /// Storage-specific state for `fvd info` / `fvd list` (growth, pool usage).
+    fn status(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 impl StorageError {
@@ -95,5 +99,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn has_data(&self, off: u64, len: u64) -> bool {
         (**self).has_data(off, len)
+    }
+    fn status(&self) -> Option<serde_json::Value> {
+        (**self).status()
     }
 }

@@ -15,8 +15,9 @@ pub enum Stopped {
     /// The daemon stopped the device and closed the image clean.
     Clean(DeviceState),
     /// The daemon was gone: the device was deleted here and the image's
-    /// journal replayed and closed clean.
-    Repaired(DeviceState),
+    /// journal replayed and closed clean (`false`: another daemon serves the
+    /// image by now and looks after it).
+    Repaired(DeviceState, bool),
 }
 
 fn wait_exit(pid: i32, timeout: Duration) -> bool {
@@ -49,20 +50,24 @@ pub fn stop(rd: &RunDir, id: u32, timeout: Duration) -> Result<Stopped, DaemonEr
         }
         tracing::warn!(id, "the daemon exited without finishing the stop; cleaning up");
     }
-    repair(rd, st).map(Stopped::Repaired)
+    repair(rd, st)
 }
 
 /// The daemon is gone: delete the device and bring the image back to clean.
-fn repair(rd: &RunDir, st: DeviceState) -> Result<DeviceState, DaemonError> {
+fn repair(rd: &RunDir, st: DeviceState) -> Result<Stopped, DaemonError> {
     if kernel::device_exists(st.id) {
         kernel::delete_device(st.id)?;
     }
+    let mut closed = false;
     if !st.read_only {
         // Opening read-write replays the journal; closing checkpoints and
         // marks the image clean. An image another daemon serves by now is
         // that daemon's to look after.
         match Image::open(&st.image, &OpenOptions::default()) {
-            Ok(img) => img.close()?,
+            Ok(img) => {
+                img.close()?;
+                closed = true;
+            }
             Err(ImageError::Storage(StorageError::Locked { .. })) => {
                 tracing::info!(image = %st.image.display(), "image is served by another daemon now; left to it");
             }
@@ -70,7 +75,7 @@ fn repair(rd: &RunDir, st: DeviceState) -> Result<DeviceState, DaemonError> {
         }
     }
     rd.remove(st.id)?;
-    Ok(st)
+    Ok(Stopped::Repaired(st, closed))
 }
 
 /// Starts a new daemon that takes device `id` back after its daemon died
