@@ -50,7 +50,8 @@ run "$FVD" stop -n "$id"
 [[ ! -e $dev ]] || fail "$dev still exists after stop"
 run "$FVD" check "$img"
 "$FVD" info "$img" | tee "$RESULTS/info.txt"
-"$FVD" info --output json "$img" | grep -q '"clean": true' || fail "image not clean after stop"
+info=$("$FVD" info --output json "$img")
+[[ $info == *'"clean": true'* ]] || fail "image not clean after stop"
 
 step "start again, files intact"
 dev=$("$FVD" start -n "$id" "$img")
