@@ -19,6 +19,7 @@ fn valid_image() -> (TestImage, Vec<u8>) {
         chunk: Some(65536),
         base_size: 1 << 19,
         journal: 4 * 4096,
+        cor: true,
     });
     let img = t.open(false);
     for i in 0..8u64 {

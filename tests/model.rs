@@ -14,8 +14,10 @@ fn configs() -> impl Strategy<Value = Config> {
         prop_oneof![Just(4096u32), Just(16384), Just(65536)],
         prop_oneof![Just(None), Just(Some(1u32)), Just(Some(4)), Just(Some(16))],
         prop_oneof![Just(0u64), Just(1 << 20), Just((5 << 19) + 1536), Just(size)],
+        any::<bool>(),
     )
-        .prop_map(move |(block, mult, base)| Config {
+        .prop_map(move |(block, mult, base, cor)| Config {
+            cor,
             size,
             block,
             chunk: mult.map(|m| (block * m).max(65536)),
@@ -54,6 +56,10 @@ fn run_sequence(cfg: Config, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model[off as usize..(off + len) as usize].fill(0);
             }
             Op::Flush => run(img.flush(&SyncOnly)).map_err(|e| TestCaseError::fail(e.to_string()))?,
+            Op::Drain => run(img.run_background_copies(&SyncOnly)),
+            Op::Prefetch => {
+                run(img.prefetch(&SyncOnly, &Default::default())).map_err(|e| TestCaseError::fail(e.to_string()))?
+            }
             Op::Reopen => {
                 img.close().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 drop(img);

@@ -21,6 +21,8 @@ struct Inner {
 
 pub struct Persist {
     inner: Mutex<Inner>,
+    /// Bitmap bits newly recorded since open (each one a metadata update).
+    bits_recorded: std::sync::atomic::AtomicU64,
 }
 
 /// What one commit writes.
@@ -54,6 +56,7 @@ impl Persist {
                 new_bits: BTreeMap::new(),
                 freed: Vec::new(),
             }),
+            bits_recorded: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -88,6 +91,7 @@ impl Persist {
             if let Some(word) = s.bitmap.get_mut(w as usize) {
                 let fresh = mask & !*word;
                 *word |= mask;
+                self.bits_recorded.fetch_add(fresh.count_ones() as u64, std::sync::atomic::Ordering::Relaxed);
                 if fresh != 0 {
                     *s.new_bits.entry(w).or_insert(0) |= fresh;
                 }
@@ -113,6 +117,11 @@ impl Persist {
     /// Whether chunks freed since the last commit wait for it.
     pub fn has_freed(&self) -> bool {
         !self.lock().freed.is_empty()
+    }
+
+    /// Bitmap bits newly recorded since open.
+    pub fn bits_recorded(&self) -> u64 {
+        self.bits_recorded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records waiting to be committed (for stats).

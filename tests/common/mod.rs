@@ -19,6 +19,8 @@ pub struct Config {
     pub chunk: Option<u32>,
     pub base_size: u64,
     pub journal: u64,
+    /// Serve with copy-on-read.
+    pub cor: bool,
 }
 
 /// Bytes that identify the write they came from, different in every sector.
@@ -68,7 +70,7 @@ impl TestImage {
     }
 
     pub fn open_on(&self, s: Arc<SimStorage>, writethrough: bool) -> Result<Image, fvd::image::ImageError> {
-        let opts = OpenOptions { writethrough, ..Default::default() };
+        let opts = OpenOptions { writethrough, copy_on_read: Some(self.cfg.cor), ..Default::default() };
         Image::open_on(Path::new("image"), Box::new(s), self.base_handle(), &opts)
     }
 
@@ -98,6 +100,10 @@ pub enum Op {
     Zero { off: u64, len: u64 },
     Flush,
     Reopen,
+    /// Store queued copy-on-read blocks.
+    Drain,
+    /// Copy the whole base into the image.
+    Prefetch,
 }
 
 /// A random op generator shaped to hit block and chunk edges often.
@@ -115,5 +121,7 @@ pub fn op_strategy(size: u64) -> impl proptest::strategy::Strategy<Value = Op> {
         1 => range.prop_map(|(off, len)| Op::Zero { off, len }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Drain),
+        1 => (0..8u8).prop_map(|x| if x == 0 { Op::Prefetch } else { Op::Drain }),
     ]
 }
