@@ -2,6 +2,7 @@
 //! load, and the same load through the same io_uring harness on raw files in
 //! the matching state, in one run, and prints the ratios.
 
+mod base_cost;
 mod load;
 mod meta_cost;
 
@@ -160,6 +161,7 @@ fn make_base(p: &Path, size: u64) -> Result<(), String> {
 pub fn run(a: BenchArgs) -> Result<i32, String> {
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
     meta_cost::print(&a.dir)?;
+    base_cost::print(&a.dir, a.size.min(1 << 30))?;
     if a.meta_only {
         return Ok(0);
     }
