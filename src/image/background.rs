@@ -149,19 +149,20 @@ pub async fn sleep<E: IoEngine>(e: &E, d: Duration) {
 }
 
 impl Image {
-    /// Queues the whole base blocks a read just fetched from the base.
-    pub(crate) fn queue_copy_on_read(&self, off: u64, buf: &[u8], base_off: u64, len: usize) {
+    /// Queues the whole base blocks in `data`, which a read just fetched from
+    /// the base at guest (and base) offset `off`.
+    pub(crate) fn queue_copy_on_read(&self, off: u64, data: &[u8]) {
         let Some(q) = &self.cor else { return };
         let bs = self.meta.geo.block_size as u64;
         let base_end = self.meta.geo.base_size.0;
-        let first = base_off.div_ceil(bs);
-        let end = ((base_off + len as u64) / bs).min(base_end / bs);
+        let first = off.div_ceil(bs);
+        let end = ((off + data.len() as u64) / bs).min(base_end / bs);
         if first >= end {
             return;
         }
         let start = (first * bs - off) as usize;
         let stop = (end * bs - off) as usize;
-        q.push(BlockIdx(first), end - first, &buf[start..stop]);
+        q.push(BlockIdx(first), end - first, &data[start..stop]);
     }
 
     /// Whether copy-on-read work is waiting (the front end then runs

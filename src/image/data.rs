@@ -61,7 +61,7 @@ impl Image {
         if self.cor.is_some() {
             for p in plan.iter().filter(|p| matches!(p.src, Source::Base(_))) {
                 if let Source::Base(bo) = p.src {
-                    self.queue_copy_on_read(bo, &buf[p.buf_off..p.buf_off + p.len], bo, p.len);
+                    self.queue_copy_on_read(bo, &buf[p.buf_off..p.buf_off + p.len]);
                 }
             }
         }
