@@ -129,6 +129,7 @@ mod tests {
             block_size: 64 << 10,
             chunk_size: Some(1 << 20),
             journal_size: 1 << 20,
+            ..Default::default()
         };
         create(&p, &opts).unwrap();
         Image::open(&p, &OpenOptions::default()).unwrap()
