@@ -256,7 +256,7 @@ pub fn map(a: MapArgs) -> Result<i32, CliError> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(0);
     }
-    println!("{:<20}{:<20}{:<8}{}", "Offset", "Length", "Kind", "Storage offset");
+    println!("{:<20}{:<20}{:<8}Storage offset", "Offset", "Length", "Kind");
     for r in &m {
         let so = r.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
         let kind = match r.kind {

@@ -57,8 +57,8 @@ pub fn check(s: &dyn Storage) -> CheckReport {
     let problems = table_problems(geo, &loaded.table, s.size());
     r.corruptions.extend(problems.iter().map(|e| format!("{}: {e}", s.name())));
     r.allocated_chunks = loaded.table.iter().filter(|&&e| e != 0).count() as u64;
-    if geo.has_table() {
-        if problems.is_empty() {
+    if geo.has_table() && problems.is_empty() {
+        {
             let mut used = vec![false; geo.chunks() as usize];
             let mut hwm = 0usize;
             for &e in &loaded.table {

@@ -133,8 +133,7 @@ impl Uring {
                 let mut sq = ring.submission();
                 // SAFETY: the caller of `submit` guarantees the buffers outlive
                 // the operation (see IoEngine::submit).
-                let ok = unsafe { sq.push(&sqe).is_ok() };
-                ok
+                unsafe { sq.push(&sqe).is_ok() }
             };
             if pushed {
                 break;
