@@ -52,6 +52,9 @@ pub struct StopArgs {
     /// Seconds to wait for a daemon to finish its stop.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Stop even if the device is mounted or held (the file system then sees I/O errors).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -130,7 +133,7 @@ pub fn stop(a: StopArgs) -> Result<i32, CliError> {
     };
     let mut failed = None;
     for id in ids {
-        match control::stop(&rd, id, Duration::from_secs(a.timeout)) {
+        match control::stop(&rd, id, Duration::from_secs(a.timeout), a.force) {
             Ok(Stopped::Clean(st)) => println!("stopped {} ({})", st.device, st.image.display()),
             Ok(Stopped::Repaired(st, closed)) => println!(
                 "stopped {} ({}): its daemon had died; device deleted, {}",
@@ -162,7 +165,7 @@ pub fn list(a: ListArgs) -> Result<i32, CliError> {
             "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} {}",
             d.st.id,
             d.st.device,
-            d.status(),
+            d.status,
             d.st.pid,
             d.st.queues,
             human(d.st.virtual_size),

@@ -34,8 +34,13 @@ fn wait_exit(pid: i32, timeout: Duration) -> bool {
 /// Stops device `id`: SIGTERM to its daemon, which flushes, checkpoints,
 /// marks the image clean and deletes the device; or, when the daemon is
 /// gone, does that cleanup here.
-pub fn stop(rd: &RunDir, id: u32, timeout: Duration) -> Result<Stopped, DaemonError> {
+pub fn stop(rd: &RunDir, id: u32, timeout: Duration, force: bool) -> Result<Stopped, DaemonError> {
     let st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
+    let users = kernel::device_users(&st.device);
+    if !force && !users.is_empty() {
+        // Stopping deletes the disk under the file system: refuse by default.
+        return Err(DaemonError::Busy { device: st.device.clone(), by: users.join(", ") });
+    }
     if kernel::daemon_alive(st.pid) {
         tracing::info!(id, pid = st.pid, "sending SIGTERM");
         let pid = nix::unistd::Pid::from_raw(st.pid);
@@ -115,14 +120,16 @@ pub struct Listed {
     pub daemon_running: bool,
     /// The driver's view: live, quiesced, ... or absent.
     pub kernel_state: String,
+    /// One word: live, starting, stopping, recovering, crashed, gone.
+    pub status: &'static str,
 }
 
 impl Listed {
     /// One word for humans: live, starting, stopping, crashed (recoverable), gone.
-    pub fn status(&self) -> &'static str {
-        match (self.daemon_running, self.kernel_state.as_str()) {
-            (true, _) if self.st.state == "starting" => "starting",
-            (true, _) if self.st.state == "stopping" => "stopping",
+    fn status_of(st: &DeviceState, running: bool, kernel_state: &str) -> &'static str {
+        match (running, kernel_state) {
+            (true, _) if st.state == "starting" => "starting",
+            (true, _) if st.state == "stopping" => "stopping",
             (true, "live") | (true, "unknown") => "live",
             (true, _) => "recovering",
             (false, "absent") => "gone",
@@ -141,7 +148,9 @@ pub fn list(rd: &RunDir) -> Result<Vec<Listed>, DaemonError> {
             } else {
                 "absent"
             };
-            Listed { daemon_running: kernel::daemon_alive(st.pid), kernel_state: kernel_state.into(), st }
+            let running = kernel::daemon_alive(st.pid);
+            let status = Listed::status_of(&st, running, kernel_state);
+            Listed { daemon_running: running, kernel_state: kernel_state.into(), status, st }
         })
         .collect())
 }

@@ -34,13 +34,8 @@ impl IoEngine for QueueEngine {
     // each request is one libublk per-tag task that awaits the engine before
     // it commits the result, and a queue thread leaves its loop only after
     // all of its tag tasks have finished.
-    unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
-        async move {
-            match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
-                Ok(res) => res,
-                Err(_) => -libc::EIO,
-            }
-        }
+    async unsafe fn submit(&self, sqe: squeue::Entry) -> i32 {
+        ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await.unwrap_or(-libc::EIO)
     }
 }
 

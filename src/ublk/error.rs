@@ -41,6 +41,8 @@ pub enum DaemonError {
     DaemonDied(PathBuf),
     #[error("device {id}: daemon (pid {pid}) did not exit within {secs}s of SIGTERM")]
     StopTimeout { id: u32, pid: i32, secs: u64 },
+    #[error("{device} is in use ({by}): stop what uses it first, or use --force")]
+    Busy { device: String, by: String },
     #[error("{what}: {source}")]
     Sys { what: &'static str, source: std::io::Error },
 }

@@ -149,3 +149,50 @@ mod tests {
         assert_eq!(KernelState::from_raw(9).name(), "unknown");
     }
 }
+
+/// What keeps a block device busy: a mount, or a holder (device-mapper, md).
+pub fn device_users(dev: &str) -> Vec<String> {
+    let mut users = Vec::new();
+    let name = dev.rsplit('/').next().unwrap_or(dev);
+    if let Ok(holders) = std::fs::read_dir(format!("/sys/block/{name}/holders")) {
+        users.extend(holders.flatten().map(|h| format!("held by {}", h.file_name().to_string_lossy())));
+    }
+    let canon = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.into());
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for line in mounts.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(src), Some(at)) = (f.next(), f.next()) else { continue };
+            if src.starts_with('/') && std::fs::canonicalize(src).is_ok_and(|p| p == canon) {
+                users.push(format!("mounted on {}", unescape_mount(at)));
+            }
+        }
+    }
+    users
+}
+
+/// /proc/mounts writes spaces and such as octal escapes (\040).
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod mount_tests {
+    #[test]
+    fn unescapes_mount_points() {
+        assert_eq!(super::unescape_mount("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(super::unescape_mount("/plain"), "/plain");
+        assert!(super::device_users("/dev/nonexistent-fvd-test").is_empty());
+    }
+}

@@ -69,7 +69,13 @@ pub fn detach(
             drop(tx);
             let mut said = String::new();
             let _ = File::from(rx).read_to_string(&mut said);
-            parse_report(&said, log)
+            let r = parse_report(&said, log.clone());
+            if matches!(r, Err(DaemonError::Startup(_))) && !append {
+                // The user sees the reason; a start-up log of a daemon that
+                // never got a device would only pile up in the run dir.
+                let _ = std::fs::remove_file(&log);
+            }
+            r
         }
     }
 }

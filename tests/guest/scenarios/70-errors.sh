@@ -54,6 +54,13 @@ n=$("$FVD" list --output json | grep -c '"id":')
 [[ $n -eq 1 ]] || fail "failed starts left devices behind: fvd list shows $n"
 [[ $(ls /sys/class/ublk-char | wc -l) -eq 1 ]] || fail "failed starts left ublk devices: $(ls /sys/class/ublk-char)"
 
+step "stop of a mounted device"
+mkfs.ext4 -q "$dev"
+mkdir -p "$WORK/mnt"
+mount "$dev" "$WORK/mnt"
+expect_fail "$dev is in use (mounted on $WORK/mnt)" "$FVD" stop -n "$id"
+umount "$WORK/mnt"
+
 step "queue and depth limits"
 expect_fail "--queues must be" "$FVD" start --queues 0 "$img2"
 expect_fail "--depth must be" "$FVD" start --depth 0 "$img2"
