@@ -4,7 +4,7 @@ use super::base::resolve;
 use super::ImageError;
 use crate::format::layout::CreateParams;
 use crate::format::{BaseFormat, Geometry, Header, HEADER_AREA};
-use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::storage::{open_image_storage, FileStorage, OpenMode, Storage, StorageOptions};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
     };
     let name = path.display().to_string();
     let geo = Geometry::new(&params).map_err(|source| ImageError::Layout { path: name.clone(), source })?;
-    let storage = FileStorage::open(path, mode)?;
+    let storage = open_image_storage(path, &StorageOptions { format: true, ..StorageOptions::new(mode) })?;
     let compat = if opts.copy_on_read { crate::format::header::COMPAT_COPY_ON_READ } else { 0 }
         | if opts.prefetch { crate::format::header::COMPAT_PREFETCH } else { 0 };
     let preset = if opts.zero_detect && base_format != BaseFormat::None {
@@ -98,7 +98,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
     } else {
         None
     };
-    let r = create_on_with(&storage, &geo, &base_str, base_format, compat, preset.as_deref());
+    let r = create_on_with(storage.as_ref(), &geo, &base_str, base_format, compat, preset.as_deref());
     if r.is_err() && mode == OpenMode::Create {
         let _ = std::fs::remove_file(path);
     }

@@ -4,7 +4,7 @@ use super::base::open_base;
 use super::{Base, Image, ImageError, JournalPos, Stats};
 use crate::format::{self, Geometry, Header, JournalBlock, HEADER_AREA, META_BLOCK};
 use crate::meta::{self, Meta};
-use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::storage::{open_image_storage, OpenMode, Storage, StorageOptions};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Mutex;
@@ -101,14 +101,9 @@ impl Image {
     /// Opens an image file or block device, and its base.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
         let mode = if opts.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
-        let mut storage = FileStorage::open(path, mode)?;
-        if let Some(u) = opts.grow_unit {
-            storage = storage.with_grow_unit(u);
-        }
-        if opts.direct {
-            storage = storage.with_direct_io()?;
-        }
-        let header = read_header(&storage)?;
+        let so = StorageOptions { grow_unit: opts.grow_unit, direct: opts.direct, ..StorageOptions::new(mode) };
+        let storage = open_image_storage(path, &so)?;
+        let header = read_header(storage.as_ref())?;
         // Once the whole base is in the image the base is never opened again:
         // it may have been moved away.
         let base = if header.is_prefetched() {
@@ -116,7 +111,7 @@ impl Image {
         } else {
             open_base(path, &header.base_path, header.base_format, header.base_size)?
         };
-        Image::open_on(path, Box::new(storage), base, opts)
+        Image::open_on(path, storage, base, opts)
     }
 
     /// Opens an image on given storage with an already opened base.

@@ -101,7 +101,7 @@ pub async fn sync<E: IoEngine>(e: &E, s: &dyn Storage) -> io::Result<()> {
 
 /// Deallocates a range so that it reads as zeros.
 pub async fn punch<E: IoEngine>(e: &E, s: &dyn Storage, off: u64, len: u64) -> io::Result<()> {
-    let Some(fd) = s.raw_fd() else {
+    let Some(fd) = s.raw_fd().filter(|_| !s.sync_punch()) else {
         return s.punch(off, len);
     };
     if len == 0 {

@@ -7,9 +7,12 @@
 //! check and storage without a descriptor.
 
 pub mod file;
+pub mod lv;
+pub mod lvm;
 pub mod sim;
 
 pub use file::{FileStorage, OpenMode};
+pub use lv::LvStorage;
 pub use sim::SimStorage;
 
 use std::io;
@@ -60,6 +63,57 @@ pub trait Storage: Send + Sync {
     fn status(&self) -> Option<serde_json::Value> {
         None
     }
+    /// Whether a punch must go through [`Storage::punch`] rather than
+    /// fallocate on [`Storage::raw_fd`]: block devices that need a discard
+    /// or zero-out (an LVM logical volume).
+    fn sync_punch(&self) -> bool {
+        false
+    }
+}
+
+/// How [`open_image_storage`] opens an image's storage.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageOptions {
+    pub mode: OpenMode,
+    /// Growth step (files: 64 MiB by default; LVs: see [`lv`]).
+    pub grow_unit: Option<u64>,
+    /// O_DIRECT for the data path.
+    pub direct: bool,
+    /// The caller is about to format the storage (`fvd create`): an LV is
+    /// first made to read as zeros (thin: discarded, giving its blocks back).
+    pub format: bool,
+}
+
+impl StorageOptions {
+    pub fn new(mode: OpenMode) -> StorageOptions {
+        StorageOptions { mode, grow_unit: None, direct: false, format: false }
+    }
+}
+
+/// Opens an image's storage: an LVM logical volume (grown automatically,
+/// see [`lv`]) or a plain file or block device.
+pub fn open_image_storage(path: &std::path::Path, o: &StorageOptions) -> Result<Box<dyn Storage>, StorageError> {
+    let mut f = FileStorage::open(path, o.mode)?;
+    if !f.is_block_device() {
+        if let Some(u) = o.grow_unit {
+            f = f.with_grow_unit(u);
+        }
+    }
+    if o.direct {
+        f = f.with_direct_io()?;
+    }
+    let lo = lv::LvOptions { writable: o.mode != OpenMode::ReadOnly, grow_unit: o.grow_unit, ..Default::default() };
+    match LvStorage::detect(f, &lo)? {
+        Ok(s) => {
+            if o.format {
+                let size = s.size();
+                tracing::info!(device = %s.name(), bytes = size, "clearing the LV before formatting it");
+                s.punch(0, size).map_err(|e| StorageError::io(s.name(), "clearing the LV", 0, e))?;
+            }
+            Ok(Box::new(s))
+        }
+        Err(f) => Ok(Box::new(f)),
+    }
 }
 
 impl StorageError {
@@ -102,5 +156,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn status(&self) -> Option<serde_json::Value> {
         (**self).status()
+    }
+    fn sync_punch(&self) -> bool {
+        (**self).sync_punch()
     }
 }

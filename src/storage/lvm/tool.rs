@@ -245,7 +245,7 @@ impl Lvm {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "  fvdtest|lin-x|-wi-a-----|67108864|linear||322961408|4194304|fvd-grow-unit=256M,x||||\n\
+    const SAMPLE: &str = "  fvdtest|lin-x|-wi-a-----|67108864|linear||322961408|4194304|fvd-grow-unit=256M,x|||\n\
                           \x20 fvdtest|thin|Vwi-a-tz--|134217728|thin|pool|322961408|4194304||18.75|zero|passdown\n\
                           \x20 fvdtest|pool|twi-aotz--|134217728|thin-pool||322961408|4194304||0.00|zero|passdown\n";
 

@@ -1,0 +1,138 @@
+//! When to grow an LV and to what size (pure decisions, no I/O).
+//!
+//! The LV keeps between one and two grow units of free space past the
+//! storage the image uses (`used`: the end of its highest allocated chunk):
+//! once the free space ahead drops below the low-water mark (one unit), a
+//! background growth adds whole units until it is back above it. Sizes stay
+//! `initial + n × unit`, so the number of units added is `(size − initial) /
+//! unit`. A write that needs space past the end waits for the same growth;
+//! when the volume group cannot give a whole unit, the growth falls back to
+//! the least size that holds what the write needs.
+
+/// Growth parameters, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Growth step: a multiple of the extent size.
+    pub unit: u64,
+    /// Grow when less than this much is free past `used`.
+    pub low_water: u64,
+    /// The volume group's extent size (LV sizes are multiples of it).
+    pub extent: u64,
+}
+
+/// Default grow unit (see docs/lvm.md for the reasoning).
+pub const DEFAULT_GROW_UNIT: u64 = 1 << 30;
+/// Smallest and largest grow unit accepted.
+pub const MIN_GROW_UNIT: u64 = 1 << 20;
+pub const MAX_GROW_UNIT: u64 = 1 << 40;
+
+impl Policy {
+    /// A policy for `unit` (rounded up to whole extents), low water = one unit.
+    pub fn new(unit: u64, extent: u64) -> Policy {
+        let extent = extent.max(512);
+        let unit = unit.clamp(MIN_GROW_UNIT, MAX_GROW_UNIT).div_ceil(extent) * extent;
+        Policy { unit, low_water: unit, extent }
+    }
+
+    /// Whether the free space past `used` is below the low-water mark.
+    pub fn wants_growth(&self, size: u64, used: u64) -> bool {
+        size.saturating_sub(used) < self.low_water
+    }
+
+    /// The size to grow to: `size + k × unit` with the least `k ≥ 1` that
+    /// leaves at least the low-water mark free past `used`.
+    pub fn target(&self, size: u64, used: u64) -> u64 {
+        let want = used.saturating_add(self.low_water);
+        let k = want.saturating_sub(size).div_ceil(self.unit).max(1);
+        size.saturating_add(k.saturating_mul(self.unit))
+    }
+
+    /// The least LV size that holds `need` bytes.
+    pub fn minimal(&self, need: u64) -> u64 {
+        need.div_ceil(self.extent) * self.extent
+    }
+}
+
+/// Picks the grow unit: an explicit value (API), else $FVD_GROW_UNIT, else
+/// the LV's `fvd-grow-unit=SIZE` tag, else [`DEFAULT_GROW_UNIT`]. Returns the
+/// unit and where it came from.
+pub fn choose_unit(
+    explicit: Option<u64>,
+    env: Option<&str>,
+    tag: Option<Result<u64, String>>,
+) -> Result<(u64, &'static str), String> {
+    let checked = |v: u64, from: &'static str| {
+        if (MIN_GROW_UNIT..=MAX_GROW_UNIT).contains(&v) {
+            Ok((v, from))
+        } else {
+            Err(format!("grow unit from {from} must be between 1 MiB and 1 TiB, not {v} bytes"))
+        }
+    };
+    if let Some(v) = explicit {
+        return checked(v, "the caller");
+    }
+    if let Some(s) = env.filter(|s| !s.trim().is_empty()) {
+        let v = crate::units::parse_size(s).map_err(|e| format!("FVD_GROW_UNIT: {e}"))?;
+        return checked(v.0, "FVD_GROW_UNIT");
+    }
+    match tag {
+        Some(Ok(v)) => checked(v, "the LV tag fvd-grow-unit"),
+        Some(Err(e)) => Err(format!("LV tag fvd-grow-unit: {e}")),
+        None => Ok((DEFAULT_GROW_UNIT, "the default")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn unit_rounds_to_extents() {
+        let p = Policy::new(10 * M, 4 * M);
+        assert_eq!(p.unit, 12 * M);
+        assert_eq!(p.low_water, 12 * M);
+        assert_eq!(Policy::new(1, 4 * M).unit, 4 * M);
+    }
+
+    #[test]
+    fn growth_keeps_one_to_two_units_ahead() {
+        let p = Policy::new(64 * M, 4 * M);
+        // 64 MiB LV, 17 MiB of metadata, first chunk allocated: 46 MiB free < 64.
+        assert!(p.wants_growth(64 * M, 18 * M));
+        assert_eq!(p.target(64 * M, 18 * M), 128 * M);
+        assert!(!p.wants_growth(128 * M, 64 * M));
+        assert!(p.wants_growth(128 * M, 65 * M));
+        // A writer that got ahead of the grower: past the end by 10 MiB.
+        assert_eq!(p.target(128 * M, 138 * M), 256 * M);
+        // Exactly at the mark.
+        assert_eq!(p.target(128 * M, 64 * M), 192 * M);
+        // Stepping `used` through a 1 GiB write from a 64 MiB LV: every growth
+        // adds one unit, and the count is ceil(used / unit).
+        let (mut size, mut growths) = (64 * M, 0);
+        for used in (18..=1041).map(|m| m * M) {
+            if p.wants_growth(size, used) {
+                let t = p.target(size, used);
+                assert_eq!(t - size, 64 * M);
+                size = t;
+                growths += 1;
+            }
+            assert!(size - used >= 64 * M && size - used < 128 * M);
+        }
+        assert_eq!(growths, 1041u64.div_ceil(64));
+        assert_eq!(size, 64 * M + growths * 64 * M);
+        assert_eq!(p.minimal(138 * M + 1), 140 * M);
+    }
+
+    #[test]
+    fn unit_sources_in_order() {
+        let tag = || Some(Ok(256 * M));
+        assert_eq!(choose_unit(Some(2 * M), Some("8M"), tag()), Ok((2 * M, "the caller")));
+        assert_eq!(choose_unit(None, Some("8M"), tag()), Ok((8 * M, "FVD_GROW_UNIT")));
+        assert_eq!(choose_unit(None, Some(" "), tag()).unwrap().0, 256 * M);
+        assert_eq!(choose_unit(None, None, None), Ok((DEFAULT_GROW_UNIT, "the default")));
+        assert!(choose_unit(None, Some("x"), None).is_err());
+        assert!(choose_unit(None, Some("4k"), None).is_err());
+        assert!(choose_unit(None, None, Some(Err("bad".into()))).is_err());
+    }
+}
