@@ -53,12 +53,34 @@ run "$FVD" check "$img"
 info=$("$FVD" info --output json "$img")
 [[ $info == *'"clean": true'* ]] || fail "image not clean after stop"
 
-step "start again, files intact"
-dev=$("$FVD" start -n "$id" "$img")
+step "start again (--writethrough), files intact"
+dev=$("$FVD" start --writethrough -n "$id" "$img")
 [[ $dev == "/dev/ublkb$id" ]] || fail "restart with -n $id gave $dev"
+[[ $(cat /sys/block/ublkb$id/queue/write_cache) == "write through" ]] || fail "--writethrough: write cache not write through"
 mount "$dev" "$mnt"
 (cd "$mnt" && sha256sum --quiet -c "$WORK/sums") || fail "files differ after restart"
 umount "$mnt"
 run "$FVD" stop -n "$id"
 run "$FVD" check "$img"
+
+step "start in the foreground with 4 KiB logical blocks; SIGINT stops it clean"
+"$FVD" start --foreground --logical-block-size 4096 "$img" >"$WORK/fg.out" 2>"$RESULTS/fg.log" &
+fg=$!
+for _ in $(seq 100); do [[ -s $WORK/fg.out ]] && break; sleep 0.1; done
+dev=$(head -n 1 "$WORK/fg.out")
+[[ $dev == /dev/ublkb* ]] || fail "foreground start printed '$dev'"
+[[ $(blockdev --getss "$dev") -eq 4096 ]] || fail "logical block size is $(blockdev --getss "$dev"), want 4096"
+mount "$dev" "$mnt"
+(cd "$mnt" && sha256sum --quiet -c "$WORK/sums") || fail "files differ on the 4k device"
+echo more >"$mnt/more"
+umount "$mnt"
+kill -INT "$fg"
+rc=0
+wait "$fg" || rc=$?
+[[ $rc -eq 0 ]] || fail "foreground daemon exited $rc after SIGINT"
+[[ ! -e $dev ]] || fail "$dev still exists after SIGINT"
+[[ -z $("$FVD" list) ]] || fail "fvd list still shows a device"
+run "$FVD" check "$img"
+info=$("$FVD" info --output json "$img")
+[[ $info == *'"clean": true'* ]] || fail "image not clean after SIGINT"
 step "ok"
