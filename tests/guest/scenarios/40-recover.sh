@@ -73,6 +73,12 @@ fio_job "$dev2" --verify_only --output="$RESULTS/fio-verify.txt" ||
 grep -E 'IOPS|err=' "$RESULTS/fio-verify.txt"
 grep -q 'err= 0' "$RESULTS/fio-verify.txt" || fail "fio verify reported errors"
 
+step "the crashed device can't be recovered while another daemon serves its image"
+rc=0
+out=$("$FVD" recover -n "$id" 2>&1) || rc=$?
+printf '%s\n' "$out"
+[[ $rc -ne 0 && $out == *"lock held"* ]] || fail "recover of a device whose image is served elsewhere: exit $rc, '$out'"
+
 step "stop the crashed device, then the new one; the image is clean"
 run "$FVD" stop -n "$id"
 [[ ! -e /sys/class/ublk-char/ublkc$id ]] || fail "crashed device $id still exists"
@@ -80,4 +86,18 @@ run "$FVD" stop -n "$id2"
 run "$FVD" check "$img"
 info=$("$FVD" info --output json "$img")
 [[ $info == *'"clean": true'* ]] || fail "image not clean after stop"
+
+step "a recovered device stops clean too"
+dev=$("$FVD" start "$img")
+id=${dev#/dev/ublkb}
+head -c 4M /dev/urandom >"$WORK/data"
+dd if="$WORK/data" of="$dev" bs=1M oflag=direct status=none
+kill -9 "$(daemon_pid "$id")"
+[[ $("$FVD" recover -n "$id") == "$dev" ]] || fail "second recover failed"
+cmp -n $((4 << 20)) "$dev" "$WORK/data" || fail "data written before the kill differs after recovery"
+run "$FVD" stop -n "$id"
+[[ ! -e /sys/class/ublk-char/ublkc$id ]] || fail "recovered device $id still exists after stop"
+run "$FVD" check "$img"
+info=$("$FVD" info --output json "$img")
+[[ $info == *'"clean": true'* ]] || fail "image not clean after stopping the recovered device"
 step "ok"
