@@ -50,14 +50,19 @@ impl Image {
     pub async fn read<E: IoEngine>(&self, e: &E, off: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.check_request(off, buf.len() as u64, false)?;
         let plan = self.meta.plan_read(Bytes(off), buf.len() as u64).map_err(self.meta_err())?;
-        let mut futs = Vec::with_capacity(plan.len());
-        let mut rest = &mut *buf;
-        for p in &plan {
-            let (piece, tail) = rest.split_at_mut(p.len);
-            rest = tail;
-            futs.push(self.read_piece(e, p.src, piece));
+        if let [p] = plan.as_slice() {
+            // One piece (the common case): no fan-out needed.
+            self.read_piece(e, p.src, &mut buf[..]).await?;
+        } else {
+            let mut futs = Vec::with_capacity(plan.len());
+            let mut rest = &mut *buf;
+            for p in &plan {
+                let (piece, tail) = rest.split_at_mut(p.len);
+                rest = tail;
+                futs.push(self.read_piece(e, p.src, piece));
+            }
+            first_error(join_all(futs).await)?;
         }
-        first_error(join_all(futs).await)?;
         if self.cor.is_some() {
             for p in plan.iter().filter(|p| matches!(p.src, Source::Base(_))) {
                 if let Source::Base(bo) = p.src {
@@ -94,8 +99,12 @@ impl Image {
         self.check_write(e, off, len).await?;
         self.allocate_range(e, off, len).await?;
         let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
-        let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
-        let r = first_error(join_all(futs).await);
+        let r = if let [p] = plan.as_slice() {
+            self.write_piece(e, off, p, Some(buf)).await
+        } else {
+            let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
+            first_error(join_all(futs).await)
+        };
         if r.is_ok() {
             self.meta.record_written(Bytes(off), len);
         }
@@ -217,7 +226,8 @@ impl Image {
             return Ok(s.ensure_size(geo.data_offset + off + len)?);
         }
         let cb = geo.chunk_bytes();
-        for (c, _, _) in self.meta.chunk_spans(Bytes(off), len) {
+        for c in off / cb..(off + len).div_ceil(cb) {
+            let c = ChunkIdx(c);
             if self.meta.table.get(c).is_some() {
                 continue;
             }
