@@ -243,6 +243,7 @@ struct Shared {
     /// Wakes writers waiting for space.
     done: Condvar,
     hard_retry: Duration,
+    grow_ahead: bool,
     status_file: Option<PathBuf>,
 }
 
@@ -262,12 +263,15 @@ pub struct LvOptions {
     pub grow_unit: Option<u64>,
     /// Publish the status in the run dir (the real daemon and tools).
     pub publish: bool,
+    /// Grow ahead of need (off for `fvd create`, which only needs room for
+    /// the metadata: the serving daemon grows ahead once writes come).
+    pub grow_ahead: bool,
     pub hard_retry: Duration,
 }
 
 impl Default for LvOptions {
     fn default() -> Self {
-        LvOptions { writable: true, grow_unit: None, publish: true, hard_retry: HARD_RETRY }
+        LvOptions { writable: true, grow_unit: None, publish: true, grow_ahead: true, hard_retry: HARD_RETRY }
     }
 }
 
@@ -327,6 +331,7 @@ impl LvStorage {
             work: Condvar::new(),
             done: Condvar::new(),
             hard_retry: o.hard_retry,
+            grow_ahead: o.grow_ahead,
             status_file,
         });
         let grower = if o.writable {
@@ -369,7 +374,12 @@ impl LvStorage {
             {
                 let st = self.sh.lock();
                 let size = self.sh.size();
-                let pending = st.growing || (st.failure.is_none() && self.sh.policy.wants_growth(size, st.used) && st.used > 0);
+                let pending = st.growing
+                    || st.used > size
+                    || (self.sh.grow_ahead
+                        && st.failure.is_none()
+                        && self.sh.policy.wants_growth(size, st.used)
+                        && st.used > 0);
                 if !pending {
                     return true;
                 }
@@ -421,7 +431,7 @@ impl Shared {
             }
             let size = self.size();
             let hard = st.used > size;
-            let want = hard || (st.used > 0 && self.policy.wants_growth(size, st.used));
+            let want = hard || (self.grow_ahead && st.used > 0 && self.policy.wants_growth(size, st.used));
             if !want {
                 st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
@@ -436,7 +446,9 @@ impl Shared {
             let used = st.used;
             st.growing = true;
             st.last_attempt = Some(Instant::now());
+            let snap = self.status_locked(&st, st.report.clone());
             drop(st);
+            self.write_status(&snap);
             let t0 = Instant::now();
             let r = self.grow_once(size, used);
             let took = t0.elapsed();
@@ -867,7 +879,6 @@ mod tests {
     use super::*;
     use crate::storage::OpenMode;
     use std::fs::File;
-    use std::os::unix::fs::FileExt;
 
     const M: u64 = 1 << 20;
 

@@ -102,7 +102,12 @@ pub fn open_image_storage(path: &std::path::Path, o: &StorageOptions) -> Result<
     if o.direct {
         f = f.with_direct_io()?;
     }
-    let lo = lv::LvOptions { writable: o.mode != OpenMode::ReadOnly, grow_unit: o.grow_unit, ..Default::default() };
+    let lo = lv::LvOptions {
+        writable: o.mode != OpenMode::ReadOnly,
+        grow_unit: o.grow_unit,
+        grow_ahead: !o.format,
+        ..Default::default()
+    };
     match LvStorage::detect(f, &lo)? {
         Ok(s) => {
             if o.format {

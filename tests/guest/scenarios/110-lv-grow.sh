@@ -1,0 +1,87 @@
+# shellcheck shell=bash
+# An 8 GiB image on a 64 MiB linear LV: 1 GiB written through the ublk device
+# with fio verify; the LV grows by itself in 64 MiB units ahead of the writer;
+# the number of growths matches the unit; fvd check is clean after stop; the
+# data verifies again after a restart.
+# timeout: 1200
+
+need_fvd
+modprobe_ublk
+modprobe_dm
+start_udev
+modprobe_loop
+export RUST_LOG=${RUST_LOG:-fvd=info}
+export FVD_GROW_UNIT=64M
+unit=$((64 << 20))
+at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+
+# The guest's /tmp is in its 2 GiB of memory: the PV lives in the results
+# folder on the host's disk (sparse).
+step "volume group on a 1.5 GiB loop device, 64 MiB LV"
+truncate -s 1536M "$RESULTS/pv.img"
+at_exit "rm -f \"$RESULTS/pv.img\""
+loop=$(losetup -f --show "$RESULTS/pv.img")
+at_exit "losetup -d $loop"
+pvcreate -q "$loop"
+vgcreate -q -s 4M fvdlv "$loop"
+at_exit "vgremove -q -f fvdlv >/dev/null"
+lvcreate -q -y -L 64M -n disk fvdlv
+udev_settle
+lv=/dev/fvdlv/disk
+[[ $(blockdev --getsize64 $lv) -eq $unit ]] || fail "LV is not 64 MiB"
+
+step "create an 8 GiB image on the 64 MiB LV"
+run "$FVD" create -s 8G "$lv"
+run "$FVD" info "$lv"
+[[ $(blockdev --getsize64 $lv) -eq $unit ]] || fail "create grew the LV although the metadata fits"
+
+step "start"
+dev=$("$FVD" start "$lv")
+id=${dev#/dev/ublkb}
+at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
+[[ $(blockdev --getsize64 "$dev") -eq $((8 << 30)) ]] || fail "$dev is not 8 GiB"
+status=/run/fvd/lv/fvdlv-disk.json
+wait_for_path "$status" 10 || fail "no published LV status"
+
+step "fio: 1 GiB sequential write with crc32c verify"
+t0=${EPOCHREALTIME/./}
+run fio --name=grow --filename="$dev" --rw=write --bs=1M --size=1G --ioengine=io_uring --iodepth=8 \
+    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$RESULTS/fio.txt"
+t1=${EPOCHREALTIME/./}
+grep -E "WRITE:|READ:" "$RESULTS/fio.txt" || true
+printf 'write+verify took %d ms\n' $(((t1 - t0) / 1000))
+sleep 1
+cp "$status" "$RESULTS/status.json"
+cat "$status"
+
+step "growth figures"
+jget() { sed -nE "s/^  \"$1\": \"?([^\",]*)\"?,?$/\1/p" "$RESULTS/status.json"; }
+size=$(jget size) used=$(jget used) growths=$(jget growths) initial=$(jget initial-size)
+lvsize=$(lvs --noheadings --units b --nosuffix -o lv_size fvdlv/disk | tr -d ' ')
+printf 'LV %s bytes (initial %s), used %s, free ahead %s, growths %s, waits %s (%s ms, max %s ms, after the first growth %s)\n' \
+    "$lvsize" "$initial" "$used" $((size - used)) "$growths" "$(jget waits)" "$(jget wait-ms-total)" \
+    "$(jget wait-ms-max)" "$(jget late-waits)"
+[[ $lvsize -eq $size ]] || fail "lvs says $lvsize, the daemon $size"
+[[ $initial -eq $unit ]] || fail "initial size $initial"
+units=$(jget units-added)
+[[ $growths -gt 0 ]] || fail "the LV never grew"
+[[ $((size - initial)) -eq $((units * unit)) ]] || fail "the LV grew by $((size - initial)) bytes, not $units units"
+free=$((size - used))
+((free >= unit && free < 2 * unit)) || fail "free space ahead $free is not between one and two units"
+[[ $units -eq $(((used + unit - 1) / unit)) ]] || fail "$units units added, want ceil(used / unit) = $(((used + unit - 1) / unit))"
+printf 'units added %s in %s lvextend calls, growth time %s ms total\n' "$units" "$growths" "$(jget growth-ms-total)"
+[[ $(jget enospc-errors) -eq 0 ]] || fail "ENOSPC errors while the VG had room"
+[[ $(jget state) == ok ]] || fail "state $(jget state)"
+
+step "stop; fvd check"
+run "$FVD" stop -n "$id"
+run "$FVD" check "$lv"
+"$FVD" info "$lv" | tee "$RESULTS/info.txt"
+
+step "start again: the data verifies"
+dev=$("$FVD" start -n "$id" "$lv")
+run fio --name=grow --filename="$dev" --rw=write --bs=1M --size=1G --ioengine=io_uring --iodepth=8 \
+    --direct=1 --verify=crc32c --verify_only --verify_fatal=1 --output="$RESULTS/fio-verify.txt"
+run "$FVD" stop -n "$id"
+run "$FVD" check "$lv"
+step "ok"
