@@ -118,6 +118,14 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     let ctrl = make_ctrl(o)?;
     let info = ctrl.dev_info();
     let id = info.dev_id;
+    tracing::info!(
+        id,
+        queues = info.nr_hw_queues,
+        depth = info.queue_depth,
+        image = %o.image.display(),
+        mode = ?o.mode,
+        "device set up"
+    );
     if info.nr_hw_queues < o.queues {
         // The driver gives a device at most one queue per CPU.
         tracing::warn!(asked = o.queues, got = info.nr_hw_queues, "the driver lowered the number of queues");
