@@ -623,8 +623,9 @@ impl Shared {
             "state": self.state_word(st),
             "size": size,
             "initial-size": self.initial,
-            "used": st.used,
-            "free-ahead": size.saturating_sub(st.used),
+            // Unknown until the first allocation in this process.
+            "used": (st.used > 0).then_some(st.used),
+            "free-ahead": (st.used > 0).then(|| size.saturating_sub(st.used)),
             "grow-unit": self.policy.unit,
             "grow-unit-from": self.unit_from,
             "low-water": self.policy.low_water,

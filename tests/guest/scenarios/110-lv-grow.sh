@@ -46,7 +46,7 @@ wait_for_path "$status" 10 || fail "no published LV status"
 step "fio: 1 GiB sequential write with crc32c verify"
 t0=${EPOCHREALTIME/./}
 run fio --name=grow --filename="$dev" --rw=write --bs=1M --size=1G --ioengine=io_uring --iodepth=8 \
-    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$RESULTS/fio.txt"
+    --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --output="$RESULTS/fio.txt"
 t1=${EPOCHREALTIME/./}
 grep -E "WRITE:|READ:" "$RESULTS/fio.txt" || true
 printf 'write+verify took %d ms\n' $(((t1 - t0) / 1000))
@@ -81,7 +81,7 @@ run "$FVD" check "$lv"
 step "start again: the data verifies"
 dev=$("$FVD" start -n "$id" "$lv")
 run fio --name=grow --filename="$dev" --rw=write --bs=1M --size=1G --ioengine=io_uring --iodepth=8 \
-    --direct=1 --verify=crc32c --verify_only --verify_fatal=1 --output="$RESULTS/fio-verify.txt"
+    --direct=1 --verify=crc32c --verify_only --verify_fatal=1 --verify_state_save=0 --output="$RESULTS/fio-verify.txt"
 run "$FVD" stop -n "$id"
 run "$FVD" check "$lv"
 step "ok"
