@@ -59,7 +59,7 @@ pub enum Record {
 
 impl Record {
     // record := 0x01 vchunk:u32 entry:u32 used:u32 | 0x02 first:u64 count:u32
-    fn encode_into(&self, out: &mut Vec<u8>) {
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         match *self {
             Record::TableSet { vchunk, entry, used } => {
                 out.push(TAG_TABLE);
@@ -75,7 +75,7 @@ impl Record {
         }
     }
 
-    fn decode(b: &[u8], offset: usize) -> Result<Record, JournalError> {
+    pub fn decode(b: &[u8], offset: usize) -> Result<Record, JournalError> {
         if b.len() < RECORD_LEN {
             return Err(JournalError::BadRecord { offset, why: "truncated record" });
         }

@@ -241,6 +241,7 @@ impl Image {
             stored += end - b;
             b = end;
         }
+        self.sync_volatile()?;
         Ok(stored)
     }
 

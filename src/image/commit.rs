@@ -121,6 +121,7 @@ impl Image {
         // Prefetch progress, read before the data sync that makes the copies
         // below it durable.
         let cursor = self.meta.prefetch_cursor.load(Ordering::Acquire);
+        let vlog_seen = self.volatile.as_ref().map(|v| v.appends.load(Ordering::Acquire));
         let prefetched = geo.base_blocks() > 0 && cursor >= geo.base_blocks();
         self.sync_data(e).await?;
         let s = self.storage.as_ref();
@@ -151,6 +152,9 @@ impl Image {
         })
         .await?;
         j.next = 0;
+        if let (Some(v), Some(seen)) = (&self.volatile, vlog_seen) {
+            v.truncate_if_unchanged(seen);
+        }
         if prefetched && !self.meta.all_present() {
             // Durable now: from here on the bitmap is neither read nor written.
             self.meta.all_present.store(true, Ordering::Release);

@@ -33,6 +33,19 @@ impl Image {
         Ok(())
     }
 
+    /// Appends this request's metadata updates to the volatile log.
+    pub(crate) fn sync_volatile(&self) -> Result<(), ImageError> {
+        if let Some(v) = &self.volatile {
+            v.append(&self.meta.persist.take_volatile()).map_err(|source| ImageError::Io {
+                path: self.name(),
+                what: "volatile log append",
+                offset: 0,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     async fn check_write<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
         self.check_request(off, len, true)?;
         self.ensure_dirty(e).await
@@ -109,6 +122,7 @@ impl Image {
             self.meta.record_written(Bytes(off), len);
         }
         self.stats.guest_writes.fetch_add(1, Ordering::Relaxed);
+        self.sync_volatile()?;
         self.note_completed();
         r?;
         if fua || self.opts.writethrough {
@@ -269,6 +283,7 @@ impl Image {
         if r.is_ok() {
             self.meta.record_written(Bytes(off), len);
         }
+        self.sync_volatile()?;
         self.note_completed();
         r
     }

@@ -14,6 +14,7 @@ mod data;
 mod error;
 mod inspect;
 mod open;
+pub mod volatile;
 mod zero_scan;
 
 pub use background::{sleep, CorQueue, PrefetchOptions, PrefetchProgress, PrefetchState};
@@ -102,6 +103,8 @@ pub struct Image {
     closed: AtomicBool,
     /// Whether the journal had to be replayed at open.
     recovered: bool,
+    /// The volatile log of metadata updates (see [`volatile`]).
+    volatile: Option<volatile::VolatileLog>,
     /// Copy-on-read queue (None when copy-on-read is off).
     cor: Option<background::CorQueue>,
     pub prefetch: background::PrefetchProgress,
@@ -148,6 +151,12 @@ impl Image {
     /// True when open found the image not cleanly closed and replayed its journal.
     pub fn was_recovered(&self) -> bool {
         self.recovered
+    }
+
+    /// Whether metadata updates go to a volatile log, so that a new daemon
+    /// can take over after this one dies without losing completed writes.
+    pub fn has_volatile_log(&self) -> bool {
+        self.volatile.is_some()
     }
 
     pub fn header(&self) -> Header {

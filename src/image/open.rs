@@ -20,6 +20,10 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Copy-on-read: None follows the image's default (set at create).
     pub copy_on_read: Option<bool>,
+    /// A file on tmpfs for the volatile log (see [`super::volatile`]):
+    /// records a previous daemon left there are replayed after the journal,
+    /// then the file starts afresh.
+    pub volatile_log: Option<std::path::PathBuf>,
 }
 
 /// Bytes of copy-on-read data queued at most.
@@ -122,7 +126,19 @@ impl Image {
         opts: &OpenOptions,
     ) -> Result<Image, ImageError> {
         let name = storage.name().to_string();
-        let loaded = load(storage.as_ref())?;
+        let mut loaded = load(storage.as_ref())?;
+        let mut replayed_volatile = 0;
+        if let (Some(log), false) = (&opts.volatile_log, opts.read_only) {
+            for r in super::volatile::read(log, path) {
+                meta::apply_record(&loaded.geo, &mut loaded.table, &mut loaded.bitmap, &r)
+                    .map_err(|source| ImageError::Meta { path: name.clone(), source })?;
+                replayed_volatile += 1;
+            }
+            if replayed_volatile > 0 {
+                tracing::info!(image = %name, records = replayed_volatile, "volatile log of the previous daemon replayed");
+                loaded.header.flags |= format::header::FLAG_DIRTY;
+            }
+        }
         if loaded.header.base_size > 0 && base.is_none() && !loaded.header.is_prefetched() {
             return Err(ImageError::Base {
                 path: name,
@@ -146,7 +162,8 @@ impl Image {
             && !opts.read_only
             && base.is_some()
             && !loaded.header.is_prefetched();
-        let img = Image {
+        let mut img = Image {
+            volatile: None,
             cor: cor_on.then(|| super::background::CorQueue::new(COR_QUEUE_LIMIT)),
             prefetch: Default::default(),
             path: path.to_path_buf(),
@@ -174,6 +191,15 @@ impl Image {
         };
         if !opts.read_only {
             img.start_writing()?;
+            if let Some(log) = &opts.volatile_log {
+                match super::volatile::VolatileLog::create(log, path) {
+                    Ok(v) => {
+                        img.meta.persist.enable_volatile();
+                        img.volatile = Some(v);
+                    }
+                    Err(e) => tracing::warn!(log = %log.display(), error = %e, "no volatile log: metadata is journaled before writes complete instead"),
+                }
+            }
         }
         Ok(img)
     }

@@ -17,6 +17,8 @@ struct Inner {
     new_bits: BTreeMap<u64, u64>,
     /// Chunks freed since the last commit: reusable once that commit is durable.
     freed: Vec<PhysChunk>,
+    /// Every update in order, for the volatile log (None when it is off).
+    volatile: Option<Vec<Record>>,
 }
 
 pub struct Persist {
@@ -55,6 +57,7 @@ impl Persist {
                 dirty_chunks: BTreeMap::new(),
                 new_bits: BTreeMap::new(),
                 freed: Vec::new(),
+                volatile: None,
             }),
             bits_recorded: std::sync::atomic::AtomicU64::new(0),
         }
@@ -72,15 +75,28 @@ impl Persist {
             if old != 0 && p.is_none() {
                 s.freed.push(PhysChunk(old - 1));
             }
-            s.table[v] = p.map(|p| p.0 + 1).unwrap_or(0);
+            let entry = p.map(|p| p.0 + 1).unwrap_or(0);
+            s.table[v] = entry;
             s.dirty_chunks.insert(vchunk as u32, ());
             s.hwm = s.hwm.max(hwm);
+            let used = s.hwm;
+            if let Some(vl) = s.volatile.as_mut() {
+                vl.push(Record::TableSet { vchunk: vchunk as u32, entry, used });
+            }
         }
     }
 
     /// Records that bits `first..first+count` are set.
     pub fn set_bits(&self, first: u64, count: u64) {
         let mut s = self.lock();
+        if let Some(vl) = s.volatile.as_mut() {
+            let mut f = first;
+            while f < first + count {
+                let n = (first + count - f).min(u32::MAX as u64);
+                vl.push(Record::BitmapSet { first: f, count: n as u32 });
+                f += n;
+            }
+        }
         let end = first + count;
         let mut b = first;
         while b < end {
@@ -117,6 +133,16 @@ impl Persist {
     /// Whether chunks freed since the last commit wait for it.
     pub fn has_freed(&self) -> bool {
         !self.lock().freed.is_empty()
+    }
+
+    /// Starts keeping every update for the volatile log.
+    pub fn enable_volatile(&self) {
+        self.lock().volatile.get_or_insert_with(Vec::new);
+    }
+
+    /// The updates since the last call, in order.
+    pub fn take_volatile(&self) -> Vec<Record> {
+        self.lock().volatile.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Bitmap bits newly recorded since open.
