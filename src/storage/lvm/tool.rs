@@ -9,6 +9,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A failed tool run.
@@ -133,6 +134,95 @@ pub fn parse_report(text: &str) -> Result<Vec<LvReport>, String> {
 pub struct Lvm {
     bin: PathBuf,
     timeout: Duration,
+    /// The administrator's own `devices/global_filter`, read once.
+    admin_filter: Arc<OnceLock<Vec<String>>>,
+    /// Keep lvm2 off ublk devices (see [`ublk_reject_patterns`]).
+    guard: bool,
+}
+
+/// Reject patterns (lvm2 filter syntax) for every ublk block device and all
+/// its names: the kernel name, `/dev/block/MAJ:MIN` and udev's links.
+///
+/// lvm2 reads every device it may find a PV on, and a ublk device's reads are
+/// answered by its daemon. A daemon whose I/O thread waits for this very
+/// growth could never answer, and lvextend (holding the VG lock) would hang
+/// with it; so could another fvd daemon waiting for the same VG lock. lvm2
+/// accepts a device when any of its names matches an accept pattern first,
+/// so every name gets a reject pattern ahead of the administrator's own.
+pub fn ublk_reject_patterns(sys_block: &Path, udev_db: &Path) -> Vec<String> {
+    let mut v = vec!["r|^/dev/ublkb[0-9]+(p[0-9]+)?$|".to_string()];
+    let Ok(rd) = std::fs::read_dir(sys_block) else {
+        return v;
+    };
+    let mut names: Vec<_> = rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    for name in names.into_iter().filter(|n| n.starts_with("ublkb")) {
+        let Ok(dev) = std::fs::read_to_string(sys_block.join(&name).join("dev")) else {
+            continue;
+        };
+        let dev = dev.trim();
+        v.push(exact_reject(&format!("/dev/block/{dev}")));
+        if let Ok(db) = std::fs::read_to_string(udev_db.join(format!("b{dev}"))) {
+            for link in db.lines().filter_map(|l| l.strip_prefix("S:")) {
+                v.push(exact_reject(&format!("/dev/{link}")));
+            }
+        }
+    }
+    v
+}
+
+/// A pattern that rejects exactly `path`: regex metacharacters become
+/// bracket expressions (no backslashes, which lvm.conf strings would need
+/// escaped again); the few characters a bracket cannot hold match any one.
+fn exact_reject(path: &str) -> String {
+    let mut re = String::from("r|^");
+    for c in path.chars() {
+        match c {
+            '.' | '+' | '*' | '?' | '(' | ')' | '$' | '{' | '}' => {
+                re.push('[');
+                re.push(c);
+                re.push(']');
+            }
+            '|' | '[' | ']' | '^' | '\\' | '"' => re.push('.'),
+            c => re.push(c),
+        }
+    }
+    re.push_str("$|");
+    re
+}
+
+/// The `--config` setting: our rejects, then the administrator's patterns.
+pub fn filter_config(rejects: &[String], admin: &[String]) -> String {
+    let quote = |p: &String| format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\""));
+    let items: Vec<String> = rejects.iter().chain(admin.iter()).map(quote).collect();
+    format!("devices/global_filter=[{}]", items.join(","))
+}
+
+/// Parses a string list as `lvmconfig --valuesonly` prints it: `["a|x|","r|y|"]`.
+pub fn parse_string_list(s: &str) -> Option<Vec<String>> {
+    let s = s.trim();
+    let s = s.split_once('=').map(|(_, v)| v.trim()).filter(|_| !s.starts_with('[')).unwrap_or(s);
+    let inner = s.strip_prefix('[')?.strip_suffix(']')?;
+    let mut out = Vec::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let mut item = String::new();
+                loop {
+                    match chars.next()? {
+                        '\\' => item.push(chars.next()?),
+                        '"' => break,
+                        c => item.push(c),
+                    }
+                }
+                out.push(item);
+            }
+            ',' | ' ' | '\t' | '\n' => {}
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 impl Default for Lvm {
@@ -150,11 +240,30 @@ impl Lvm {
         let bin = on_path
             .or_else(|| ["/usr/sbin/lvm", "/sbin/lvm"].iter().map(PathBuf::from).find(|c| c.is_file()))
             .unwrap_or_else(|| PathBuf::from("lvm"));
-        Lvm { bin, timeout: Duration::from_secs(120) }
+        Lvm::with_binary(&bin)
     }
 
     pub fn with_binary(bin: &Path) -> Lvm {
-        Lvm { bin: bin.to_path_buf(), timeout: Duration::from_secs(120) }
+        Lvm { bin: bin.to_path_buf(), timeout: Duration::from_secs(120), admin_filter: Default::default(), guard: true }
+    }
+
+    /// Without the ublk device filter (tests of the argument vector).
+    pub fn unguarded(mut self) -> Lvm {
+        self.guard = false;
+        self
+    }
+
+    fn admin_filter(&self) -> &[String] {
+        self.admin_filter.get_or_init(|| {
+            let args = ["lvmconfig", "--typeconfig", "current", "--valuesonly", "devices/global_filter"];
+            match self.run_raw(&args.map(String::from)) {
+                Ok(out) => parse_string_list(&out).unwrap_or_else(|| {
+                    tracing::warn!(value = %out.trim(), "could not parse devices/global_filter; using none");
+                    Vec::new()
+                }),
+                Err(_) => Vec::new(), // not set
+            }
+        })
     }
 
     pub fn with_timeout(mut self, t: Duration) -> Lvm {
@@ -162,9 +271,20 @@ impl Lvm {
         self
     }
 
-    /// Runs `lvm ARGS…` and returns its stdout, or its error lines.
+    /// Runs `lvm ARGS…` (with the ublk device filter) and returns its
+    /// stdout, or its error lines.
     pub fn run(&self, args: &[String]) -> Result<String, ToolError> {
-        let cmd = format!("lvm {}", args.join(" "));
+        if !self.guard || args.is_empty() {
+            return self.run_raw(args);
+        }
+        let rejects = ublk_reject_patterns(Path::new("/sys/block"), Path::new("/run/udev/data"));
+        let mut full = vec![args[0].clone(), "--config".into(), filter_config(&rejects, self.admin_filter())];
+        full.extend(args[1..].iter().cloned());
+        self.run_raw(&full)
+    }
+
+    fn run_raw(&self, args: &[String]) -> Result<String, ToolError> {
+        let cmd = format!("lvm {}", args.iter().filter(|a| !a.starts_with("devices/global_filter")).cloned().collect::<Vec<_>>().join(" "));
         let err = |why: String| ToolError { cmd: cmd.clone(), why };
         let mut child = Command::new(&self.bin)
             .args(args)
@@ -198,9 +318,12 @@ impl Lvm {
             match child.try_wait() {
                 Ok(Some(s)) => break s,
                 Ok(None) if t0.elapsed() > self.timeout => {
-                    // Our own child, by its handle.
+                    // Our own child, by its handle. A child stuck in the kernel
+                    // dies only when its I/O ends: reap it on a thread of its own.
                     let _ = child.kill();
-                    let _ = child.wait();
+                    std::thread::spawn(move || {
+                        let _ = child.wait();
+                    });
                     return Err(err(format!("no answer within {} s; killed", self.timeout.as_secs())));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
@@ -297,7 +420,7 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let lvm = Lvm::with_binary(&bin);
+        let lvm = Lvm::with_binary(&bin).unguarded();
         let out = lvm.run(&["lvs".into(), "a b".into(), "$(x)".into()]).unwrap();
         assert_eq!(out, "[lvs][a b][$(x)]");
         let lv = LvName::new("vg", "lv").unwrap();
@@ -308,6 +431,10 @@ mod tests {
             }
             r => panic!("{r:?}"),
         }
+        // Guarded: the filter goes right after the subcommand.
+        let out = Lvm::with_binary(&bin).run(&["lvs".into(), "vg/lv".into()]).unwrap();
+        assert!(out.starts_with("[lvs][--config][devices/global_filter=[\"r|^/dev/ublkb"), "{out}");
+        assert!(out.ends_with("][vg/lv]"), "{out}");
         let slow = d.path().join("slow");
         std::fs::write(&slow, "#!/bin/sh\nexec sleep 5\n").unwrap();
         std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -315,5 +442,39 @@ mod tests {
         assert!(e.why.contains("killed"), "{e}");
         let e = Lvm::with_binary(&d.path().join("missing")).run(&["lvs".into()]).unwrap_err();
         assert!(e.why.contains("cannot run"), "{e}");
+    }
+
+    #[test]
+    fn ublk_devices_are_filtered_by_every_name() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("sys");
+        let udev = d.path().join("udev");
+        for (n, dev) in [("ublkb0", "259:0"), ("ublkb0p1", "259:1"), ("sda", "8:0")] {
+            std::fs::create_dir_all(sys.join(n)).unwrap();
+            std::fs::write(sys.join(n).join("dev"), format!("{dev}\n")).unwrap();
+        }
+        std::fs::create_dir_all(&udev).unwrap();
+        std::fs::write(udev.join("b259:0"), "S:fvd/disk.fvd\nS:disk/by-diskseq/9\nE:ID_X=1\n").unwrap();
+        std::fs::write(udev.join("b8:0"), "S:disk/by-id/ata-x\n").unwrap();
+        let p = ublk_reject_patterns(&sys, &udev);
+        assert_eq!(
+            p,
+            vec![
+                "r|^/dev/ublkb[0-9]+(p[0-9]+)?$|",
+                "r|^/dev/block/259:0$|",
+                "r|^/dev/fvd/disk[.]fvd$|",
+                "r|^/dev/disk/by-diskseq/9$|",
+                "r|^/dev/block/259:1$|",
+            ]
+        );
+        let admin = parse_string_list(r#"["a|/dev/sd.*|", "r|.*|"]"#).unwrap();
+        assert_eq!(admin, vec!["a|/dev/sd.*|", "r|.*|"]);
+        assert_eq!(parse_string_list(r#"global_filter=["a|x\"y|"]"#).unwrap(), vec![r#"a|x"y|"#]);
+        assert_eq!(parse_string_list("nonsense"), None);
+        assert_eq!(
+            filter_config(&p[..2], &admin),
+            r#"devices/global_filter=["r|^/dev/ublkb[0-9]+(p[0-9]+)?$|","r|^/dev/block/259:0$|","a|/dev/sd.*|","r|.*|"]"#
+        );
+        assert_eq!(exact_reject("/dev/a|b[c]\\d"), "r|^/dev/a.b.c..d$|");
     }
 }
