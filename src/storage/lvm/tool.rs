@@ -257,6 +257,7 @@ impl Lvm {
         self.admin_filter.get_or_init(|| {
             let args = ["lvmconfig", "--typeconfig", "current", "--valuesonly", "devices/global_filter"];
             match self.run_raw(&args.map(String::from)) {
+                Ok(out) if out.trim().is_empty() => Vec::new(),
                 Ok(out) => parse_string_list(&out).unwrap_or_else(|| {
                     tracing::warn!(value = %out.trim(), "could not parse devices/global_filter; using none");
                     Vec::new()
