@@ -68,10 +68,15 @@ fn repair(rd: &RunDir, st: DeviceState) -> Result<Stopped, DaemonError> {
         // Opening read-write replays the journal; closing checkpoints and
         // marks the image clean. An image another daemon serves by now is
         // that daemon's to look after.
-        match Image::open(&st.image, &OpenOptions::default()) {
+        // The dead daemon's volatile log holds what it never journaled.
+        let vlog = rd.volatile_log(&st.image);
+        match Image::open(&st.image, &OpenOptions { volatile_log: vlog.clone(), ..Default::default() }) {
             Ok(img) => {
                 img.close()?;
                 closed = true;
+                if let Some(v) = vlog {
+                    let _ = std::fs::remove_file(v);
+                }
             }
             Err(ImageError::Storage(StorageError::Locked { .. })) => {
                 tracing::info!(image = %st.image.display(), "image is served by another daemon now; left to it");

@@ -108,13 +108,28 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     stop_signals()
         .thread_block()
         .map_err(|e| DaemonError::Sys { what: "blocking signals", source: e.into() })?;
+    let vlog = o.run_dir.volatile_log(&o.image);
     let img = Arc::new(Image::open(
         &o.image,
-        &OpenOptions { read_only: o.read_only, writethrough: o.writethrough, ..Default::default() },
+        &OpenOptions {
+            read_only: o.read_only,
+            writethrough: o.writethrough,
+            volatile_log: vlog.clone(),
+            ..Default::default()
+        },
     )?);
     if img.was_recovered() {
         tracing::info!(image = %o.image.display(), "image was not closed cleanly: journal replayed");
     }
+    // With a volatile log, a new daemon finds every metadata update a dead
+    // one made; without it, updates are journaled before writes complete.
+    let lazy_metadata = o.lazy_metadata || img.has_volatile_log();
+    let how = match (img.has_volatile_log(), o.lazy_metadata) {
+        (true, _) => "kept in the volatile log",
+        (false, true) => "lost (--lazy-metadata)",
+        (false, false) => "journaled before writes complete",
+    };
+    tracing::info!("metadata of completed writes if this daemon dies: {how}");
     let ctrl = make_ctrl(o)?;
     let info = ctrl.dev_info();
     let id = info.dev_id;
@@ -168,7 +183,7 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         Ok(())
     };
     let qimg = img.clone();
-    let pol = Policy { lazy_metadata: o.lazy_metadata };
+    let pol = Policy { lazy_metadata };
     let q_fn = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, qimg.clone(), pol);
     let (rd, dev_path, rslot) = (o.run_dir.clone(), st.device.clone(), slot.clone());
     let live = move |_: &UblkCtrl| {
@@ -182,7 +197,7 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     };
     let ran = ctrl.run_target(tgt_init, q_fn, live);
     tracing::info!(device = %st.device, "queues stopped");
-    finish(o, &ctrl, img, id, ran)
+    finish(o, &ctrl, img, id, ran, vlog)
 }
 
 /// After the queues are done: close the image clean, delete the device,
@@ -193,12 +208,19 @@ fn finish(
     img: Arc<Image>,
     id: u32,
     ran: Result<i32, libublk::UblkError>,
+    vlog: Option<PathBuf>,
 ) -> Result<(), DaemonError> {
     let _ = o.run_dir.update(id, |s| s.state = "stopping".into());
     let closed = img.close();
     drop(img);
     match &closed {
-        Ok(()) => tracing::info!(image = %o.image.display(), "image closed clean"),
+        Ok(()) => {
+            tracing::info!(image = %o.image.display(), "image closed clean");
+            // Everything in it is durable in the image now.
+            if let Some(v) = vlog.filter(|_| !o.read_only) {
+                let _ = std::fs::remove_file(v);
+            }
+        }
         Err(e) => tracing::error!(image = %o.image.display(), error = %e, "closing the image failed"),
     }
     let keep = ran.is_err() && matches!(o.mode, Mode::Recover { .. });

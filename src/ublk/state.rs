@@ -67,6 +67,18 @@ impl RunDir {
         self.root.join(format!("{id}.log"))
     }
 
+    /// The image's volatile log (see [`crate::image::volatile`]): named after
+    /// the image file's identity, so that any later daemon for the same image
+    /// (`fvd recover`, a new `fvd start`, `fvd stop` of a crashed device)
+    /// finds what a dead one left there.
+    pub fn volatile_log(&self, image: &Path) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(image).ok()?;
+        let dir = self.root.join("vlog");
+        std::fs::create_dir_all(&dir).ok()?;
+        Some(dir.join(format!("{:x}-{:x}.vlog", m.dev(), m.ino())))
+    }
+
     fn err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
         let path = path.to_path_buf();
         move |source| DaemonError::State { path, source }

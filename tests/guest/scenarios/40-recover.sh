@@ -65,6 +65,7 @@ dev2=$("$FVD" start "$img")
 id2=${dev2#/dev/ublkb}
 [[ $id2 != "$id" ]] || fail "new start reused the crashed device's ID"
 grep -q "journal replayed" "/run/fvd/$id2.log" || fail "the new daemon did not replay the journal"
+grep -E "metadata of completed writes|volatile log" "/run/fvd/$id2.log" | sed 's/\x1b\[[0-9;]*m//g' || true
 run "$FVD" list
 
 step "verify-only pass: all data is there"
