@@ -88,7 +88,13 @@ run "$FVD" check "$img"
 info=$("$FVD" info --output json "$img")
 [[ $info == *'"clean": true'* ]] || fail "image not clean after stop"
 
-step "a recovered device stops clean too"
+step "a recovered device stops clean too; run dir off tmpfs: no volatile log, journaled before completion"
+# 9p is not tmpfs: the daemon journals allocations before writes complete.
+export FVD_RUN_DIR=$RESULTS/run-journaled
+at_exit "FVD_RUN_DIR=$FVD_RUN_DIR \"$FVD\" stop --all >/dev/null 2>&1 || true"
+daemon_pid() {
+    sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "$FVD_RUN_DIR/$1.json"
+}
 dev=$("$FVD" start "$img")
 id=${dev#/dev/ublkb}
 head -c 4M /dev/urandom >"$WORK/data"
@@ -96,6 +102,8 @@ dd if="$WORK/data" of="$dev" bs=1M oflag=direct status=none
 kill -9 "$(daemon_pid "$id")"
 [[ $("$FVD" recover -n "$id") == "$dev" ]] || fail "second recover failed"
 cmp -n $((4 << 20)) "$dev" "$WORK/data" || fail "data written before the kill differs after recovery"
+grep -h "metadata of completed writes" "$FVD_RUN_DIR/$id.log" | sed 's/\x1b\[[0-9;]*m//g'
+grep -q "journaled before writes complete" "$FVD_RUN_DIR/$id.log" || fail "expected the journal-before-complete mode"
 run "$FVD" stop -n "$id"
 [[ ! -e /sys/class/ublk-char/ublkc$id ]] || fail "recovered device $id still exists after stop"
 run "$FVD" check "$img"
