@@ -467,7 +467,7 @@ impl Shared {
                     st.last_growth_time = took;
                     st.retry_at = None;
                     st.backoff = Duration::from_secs(1);
-                    if let Some(f) = st.failure.take() {
+                    if let Some(f) = st.failure.take().filter(|f| f.hard) {
                         tracing::info!(lv = %self.vol.lv(), after = %f.msg, "the LV grows again");
                     }
                     tracing::info!(
@@ -530,19 +530,27 @@ impl Shared {
         let asked = match self.vol.extend_to(target) {
             Ok(()) => target,
             Err(ExtendError::NoSpace(m)) => {
+                // Take what the volume group still has when that holds what
+                // writes need (one step instead of one per waiting write),
+                // else the least size that holds it.
                 let need = self.lock().used;
-                if need <= size {
-                    // Only the growth ahead failed; no write waits yet.
-                    return Err(fail(true, m, need, false));
-                }
+                let all = super::lvm::tool::available_extents(&m)
+                    .map(|n| size + n * self.policy.extent)
+                    .filter(|&t| t > size && t < target);
                 let least = self.policy.minimal(need);
-                if least >= target {
-                    return Err(fail(true, m, need, true));
+                let to = match all {
+                    Some(t) if t >= least => t,
+                    _ if need > size => least,
+                    // Only the growth ahead failed and nothing is left; no write waits yet.
+                    _ => return Err(fail(true, m, need, false)),
+                };
+                if to >= target || to <= size {
+                    return Err(fail(true, m, need, need > size));
                 }
-                match self.vol.extend_to(least) {
-                    Ok(()) => least,
-                    Err(ExtendError::NoSpace(m)) => return Err(fail(true, m, need, true)),
-                    Err(ExtendError::Failed(m)) => return Err(fail(false, m, need, true)),
+                match self.vol.extend_to(to) {
+                    Ok(()) => to,
+                    Err(ExtendError::NoSpace(m)) => return Err(fail(true, m, need, need > size)),
+                    Err(ExtendError::Failed(m)) => return Err(fail(false, m, need, need > size)),
                 }
             }
             Err(ExtendError::Failed(m)) => {
@@ -917,7 +925,11 @@ mod tests {
             }
             let mut free = self.vg_free.lock().unwrap();
             if bytes - cur > *free {
-                return Err(ExtendError::NoSpace("Insufficient free space".into()));
+                return Err(ExtendError::NoSpace(format!(
+                    "Insufficient free space: {} extents needed, but only {} available",
+                    (bytes - cur) / M,
+                    *free / M
+                )));
             }
             *free -= bytes - cur;
             self.file.set_len(bytes).unwrap();
@@ -1044,11 +1056,12 @@ mod tests {
         assert!(s.wait_idle(Duration::from_secs(5)));
         // 4 MiB unit: one growth to 12 MiB, then the VG has 2 MiB left.
         assert_eq!(s.size(), 12 * M);
-        // Needs 13 MiB: a unit does not fit, the least size (13 MiB) does.
+        // Needs 13 MiB: a unit does not fit; the grower takes all the VG
+        // has left (2 MiB) in one step.
         s.ensure_size(13 * M).unwrap();
-        assert_eq!(s.size(), 13 * M);
-        s.ensure_size(14 * M).unwrap();
         assert_eq!(s.size(), 14 * M);
+        assert_eq!(r.extends.lock().unwrap().last(), Some(&(14 * M)));
+        s.ensure_size(14 * M).unwrap();
         // Now the VG is empty.
         match s.ensure_size(15 * M) {
             Err(StorageError::NoSpace { want, have, .. }) => assert_eq!((want, have), (15 * M, 14 * M)),

@@ -54,6 +54,14 @@ pub fn classify_extend_failure(err: ToolError) -> ExtendError {
     }
 }
 
+/// The free extents lvextend reported when it refused: "Insufficient free
+/// space: 8 extents needed, but only 7 available".
+pub fn available_extents(msg: &str) -> Option<u64> {
+    let rest = &msg[msg.find("but only ")? + "but only ".len()..];
+    let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    rest[n.len()..].trim_start().starts_with("available").then(|| n.parse().ok()).flatten()
+}
+
 /// One line of `lvs` output, for the fields [`REPORT_FIELDS`] asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LvReport {
@@ -255,7 +263,8 @@ impl Lvm {
 
     fn admin_filter(&self) -> &[String] {
         self.admin_filter.get_or_init(|| {
-            let args = ["lvmconfig", "--typeconfig", "current", "--valuesonly", "devices/global_filter"];
+            // Prints `global_filter=[...]`, or fails when it is not set.
+            let args = ["lvmconfig", "--typeconfig", "current", "devices/global_filter"];
             match self.run_raw(&args.map(String::from)) {
                 Ok(out) if out.trim().is_empty() => Vec::new(),
                 Ok(out) => parse_string_list(&out).unwrap_or_else(|| {
@@ -285,7 +294,16 @@ impl Lvm {
     }
 
     fn run_raw(&self, args: &[String]) -> Result<String, ToolError> {
-        let cmd = format!("lvm {}", args.iter().filter(|a| !a.starts_with("devices/global_filter")).cloned().collect::<Vec<_>>().join(" "));
+        // Messages leave out the long device filter.
+        let shown: Vec<&str> = args
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| {
+                !a.starts_with("devices/global_filter") && !(*a == "--config" && args.get(i + 1).is_some_and(|n| n.starts_with("devices/")))
+            })
+            .map(|(_, a)| a.as_str())
+            .collect();
+        let cmd = format!("lvm {}", shown.join(" "));
         let err = |why: String| ToolError { cmd: cmd.clone(), why };
         let mut child = Command::new(&self.bin)
             .args(args)
@@ -395,6 +413,14 @@ mod tests {
         assert!(parse_report("  a|b|c\n").is_err());
         assert!(parse_report("  fvdtest|l|-wi-a-----|x|linear||1|1||||\n").is_err());
         assert!(parse_report("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn available_extents_from_the_message() {
+        assert_eq!(available_extents("exit status: 5: Insufficient free space: 8 extents needed, but only 7 available"), Some(7));
+        assert_eq!(available_extents("Insufficient free space: 1 extents needed, but only 0 available"), Some(0));
+        assert_eq!(available_extents("Volume group not found"), None);
+        assert_eq!(available_extents("but only x available"), None);
     }
 
     #[test]
