@@ -1,4 +1,3 @@
 fn main() {
-    fvd::logging::init();
     std::process::exit(fvd::cli::main());
 }

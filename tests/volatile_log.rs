@@ -87,3 +87,37 @@ fn without_the_log_unjournaled_allocations_are_lost() {
     ring.block_on(img.read(&ring, WRITES[1], &mut b)).unwrap().unwrap();
     assert!(b.iter().all(|&x| x == 0), "unflushed allocation survived without a log");
 }
+
+#[test]
+fn a_log_left_behind_is_stale_once_someone_else_recovers_the_image() {
+    let Some(shm) = tmpfs_dir() else {
+        eprintln!("SKIP: no tmpfs at /dev/shm for the volatile log");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("img.fvd");
+    create(&p, &CreateOptions { size: Some(32 << 20), ..Default::default() }).unwrap();
+    let log = shm.path().join("2.vlog");
+    die_after_writes(&p, Some(&log));
+    // A host tool recovers the image without the log (losing the unjournaled
+    // allocations, as a crash without the log would) and writes elsewhere.
+    {
+        let img = Image::open(&p, &OpenOptions::default()).unwrap();
+        let ring = Uring::new(8).unwrap();
+        ring.block_on(img.write(&ring, 30 << 20, &[9u8; 4096], false)).unwrap().unwrap();
+        img.close().unwrap();
+    }
+    // The dead daemon's log must not be replayed over that.
+    let img = Image::open(&p, &OpenOptions { volatile_log: Some(log), ..Default::default() }).unwrap();
+    let ring = Uring::new(8).unwrap();
+    let mut b = vec![1u8; 8192];
+    ring.block_on(img.read(&ring, WRITES[1], &mut b)).unwrap().unwrap();
+    assert!(b.iter().all(|&x| x == 0), "a stale volatile log was replayed");
+    let mut b = vec![0u8; 4096];
+    ring.block_on(img.read(&ring, 30 << 20, &mut b)).unwrap().unwrap();
+    assert!(b.iter().all(|&x| x == 9));
+    img.close().unwrap();
+    drop(img);
+    let s = fvd::storage::FileStorage::open(&p, fvd::storage::OpenMode::ReadOnly).unwrap();
+    assert_eq!(fvd::image::check(&s).exit_code(), 0);
+}

@@ -64,6 +64,19 @@ pub fn fail(msg: impl Into<String>) -> CliError {
 /// Runs the command line; returns the exit status.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let daemon = matches!(cli.cmd, Cmd::Start(_) | Cmd::Recover(_));
+    let detaching = match &cli.cmd {
+        Cmd::Start(a) => !a.foreground,
+        Cmd::Recover(_) => true,
+        _ => false,
+    };
+    crate::logging::init(detaching);
+    if !daemon {
+        // A closed pipe (`fvd info | head`) ends a tool quietly, as it does
+        // any other command-line tool, instead of a panic in println!.
+        // SAFETY: resetting a signal disposition to its default; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let r = match cli.cmd {
         Cmd::Create(a) => image_cmds::create(a),
         Cmd::Info(a) => image_cmds::info(a),

@@ -18,6 +18,7 @@ pub const COMPAT_COPY_ON_READ: u64 = 1 << 1;
 /// Compatible feature: prefetch the base in the background by default.
 pub const COMPAT_PREFETCH: u64 = 1 << 2;
 const CURSOR_OFF: usize = PATH_OFF + MAX_BASE_PATH;
+const SESSION_OFF: usize = CURSOR_OFF + 8;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -99,6 +100,9 @@ pub struct Header {
     /// Prefetch progress: every base block below this index is in the image
     /// (copied, or needing no copy), whatever the bitmap says.
     pub prefetch_cursor: u64,
+    /// The writer session whose volatile log may extend this image's journal
+    /// (0: none). A volatile log is replayed only when it carries this value.
+    pub session: u64,
 }
 
 impl Header {
@@ -116,7 +120,7 @@ impl Header {
 
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
-    //           path_len rsvd used rsvd generation path[1024] prefetch_cursor pad crc32
+    //           path_len rsvd used rsvd generation path[1024] prefetch_cursor session pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -144,6 +148,7 @@ impl Header {
         put32(&mut b, 136, self.used_chunks);
         put64(&mut b, 144, self.generation);
         put64(&mut b, CURSOR_OFF, self.prefetch_cursor);
+        put64(&mut b, SESSION_OFF, self.session);
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -209,6 +214,7 @@ impl Header {
             used_chunks: le_u32(b, 136),
             generation: le_u64(b, 144),
             prefetch_cursor: le_u64(b, CURSOR_OFF),
+            session: le_u64(b, SESSION_OFF),
         })
     }
 }
@@ -248,6 +254,7 @@ pub(crate) fn sample() -> Header {
         used_chunks: 3,
         generation: 9,
         prefetch_cursor: 5,
+        session: 0xfeed,
     }
 }
 

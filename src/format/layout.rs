@@ -232,6 +232,7 @@ impl Geometry {
             used_chunks: 0,
             generation: 0,
             prefetch_cursor: 0,
+            session: 0,
         }
     }
 }

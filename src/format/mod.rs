@@ -52,6 +52,7 @@
 //! | 144  | 8    | generation            | header write counter; slot = generation % 2           |
 //! | 152  | ≤1024| base_path             | UTF-8; relative paths are relative to the image's folder |
 //! | 1176 | 8    | prefetch_cursor       | every base block below this index is in the image, whatever the bitmap says |
+//! | 1184 | 8    | session               | the writer whose volatile log (in RAM, see `image::volatile`) may extend the journal; 0 none |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table

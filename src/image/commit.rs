@@ -58,7 +58,28 @@ impl Image {
         io::sync(e, self.storage.as_ref()).await.map_err(self.io_error("fdatasync", 0))
     }
 
+    /// Journals the metadata of every completed request before returning:
+    /// what a front end calls before completing a write when no volatile log
+    /// covers a daemon crash. Does nothing when nothing is pending and no
+    /// commit is under way.
+    pub async fn journal_completed<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        if self.meta.persist.pending() > 0 || self.committing.load(Ordering::Acquire) {
+            self.flush(e).await
+        } else {
+            Ok(())
+        }
+    }
+
     async fn commit_locked<E: IoEngine>(&self, e: &E, j: &mut JournalPos) -> Result<(), ImageError> {
+        // Until this commit is durable, records it took are neither pending
+        // nor journaled: `journal_completed` must wait for it.
+        self.committing.store(true, Ordering::Release);
+        let r = self.commit_inner(e, j).await;
+        self.committing.store(false, Ordering::Release);
+        r
+    }
+
+    async fn commit_inner<E: IoEngine>(&self, e: &E, j: &mut JournalPos) -> Result<(), ImageError> {
         let batch = self.meta.persist.take_batch();
         if batch.records.is_empty() {
             self.sync_data(e).await?;
@@ -110,6 +131,18 @@ impl Image {
 
     /// A checkpoint that also completes `carried`, a batch already taken.
     async fn checkpoint_with<E: IoEngine>(
+        &self,
+        e: &E,
+        j: &mut JournalPos,
+        carried: Batch,
+    ) -> Result<(), ImageError> {
+        let was = self.committing.swap(true, Ordering::AcqRel);
+        let r = self.checkpoint_inner(e, j, carried).await;
+        self.committing.store(was, Ordering::Release);
+        r
+    }
+
+    async fn checkpoint_inner<E: IoEngine>(
         &self,
         e: &E,
         j: &mut JournalPos,

@@ -98,6 +98,8 @@ pub struct Image {
     durable: AtomicU64,
     /// Set when a commit failed part-way: the image refuses further writes.
     failed: AtomicBool,
+    /// A journal commit has taken its batch and is writing it.
+    committing: AtomicBool,
     /// Whether the header on storage says dirty (set before the first change).
     marked_dirty: AtomicBool,
     closed: AtomicBool,

@@ -129,7 +129,7 @@ impl Image {
         let mut loaded = load(storage.as_ref())?;
         let mut replayed_volatile = 0;
         if let (Some(log), false) = (&opts.volatile_log, opts.read_only) {
-            for r in super::volatile::read(log, path) {
+            for r in super::volatile::read(log, path, loaded.header.session) {
                 meta::apply_record(&loaded.geo, &mut loaded.table, &mut loaded.bitmap, &r)
                     .map_err(|source| ImageError::Meta { path: name.clone(), source })?;
                 replayed_volatile += 1;
@@ -157,6 +157,15 @@ impl Image {
                 "image was not closed cleanly: journal replayed"
             );
         }
+        // This writer's session: a fresh one with a volatile log, none
+        // without. It reaches storage with the first header write (the first
+        // change, or the recovery checkpoint), which makes every older log stale.
+        let session = match (&opts.volatile_log, opts.read_only) {
+            (Some(_), false) => rand::random::<u64>() | 1,
+            (None, false) => 0,
+            (_, true) => loaded.header.session,
+        };
+        loaded.header.session = session;
         let cor_default = loaded.header.compat & format::header::COMPAT_COPY_ON_READ != 0;
         let cor_on = opts.copy_on_read.unwrap_or(cor_default)
             && !opts.read_only
@@ -183,6 +192,7 @@ impl Image {
             completed: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            committing: AtomicBool::new(false),
             // A recovered image stays marked dirty until it is closed.
             marked_dirty: AtomicBool::new(recovered),
             closed: AtomicBool::new(opts.read_only),
@@ -192,7 +202,7 @@ impl Image {
         if !opts.read_only {
             img.start_writing()?;
             if let Some(log) = &opts.volatile_log {
-                match super::volatile::VolatileLog::create(log, path) {
+                match super::volatile::VolatileLog::create(log, path, session) {
                     Ok(v) => {
                         img.meta.persist.enable_volatile();
                         img.volatile = Some(v);

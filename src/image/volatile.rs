@@ -13,8 +13,13 @@
 //! record durable before its data (crash rule 1 is untouched). The log is
 //! used only when its file system is tmpfs.
 //!
+//! The log names the writer session stamped in the image's header before the
+//! session's first change. Anyone else who changes or recovers the image
+//! stamps another session, so a log left behind by a dead daemon can never be
+//! replayed over changes made after it.
+//!
 //! ```text
-//! vlog := "FVDV" version:u32(1) st_dev:u64 st_ino:u64 record*
+//! vlog := "FVDV" version:u32(1) st_dev:u64 st_ino:u64 session:u64 record*
 //! record := (as in the journal) 13 bytes
 //! ```
 
@@ -28,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const MAGIC: &[u8; 4] = b"FVDV";
-const HEADER_LEN: u64 = 24;
+const HEADER_LEN: u64 = 32;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 pub struct VolatileLog {
@@ -49,9 +54,12 @@ pub fn on_tmpfs(dir: &Path) -> bool {
     nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC).unwrap_or(false)
 }
 
-/// Reads the records a previous daemon left for `image`, if the log is there
-/// and belongs to it. Stops at a torn tail.
-pub fn read(log: &Path, image: &Path) -> Vec<Record> {
+/// Reads the records a previous daemon left for `image` in session
+/// `session`, if the log is there and belongs to both. Stops at a torn tail.
+pub fn read(log: &Path, image: &Path, session: u64) -> Vec<Record> {
+    if session == 0 {
+        return Vec::new();
+    }
     let Ok(bytes) = std::fs::read(log) else { return Vec::new() };
     let Ok((dev, ino)) = identity(image) else { return Vec::new() };
     if bytes.len() < HEADER_LEN as usize || &bytes[0..4] != MAGIC {
@@ -60,6 +68,10 @@ pub fn read(log: &Path, image: &Path) -> Vec<Record> {
     let le = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
     if le(8) != dev || le(16) != ino {
         tracing::warn!(log = %log.display(), "volatile log belongs to another image: ignored");
+        return Vec::new();
+    }
+    if le(24) != session {
+        tracing::info!(log = %log.display(), "volatile log of an older session: ignored");
         return Vec::new();
     }
     bytes[HEADER_LEN as usize..]
@@ -71,7 +83,7 @@ pub fn read(log: &Path, image: &Path) -> Vec<Record> {
 
 impl VolatileLog {
     /// Starts a fresh log for `image` at `log` (replacing an old one).
-    pub fn create(log: &Path, image: &Path) -> io::Result<VolatileLog> {
+    pub fn create(log: &Path, image: &Path, session: u64) -> io::Result<VolatileLog> {
         let dir = log.parent().unwrap_or(Path::new("."));
         if !on_tmpfs(dir) {
             return Err(io::Error::other(format!("{} is not on tmpfs", dir.display())));
@@ -83,6 +95,7 @@ impl VolatileLog {
         h.extend_from_slice(&1u32.to_le_bytes());
         h.extend_from_slice(&dev.to_le_bytes());
         h.extend_from_slice(&ino.to_le_bytes());
+        h.extend_from_slice(&session.to_le_bytes());
         file.write_all_at(&h, 0)?;
         Ok(VolatileLog { file, end: Mutex::new(HEADER_LEN), appends: AtomicU64::new(0) })
     }

@@ -297,14 +297,15 @@ impl LvStorage {
                 let o = LvOptions { grow_unit: Some(unit), ..o.clone() };
                 LvStorage::with_volume(inner, Box::new(vol), rep.extent_size, &o, from).map(Ok)
             }
-            Err(e) if !o.writable => {
-                tracing::warn!(device = %name, error = %e, "device looks like an LVM LV but lvm2 did not describe it");
+            Err(e) => {
+                // Served at its current size, like any block device.
+                tracing::warn!(
+                    device = %name,
+                    error = %e,
+                    "the device is an LVM logical volume but lvm2 could not describe it: it will not grow"
+                );
                 Ok(Err(inner))
             }
-            Err(e) => Err(StorageError::Open {
-                path: name,
-                source: io::Error::other(format!("an LVM logical volume, but lvm2 could not describe it: {e}")),
-            }),
         }
     }
 

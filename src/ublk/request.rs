@@ -90,11 +90,7 @@ fn changes_data(op: Op) -> bool {
 /// dies after completing it loses nothing a new daemon can't replay. Writes
 /// into already allocated space leave nothing pending and skip this.
 async fn settle<E: IoEngine>(img: &Image, e: &E) -> Result<(), crate::image::ImageError> {
-    if img.meta().persist.pending() > 0 {
-        img.flush(e).await
-    } else {
-        Ok(())
-    }
+    img.journal_completed(e).await
 }
 
 #[cfg(test)]
