@@ -29,6 +29,9 @@ pub struct FileStorage {
     grow_unit: u64,
     is_block_device: bool,
     grow_lock: Mutex<()>,
+    /// Block devices: how `punch` makes a range read as zeros (fallocate
+    /// alone fails on most of them, LVs included).
+    zero: Option<super::lvm::blockdev::ZeroMethod>,
 }
 
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
@@ -69,6 +72,10 @@ impl FileStorage {
         } else {
             meta.len()
         };
+        let zero = is_block_device.then(|| {
+            use super::lvm::blockdev;
+            blockdev::ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd()))
+        });
         Ok(FileStorage {
             file,
             direct: None,
@@ -77,6 +84,7 @@ impl FileStorage {
             grow_unit: Self::DEFAULT_GROW_UNIT,
             is_block_device,
             grow_lock: Mutex::new(()),
+            zero,
         })
     }
 
@@ -176,7 +184,14 @@ impl Storage for FileStorage {
     }
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-        punch_fd(self.file.as_raw_fd(), off, len)
+        match &self.zero {
+            Some(z) => z.zero(self.file.as_raw_fd(), off, len),
+            None => punch_fd(self.file.as_raw_fd(), off, len),
+        }
+    }
+
+    fn sync_punch(&self) -> bool {
+        self.is_block_device
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
@@ -192,7 +207,7 @@ impl Storage for FileStorage {
 
     fn has_data(&self, off: u64, len: u64) -> bool {
         if self.is_block_device {
-            return true;
+            return super::lvm::blockdev::has_nonzero(self, off, len);
         }
         // SAFETY: lseek on a descriptor we own; no memory is passed.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off as i64, libc::SEEK_DATA) };

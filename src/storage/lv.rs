@@ -842,18 +842,9 @@ impl Storage for LvStorage {
         r.lv_data_percent.map(|p| (r.lv_size as f64 * p / 100.0) as u64)
     }
 
-    /// A block device has no holes to ask about: a range counts as data when
-    /// it holds a non-zero byte (ranges above 8 MiB are not read and count as
-    /// data). Punched ranges (discarded thin blocks, zeroed ranges) read as zeros.
+    /// See [`blockdev::has_nonzero`].
     fn has_data(&self, off: u64, len: u64) -> bool {
-        if len > 8 << 20 {
-            return true;
-        }
-        let mut buf = vec![0u8; len as usize];
-        match self.inner.read_at(&mut buf, off) {
-            Ok(()) => buf.iter().any(|&b| b != 0),
-            Err(_) => true,
-        }
+        blockdev::has_nonzero(&self.inner, off, len)
     }
 
     fn status(&self) -> Option<Value> {

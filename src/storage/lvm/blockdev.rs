@@ -74,6 +74,18 @@ pub fn lvm_dm_name(fd: RawFd) -> Option<String> {
     read_sys(&dir, "dm/name")
 }
 
+/// Whether the device is a thin LV: lvm2 stacks a thin LV on its pool's
+/// `VG-POOL-tpool` device, which shows among its sysfs slaves.
+pub fn is_lvm_thin(fd: RawFd) -> bool {
+    let Ok(dir) = sysfs_dir(fd) else {
+        return false;
+    };
+    let Ok(rd) = std::fs::read_dir(dir.join("slaves")) else {
+        return false;
+    };
+    rd.flatten().any(|e| read_sys(&e.path(), "dm/name").is_some_and(|n| n.ends_with("-tpool")))
+}
+
 /// How a range of the device is made to read as zeros.
 #[derive(Debug)]
 pub struct ZeroMethod {
@@ -144,6 +156,20 @@ impl ZeroMethod {
             }
         }
         zero_out(fd, off, len)
+    }
+}
+
+/// `has_data` for a block device, which has no holes to ask about: a range
+/// counts as data when it holds a non-zero byte (punched ranges read as
+/// zeros). Ranges above 8 MiB are not read and count as data.
+pub fn has_nonzero(s: &dyn crate::storage::Storage, off: u64, len: u64) -> bool {
+    if len > 8 << 20 {
+        return true;
+    }
+    let mut buf = vec![0u8; len as usize];
+    match s.read_at(&mut buf, off) {
+        Ok(()) => buf.iter().any(|&b| b != 0),
+        Err(_) => true,
     }
 }
 
