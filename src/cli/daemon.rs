@@ -30,6 +30,16 @@ pub struct StartArgs {
     /// Serve the image read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Copy-on-read: reads served from the base are also stored in the image
+    /// (the image's default when not given).
+    #[arg(long)]
+    pub copy_on_read: bool,
+    /// Prefetch the whole base into the image in the background.
+    #[arg(long)]
+    pub prefetch: bool,
+    /// Upper bound on the prefetch rate, bytes per second (k/M/G suffixes).
+    #[arg(long, value_parser = |s: &str| crate::units::parse_size(s).map(|b| b.0))]
+    pub prefetch_rate: Option<u64>,
     /// Stay in the foreground instead of detaching.
     #[arg(long)]
     pub foreground: bool,
@@ -112,6 +122,9 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
         read_only: a.read_only,
         logical_block: a.logical_block_size,
         lazy_metadata: a.lazy_metadata,
+        copy_on_read: a.copy_on_read.then_some(true),
+        prefetch: a.prefetch,
+        prefetch_rate: a.prefetch_rate,
         run_dir: rd.clone(),
         log: log.clone(),
         recoveries: 0,

@@ -83,6 +83,8 @@ pub struct PrefetchOptions {
     pub pause: Duration,
     /// Progress is made durable after this many bytes.
     pub save_every: u64,
+    /// Set from outside to stop at the next piece (the cursor is kept).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for PrefetchOptions {
@@ -93,6 +95,7 @@ impl Default for PrefetchOptions {
             floor: 4 << 20,
             pause: Duration::from_secs(1),
             save_every: 256 << 20,
+            cancel: None,
         }
     }
 }
@@ -260,7 +263,12 @@ impl Image {
     pub async fn prefetch<E: IoEngine>(&self, e: &E, o: &PrefetchOptions) -> Result<(), ImageError> {
         let p = &self.prefetch;
         let r = self.prefetch_inner(e, o).await;
-        p.set(if r.is_ok() { PrefetchState::Done } else { PrefetchState::Failed });
+        let done = self.meta.all_present() || self.meta.geo.base_blocks() == 0;
+        p.set(match (&r, done) {
+            (Err(_), _) => PrefetchState::Failed,
+            (Ok(()), true) => PrefetchState::Done,
+            (Ok(()), false) => PrefetchState::Idle,
+        });
         r
     }
 
@@ -281,7 +289,11 @@ impl Image {
         let mut since_save = 0u64;
         let mut total = 0u64;
         let mut cursor = self.meta.prefetch_cursor.load(Ordering::Acquire);
+        let cancelled = || o.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire));
         while cursor < bb {
+            if cancelled() {
+                return Ok(()); // progress is saved by the next checkpoint or close
+            }
             let end = (cursor + step).min(bb);
             let mut b = cursor;
             while b < end {
@@ -311,9 +323,12 @@ impl Image {
             }
             // Rate limit.
             if let Some(limit) = o.rate_limit {
-                let ahead = total as f64 / limit as f64 - started.elapsed().as_secs_f64();
-                if ahead > 0.0 {
-                    sleep(e, Duration::from_secs_f64(ahead)).await;
+                loop {
+                    let ahead = total as f64 / limit.max(1) as f64 - started.elapsed().as_secs_f64();
+                    if ahead <= 0.0 || cancelled() {
+                        break;
+                    }
+                    sleep(e, Duration::from_secs_f64(ahead.min(0.1))).await;
                 }
             }
             // Back off while throughput stays under the floor.
@@ -325,7 +340,10 @@ impl Image {
                     p.backoffs.fetch_add(1, Ordering::Relaxed);
                     let jitter = 0.5 + rand::random::<f64>();
                     tracing::info!(image = %self.name(), rate_mib = rate / 1048576.0, "prefetch slower than its floor: backing off");
-                    sleep(e, pause.mul_f64(jitter)).await;
+                    let until = Instant::now() + pause.mul_f64(jitter);
+                    while Instant::now() < until && !cancelled() {
+                        sleep(e, Duration::from_millis(100).min(until - Instant::now())).await;
+                    }
                     pause = (pause * 2).min(Duration::from_secs(60));
                     p.set(PrefetchState::Running);
                 } else {

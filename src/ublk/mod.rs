@@ -8,7 +8,9 @@
 //! - [`serve`]: the daemon's life: open, add or recover, serve, stop, close.
 //! - [`spawn`]: detaching the daemon; [`control`]: stop, recover, list;
 //!   [`state`]: the run dir (/run/fvd); [`kernel`]: driver and process checks.
+//! - [`background`]: copy-on-read and prefetch on a queue's ring.
 
+pub mod background;
 pub mod control;
 pub mod engine;
 pub mod error;

@@ -1,19 +1,22 @@
 //! One queue: a thread with its own io_uring and executor, one task per tag.
 
+use super::background::{self, Background};
 use super::engine::{Doorbell, QueueEngine};
 use super::request::{decode, execute, Policy};
 use crate::image::Image;
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError};
+use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Seconds without I/O before libublk lets an idle queue release its buffers.
 const IDLE_SECS: u64 = 20;
 
 /// Serves queue `qid` until the device stops. Runs on the queue's thread.
-pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy) {
+pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Background) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -30,14 +33,26 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy) {
     };
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
+    let tags_live = Rc::new(Cell::new(0usize));
     for tag in q.tags() {
-        let (q, img) = (q.clone(), img.clone());
+        let (q, img, live) = (q.clone(), img.clone(), tags_live.clone());
+        live.set(live.get() + 1);
         tasks.push(exe.spawn(bell.wrap(async move {
             match tag_task(&q, tag, &img, pol).await {
                 Err(UblkError::QueueIsDown) | Ok(()) => {}
                 Err(e) => tracing::error!(queue = qid, tag, error = %super::error::ublk_why(&e), "tag task failed"),
             }
+            live.set(live.get() - 1);
         })));
+    }
+    // Copy-on-read and prefetch run beside the requests and end after them.
+    let cancel = Arc::new(AtomicBool::new(false));
+    if img.copy_on_read_queue().is_some() || bg.prefetch {
+        let (img, live, c) = (img.clone(), tags_live.clone(), cancel.clone());
+        tasks.push(exe.spawn(bell.wrap(background::copy_on_read_loop(img, live, c))));
+    }
+    if bg.prefetch {
+        tasks.push(exe.spawn(bell.wrap(background::prefetch(img.clone(), bg, cancel.clone()))));
     }
     let bell_task = exe.spawn(bell.clone().serve());
     let ticker = exe.clone();

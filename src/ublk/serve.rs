@@ -4,6 +4,7 @@
 
 use super::error::{ublk, ublk_errno};
 use super::params::{device_params, ParamsInput};
+use super::background::Background;
 use super::queue::serve_queue;
 use super::request::Policy;
 use super::state::{DeviceState, RunDir};
@@ -38,6 +39,12 @@ pub struct ServeOptions {
     pub read_only: bool,
     pub logical_block: u32,
     pub lazy_metadata: bool,
+    /// Copy-on-read (None: the image's default).
+    pub copy_on_read: Option<bool>,
+    /// Prefetch the base in the background (also when the image asks by default).
+    pub prefetch: bool,
+    /// Upper bound on the prefetch rate, bytes per second.
+    pub prefetch_rate: Option<u64>,
     pub run_dir: RunDir,
     /// The daemon's log file when detached (renamed to `<id>.log` once the ID is known).
     pub log: Option<PathBuf>,
@@ -115,6 +122,7 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
             read_only: o.read_only,
             writethrough: o.writethrough,
             volatile_log: vlog.clone(),
+            copy_on_read: o.copy_on_read,
             ..Default::default()
         },
     )?);
@@ -184,7 +192,15 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     };
     let qimg = img.clone();
     let pol = Policy { lazy_metadata };
-    let q_fn = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, qimg.clone(), pol);
+    let bg = Background {
+        prefetch: super::background::wants_prefetch(&img, o.prefetch),
+        prefetch_rate: o.prefetch_rate,
+    };
+    // Queue 0 prefetches; every queue stores its own copy-on-read blocks.
+    let q_fn = move |qid: u16, dev: &UblkDev| {
+        let bg = if qid == 0 { bg } else { Background { prefetch: false, ..bg } };
+        serve_queue(qid, dev, qimg.clone(), pol, bg)
+    };
     let (rd, dev_path, rslot) = (o.run_dir.clone(), st.device.clone(), slot.clone());
     let live = move |_: &UblkCtrl| {
         if let Err(e) = rd.update(id, |s| s.state = "live".into()) {

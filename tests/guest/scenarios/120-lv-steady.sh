@@ -1,0 +1,59 @@
+# shellcheck shell=bash
+# A steady sequential writer on an image on a 64 MiB linear LV: how long do
+# writes wait for the LV to grow? Growth runs ahead of need in the
+# background, so at a steady rate the target is no wait at all after the first
+# low-water trigger. Then the same unthrottled, for the record.
+# timeout: 900
+
+need_fvd
+modprobe_ublk
+modprobe_dm
+start_udev
+modprobe_loop
+export RUST_LOG=${RUST_LOG:-fvd=info}
+export FVD_GROW_UNIT=64M
+at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+M=$((1 << 20))
+
+truncate -s 900M "$WORK/pv.img"
+loop=$(losetup -f --show "$WORK/pv.img")
+at_exit "losetup -d $loop"
+pvcreate -q "$loop"
+vgcreate -q -s 4M fvdsteady "$loop"
+at_exit "vgremove -q -f fvdsteady >/dev/null"
+lvcreate -q -y -L 64M -n disk fvdsteady
+udev_settle
+lv=/dev/fvdsteady/disk
+run "$FVD" create -s 4G "$lv"
+dev=$("$FVD" start "$lv")
+id=${dev#/dev/ublkb}
+at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
+status=/run/fvd/lv/fvdsteady-disk.json
+jget() { sed -nE "s/^  \"$1\": \"?([^\",]*)\"?,?$/\1/p" "$status"; }
+report() {
+    printf '%s: LV %d MiB, units added %s in %s lvextend calls (%s ms in growths, last %s ms), waits %s (%s ms total, max %s ms), waits after the first growth %s\n' \
+        "$1" $(($(jget size) / M)) "$(jget units-added)" "$(jget growths)" "$(jget growth-ms-total)" "$(jget growth-ms-last)" \
+        "$(jget waits)" "$(jget wait-ms-total)" "$(jget wait-ms-max)" "$(jget late-waits)" | tee -a "$RESULTS/figures.txt"
+}
+
+step "steady writer: 384 MiB sequential at 16 MiB/s"
+run fio --name=steady --filename="$dev" --ioengine=io_uring --direct=1 --rw=write --bs=1M --size=384M \
+    --iodepth=4 --rate=16m --output="$RESULTS/fio-steady.txt"
+grep -E "WRITE:" "$RESULTS/fio-steady.txt" || true
+sleep 1
+cp "$status" "$RESULTS/status-steady.json"
+report steady
+[[ $(jget late-waits) -eq 0 ]] || fail "a steady writer waited for growth after the first low-water trigger"
+w1=$(jget waits)
+
+step "unthrottled writer: next 384 MiB as fast as it goes"
+run fio --name=fast --filename="$dev" --ioengine=io_uring --direct=1 --rw=write --bs=1M --size=384M \
+    --offset=384M --iodepth=16 --output="$RESULTS/fio-fast.txt"
+grep -E "WRITE:" "$RESULTS/fio-fast.txt" || true
+sleep 1
+cp "$status" "$RESULTS/status-fast.json"
+report unthrottled
+printf 'unthrottled: %d more waits\n' $(($(jget waits) - w1)) | tee -a "$RESULTS/figures.txt"
+run "$FVD" stop -n "$id"
+run "$FVD" check "$lv"
+step "ok"
