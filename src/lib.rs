@@ -5,13 +5,13 @@
 //! [`io`] (io_uring engine) → [`storage`] (file, device) → [`image`] (carries
 //! out plans) → `ublk` (the block device front end) → `cli`.
 
+pub mod bench;
+pub mod cli;
 pub mod format;
 pub mod image;
 pub mod io;
+pub mod logging;
 pub mod meta;
 pub mod storage;
 pub mod ublk;
 pub mod units;
-pub mod bench;
-pub mod cli;
-pub mod logging;

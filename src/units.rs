@@ -105,12 +105,8 @@ pub fn parse_size(s: &str) -> Result<Bytes, String> {
         }
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64k, 1M, 8G)"))?;
-    n.checked_mul(mult)
-        .map(Bytes)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 4096, 64k, 1M, 8G)"))?;
+    n.checked_mul(mult).map(Bytes).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 /// Formats a byte count for people: `1.5 GiB`.

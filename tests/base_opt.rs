@@ -109,7 +109,10 @@ fn copy_on_read_stores_blocks_without_recording_them() {
     let q = img.copy_on_read_queue().unwrap();
     assert_eq!(q.copied_blocks.load(std::sync::atomic::Ordering::Relaxed), 256);
     assert_eq!(img.meta().persist.bits_recorded(), 0, "copy-on-read must not update the bitmap");
-    assert!(img.map().iter().any(|r| r.kind == MapKind::Data && r.start == 2 * MIB), "copied data is served from the image");
+    assert!(
+        img.map().iter().any(|r| r.kind == MapKind::Data && r.start == 2 * MIB),
+        "copied data is served from the image"
+    );
     // A guest write into a copied block must still be recorded.
     let w = vec![0x3Cu8; 512];
     ring.block_on(img.write(&ring, 2 * MIB + 8192, &w, false)).unwrap().unwrap();
@@ -134,7 +137,13 @@ fn prefetch_resumes_and_frees_the_base() {
     {
         let img = Image::open(&p, &OpenOptions::default()).unwrap();
         ring.block_on(img.write(&ring, 9 * MIB, &w, false)).unwrap().unwrap();
-        let opts = PrefetchOptions { piece: 256 << 10, save_every: 256 << 10, rate_limit: Some(MIB), floor: 0, ..Default::default() };
+        let opts = PrefetchOptions {
+            piece: 256 << 10,
+            save_every: 256 << 10,
+            rate_limit: Some(MIB),
+            floor: 0,
+            ..Default::default()
+        };
         let exe = smol::LocalExecutor::new();
         let img_ref = &img;
         let ring_ref = &ring;

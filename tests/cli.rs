@@ -36,7 +36,18 @@ fn io_info_map_check() {
     let img = d.path().join("a.fvd");
     ok(&["create", "--base", "base.raw", "--size", "64M", s(&img)]);
     ok(&["io", s(&img), "-c", "write -P 0x22 1M 512k", "-c", "write -P 0x33 32M 1M", "-c", "flush"]);
-    ok(&["io", s(&img), "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 512k", "-c", "read -P 0x33 32M 1M", "-c", "read -P 0 40M 1M"]);
+    ok(&[
+        "io",
+        s(&img),
+        "-c",
+        "read -P 0x11 0 1M",
+        "-c",
+        "read -P 0x22 1M 512k",
+        "-c",
+        "read -P 0x33 32M 1M",
+        "-c",
+        "read -P 0 40M 1M",
+    ]);
     let (code, _, err) = fvd(&["io", s(&img), "-c", "read -P 0x99 1M 4k"]);
     assert_ne!(code, 0);
     assert!(err.contains("verification failed"), "{err}");
@@ -60,7 +71,18 @@ fn io_info_map_check() {
     assert!(out.contains("No errors"), "{out}");
     // Discard returns the space and reads zeros over the base too.
     let before = allocated(&img);
-    ok(&["io", s(&img), "-c", "discard 32M 1M", "-c", "discard 0 2M", "-c", "read -P 0 0 2M", "-c", "read -P 0 32M 1M"]);
+    ok(&[
+        "io",
+        s(&img),
+        "-c",
+        "discard 32M 1M",
+        "-c",
+        "discard 0 2M",
+        "-c",
+        "read -P 0 0 2M",
+        "-c",
+        "read -P 0 32M 1M",
+    ]);
     assert!(allocated(&img) < before, "discard did not shrink the file");
     ok(&["check", s(&img)]);
 }

@@ -19,12 +19,8 @@ fn write_read_reopen_over_base() {
     let base_data = pattern(7, 3 << 20);
     std::fs::write(&base, &base_data).unwrap();
     let img = dir.path().join("img.fvd");
-    let opts = CreateOptions {
-        size: Some(8 << 20),
-        base: Some("base.raw".into()),
-        block_size: 4096,
-        ..Default::default()
-    };
+    let opts =
+        CreateOptions { size: Some(8 << 20), base: Some("base.raw".into()), block_size: 4096, ..Default::default() };
     create(&img, &opts).unwrap();
     let ring = Uring::new(64).unwrap();
     let i = open(&img);
@@ -91,7 +87,8 @@ fn queues_share_one_image_safely() {
     let base_data = pattern(9, 8 << 20);
     std::fs::write(&base, &base_data).unwrap();
     let img_path = dir.path().join("img.fvd");
-    let opts = CreateOptions { size: Some(16 << 20), base: Some("base.raw".into()), block_size: 4096, ..Default::default() };
+    let opts =
+        CreateOptions { size: Some(16 << 20), base: Some("base.raw".into()), block_size: 4096, ..Default::default() };
     create(&img_path, &opts).unwrap();
     let img = Arc::new(open(&img_path));
     const THREADS: u64 = 4;

@@ -22,17 +22,12 @@ fn say(msg: &str) {
 
 fn has_kernel(root: &Path) -> bool {
     std::fs::read_dir(root.join("target/guest-kernel/boot"))
-        .map(|dir| {
-            dir.flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
-        })
+        .map(|dir| dir.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
         .unwrap_or(false)
 }
 
 fn cargo() -> OsString {
-    env::var_os("CARGO")
-        .or_else(|| option_env!("CARGO").map(OsString::from))
-        .unwrap_or_else(|| OsString::from("cargo"))
+    env::var_os("CARGO").or_else(|| option_env!("CARGO").map(OsString::from)).unwrap_or_else(|| OsString::from("cargo"))
 }
 
 #[test]
@@ -60,10 +55,7 @@ fn guest_scenarios() {
 
     let fvd = match env::var_os("FVD") {
         Some(path) => {
-            say(&format!(
-                "guest_scenarios: using FVD={}",
-                Path::new(&path).display()
-            ));
+            say(&format!("guest_scenarios: using FVD={}", Path::new(&path).display()));
             PathBuf::from(path)
         }
         None => {
@@ -73,13 +65,8 @@ fn guest_scenarios() {
                 .current_dir(&root)
                 .status()
                 .expect("could not run cargo");
-            assert!(
-                status.success(),
-                "cargo build --release --bin fvd failed: {status}"
-            );
-            let target = env::var_os("CARGO_TARGET_DIR")
-                .map(|t| root.join(t))
-                .unwrap_or_else(|| root.join("target"));
+            assert!(status.success(), "cargo build --release --bin fvd failed: {status}");
+            let target = env::var_os("CARGO_TARGET_DIR").map(|t| root.join(t)).unwrap_or_else(|| root.join("target"));
             target.join("release/fvd")
         }
     };
@@ -102,8 +89,5 @@ fn guest_scenarios() {
         .current_dir(&root)
         .status()
         .expect("could not run tests/guest/run");
-    assert!(
-        status.success(),
-        "tests/guest/run failed ({status}); logs in target/guest-results/<scenario>/"
-    );
+    assert!(status.success(), "tests/guest/run failed ({status}); logs in target/guest-results/<scenario>/");
 }

@@ -61,7 +61,11 @@ fn a_new_daemon_replays_what_the_dead_one_left_in_the_volatile_log() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("base.raw"), vec![0x42u8; 8 << 20]).unwrap();
     let p = d.path().join("img.fvd");
-    create(&p, &CreateOptions { size: Some(32 << 20), base: Some("base.raw".into()), block_size: 4096, ..Default::default() }).unwrap();
+    create(
+        &p,
+        &CreateOptions { size: Some(32 << 20), base: Some("base.raw".into()), block_size: 4096, ..Default::default() },
+    )
+    .unwrap();
     let log = shm.path().join("1.vlog");
     die_after_writes(&p, Some(&log));
     let img = Image::open(&p, &OpenOptions { volatile_log: Some(log.clone()), ..Default::default() }).unwrap();

@@ -81,7 +81,9 @@ pub fn print(dir: &Path, size: u64) -> Result<(), String> {
     img.close().map_err(|e| e.to_string())?;
     drop(img);
     println!();
-    println!("metadata updates per guest write (64 KiB blocks, 1 MiB chunks, {WRITES} random 4 KiB writes, then a flush)");
+    println!(
+        "metadata updates per guest write (64 KiB blocks, 1 MiB chunks, {WRITES} random 4 KiB writes, then a flush)"
+    );
     println!("{:<42} {:>16} {:>16}", "case", "journal rec/w", "bitmap bits/w");
     for c in &cases {
         println!("{:<42} {:>16.4} {:>16.4}", c.name, c.records, c.bits);

@@ -115,13 +115,16 @@ impl Ctx {
     }
 
     /// Runs `job` on fresh raw files and fresh images (first writes).
-    fn first_writes(&mut self, job: Job, disks: &[(&str, u32, Option<u32>, Option<&str>)], group: &'static str) -> Result<(), String> {
+    fn first_writes(
+        &mut self,
+        job: Job,
+        disks: &[(&str, u32, Option<u32>, Option<&str>)],
+        group: &'static str,
+    ) -> Result<(), String> {
         for (name, block, chunk, base) in disks {
-            let (r, raw, note) = self.paired(
-                &job,
-                &mut || self.fresh_raw("raw-fresh"),
-                &mut || self.fresh_image("fvd-fresh", *block, *chunk, *base),
-            )?;
+            let (r, raw, note) = self.paired(&job, &mut || self.fresh_raw("raw-fresh"), &mut || {
+                self.fresh_image("fvd-fresh", *block, *chunk, *base)
+            })?;
             self.rows.push(Row { group, disk: format!("{name}{note}"), job: job.name(), r, raw: Some(raw) });
         }
         Ok(())
@@ -166,7 +169,15 @@ pub fn run(a: BenchArgs) -> Result<i32, String> {
         return Ok(0);
     }
     let ring = Uring::new(256).map_err(|e| format!("io_uring: {e}"))?;
-    let mut c = Ctx { dir: a.dir.clone(), size: a.size, runtime: a.runtime, direct: !a.buffered, repeat: a.repeat.max(1), ring, rows: Vec::new() };
+    let mut c = Ctx {
+        dir: a.dir.clone(),
+        size: a.size,
+        runtime: a.runtime,
+        direct: !a.buffered,
+        repeat: a.repeat.max(1),
+        ring,
+        rows: Vec::new(),
+    };
     let qd1 = |write, pattern, bs| Job { write, pattern, bs, qd: 1 };
     let qd32 = |write, pattern, bs| Job { write, pattern, bs, qd: 32 };
     let rand4k_w1 = qd1(true, Pattern::Random, 4096);
@@ -198,7 +209,10 @@ pub fn run(a: BenchArgs) -> Result<i32, String> {
         fill(&c.ring, &t, c.size)?;
         Ok(t)
     };
-    let imgs = [("fvd (table)", full_img(&c, "fvd-full", Some(1 << 20))?), ("fvd (no table)", full_img(&c, "fvd-full-raw", None)?)];
+    let imgs = [
+        ("fvd (table)", full_img(&c, "fvd-full", Some(1 << 20))?),
+        ("fvd (no table)", full_img(&c, "fvd-full-raw", None)?),
+    ];
     let jobs = [
         qd1(false, Pattern::Random, 4096),
         qd32(false, Pattern::Random, 4096),
@@ -215,7 +229,13 @@ pub fn run(a: BenchArgs) -> Result<i32, String> {
                 raws.push(c.run(&raw, &job)?);
                 fvds.push(c.run(t, &job)?);
             }
-            let row = Row { group: "c: fully written", disk: name.to_string(), job: job.name(), r: median(fvds), raw: Some(median(raws)) };
+            let row = Row {
+                group: "c: fully written",
+                disk: name.to_string(),
+                job: job.name(),
+                r: median(fvds),
+                raw: Some(median(raws)),
+            };
             c.rows.push(row);
         }
     }

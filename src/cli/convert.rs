@@ -74,7 +74,8 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
         if padded == 0 {
             return Err(fail(format!("{}: source is empty", a.src.display())));
         }
-        let opts = CreateOptions { size: Some(padded), chunk_size: (!a.no_table).then_some(1 << 20), ..Default::default() };
+        let opts =
+            CreateOptions { size: Some(padded), chunk_size: (!a.no_table).then_some(1 << 20), ..Default::default() };
         image::create(&a.dst, &opts)?;
         dst_img = Some(Image::open(&a.dst, &OpenOptions::default())?);
         dst_raw = None;

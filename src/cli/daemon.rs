@@ -152,7 +152,11 @@ pub fn stop(a: StopArgs) -> Result<i32, CliError> {
                 "stopped {} ({}): its daemon had died; device deleted, {}",
                 st.device,
                 st.image.display(),
-                if closed { "image journal replayed and closed clean" } else { "image left to the daemon now serving it" }
+                if closed {
+                    "image journal replayed and closed clean"
+                } else {
+                    "image left to the daemon now serving it"
+                }
             ),
             Err(e) => {
                 eprintln!("fvd: {e}");
@@ -172,7 +176,10 @@ pub fn list(a: ListArgs) -> Result<i32, CliError> {
     if devs.is_empty() {
         return Ok(0);
     }
-    println!("{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} BASE", "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "IMAGE");
+    println!(
+        "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} BASE",
+        "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "IMAGE"
+    );
     for d in &devs {
         println!(
             "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} {}",

@@ -152,7 +152,11 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
     println!("image: {}", a.image.display());
     println!("file format: fvd");
     println!("virtual size: {} ({} bytes)", human(g.virtual_size.0), g.virtual_size.0);
-    println!("storage size: {} ({} allocated)", human(s.size()), s.allocated_bytes().map(human).unwrap_or("n/a".into()));
+    println!(
+        "storage size: {} ({} allocated)",
+        human(s.size()),
+        s.allocated_bytes().map(human).unwrap_or("n/a".into())
+    );
     println!("block size: {}", g.block_size);
     match g.chunk_size {
         Some(c) => println!("chunk size: {c} ({} chunks, {} allocated)", g.chunks(), img.allocated_chunks()),
@@ -161,7 +165,11 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
     println!("metadata: {} (header + table + bitmap), journal {}", human(g.metadata_bytes()), human(g.journal_len));
     if let Some(b) = img.base() {
         println!("base: {} ({}, {}, resolved to {})", h.base_path, b.format().name(), human(h.base_size), b.name());
-        println!("base blocks in the image (written or zero): {} of {}", img.meta().bitmap.count_set(), g.base_blocks());
+        println!(
+            "base blocks in the image (written or zero): {} of {}",
+            img.meta().bitmap.count_set(),
+            g.base_blocks()
+        );
     }
     if h.base_size > 0 {
         let pct = |c: u64| 100.0 * c as f64 / g.base_blocks().max(1) as f64;

@@ -58,10 +58,14 @@ fn parse(line: &str) -> Result<Cmd, String> {
             file: PathBuf::from(args.get(1).ok_or("write -s needs FILE OFF")?),
             off: num(args.get(2), "offset")?,
         }),
-        "write" if flag("-P") => {
-            Ok(Cmd::Write { pattern: byte(args.get(1))?, off: num(args.get(2), "offset")?, len: num(args.get(3), "length")? })
+        "write" if flag("-P") => Ok(Cmd::Write {
+            pattern: byte(args.get(1))?,
+            off: num(args.get(2), "offset")?,
+            len: num(args.get(3), "length")?,
+        }),
+        "write" => {
+            Ok(Cmd::Write { pattern: 0xcd, off: num(args.first(), "offset")?, len: num(args.get(1), "length")? })
         }
-        "write" => Ok(Cmd::Write { pattern: 0xcd, off: num(args.first(), "offset")?, len: num(args.get(1), "length")? }),
         "read" if flag("-o") => Ok(Cmd::ReadFile {
             file: PathBuf::from(args.get(1).ok_or("read -o needs FILE OFF LEN")?),
             off: num(args.get(2), "offset")?,
@@ -163,11 +167,8 @@ async fn exec(img: &Image, ring: &Uring, cmd: &Cmd) -> Result<String, CliError> 
 }
 
 pub fn run(a: IoArgs) -> Result<i32, CliError> {
-    let cmds = a
-        .cmds
-        .iter()
-        .map(|c| parse(c).map_err(|e| fail(format!("-c '{c}': {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let cmds =
+        a.cmds.iter().map(|c| parse(c).map_err(|e| fail(format!("-c '{c}': {e}")))).collect::<Result<Vec<_>, _>>()?;
     let opts = OpenOptions {
         read_only: a.read_only,
         writethrough: a.writethrough,

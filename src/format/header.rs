@@ -184,8 +184,8 @@ impl Header {
             return Err(HeaderError::UnsupportedFeatures(incompat & !KNOWN_INCOMPAT));
         }
         let fmt = le_u32(b, 128);
-        let base_format = BaseFormat::from_code(fmt)
-            .ok_or_else(|| bad("base_format", format!("unknown code {fmt}")))?;
+        let base_format =
+            BaseFormat::from_code(fmt).ok_or_else(|| bad("base_format", format!("unknown code {fmt}")))?;
         let plen = le_u16(b, 132) as usize;
         if plen > MAX_BASE_PATH {
             return Err(bad("base_path_len", format!("{plen} > {MAX_BASE_PATH}")));
@@ -284,9 +284,6 @@ mod tests {
     fn header_rejects_unknown_incompat_features() {
         let mut h = sample();
         h.incompat |= 1 << 9;
-        assert_eq!(
-            Header::decode(&h.encode()),
-            Err(HeaderError::UnsupportedFeatures(1 << 9))
-        );
+        assert_eq!(Header::decode(&h.encode()), Err(HeaderError::UnsupportedFeatures(1 << 9)));
     }
 }

@@ -80,11 +80,7 @@ impl Record {
             return Err(JournalError::BadRecord { offset, why: "truncated record" });
         }
         match b[0] {
-            TAG_TABLE => Ok(Record::TableSet {
-                vchunk: le_u32(b, 1),
-                entry: le_u32(b, 5),
-                used: le_u32(b, 9),
-            }),
+            TAG_TABLE => Ok(Record::TableSet { vchunk: le_u32(b, 1), entry: le_u32(b, 5), used: le_u32(b, 9) }),
             TAG_BITMAP => Ok(Record::BitmapSet { first: le_u64(b, 1), count: le_u32(b, 9) }),
             _ => Err(JournalError::BadRecord { offset, why: "unknown record tag" }),
         }
@@ -181,10 +177,7 @@ mod tests {
     fn stale_and_torn_blocks_are_rejected() {
         let b = JournalBlock { seq: 5, records: vec![Record::BitmapSet { first: 0, count: 1 }] };
         let enc = b.encode();
-        assert_eq!(
-            JournalBlock::decode(&enc, 6),
-            Err(JournalError::WrongSequence { expected: 6, found: 5 })
-        );
+        assert_eq!(JournalBlock::decode(&enc, 6), Err(JournalError::WrongSequence { expected: 6, found: 5 }));
         let mut torn = enc.clone();
         torn[2048..].fill(0);
         assert!(JournalBlock::decode(&torn, 5).is_err());

@@ -143,11 +143,8 @@ impl Geometry {
         let mut prev_end = HEADER_AREA;
         for (region, offset, len, need) in regions {
             let end = offset.checked_add(len);
-            let ok = offset % META_BLOCK == 0
-                && len % META_BLOCK == 0
-                && len >= need
-                && offset >= prev_end
-                && end.is_some();
+            let ok =
+                offset % META_BLOCK == 0 && len % META_BLOCK == 0 && len >= need && offset >= prev_end && end.is_some();
             if !ok {
                 return Err(LayoutError::BadRegion { region, offset, len });
             }
@@ -158,11 +155,7 @@ impl Geometry {
             return Err(LayoutError::BadRegion { region: "data", offset: g.data_offset, len: 0 });
         }
         if g.data_offset > storage_size {
-            return Err(LayoutError::BeyondStorage {
-                region: "metadata",
-                end: g.data_offset,
-                size: storage_size,
-            });
+            return Err(LayoutError::BeyondStorage { region: "metadata", end: g.data_offset, size: storage_size });
         }
         Ok(g)
     }
@@ -272,15 +265,9 @@ mod tests {
         let g = Geometry::new(&tib()).unwrap();
         let mut h = g.header(BaseFormat::Raw, "b");
         h.bitmap_offset = h.table_offset + 4096;
-        assert!(matches!(
-            Geometry::from_header(&h, u64::MAX),
-            Err(LayoutError::BadRegion { region: "bitmap", .. })
-        ));
+        assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadRegion { region: "bitmap", .. })));
         let h = g.header(BaseFormat::Raw, "b");
-        assert!(matches!(
-            Geometry::from_header(&h, 4096),
-            Err(LayoutError::BeyondStorage { .. })
-        ));
+        assert!(matches!(Geometry::from_header(&h, 4096), Err(LayoutError::BeyondStorage { .. })));
     }
 
     #[test]

@@ -113,11 +113,7 @@ pub(crate) fn le_u64(b: &[u8], off: usize) -> u64 {
 
 /// Decodes a table region into entries (4 bytes each).
 pub fn decode_table(bytes: &[u8], entries: usize) -> Vec<u32> {
-    bytes
-        .chunks_exact(4)
-        .take(entries)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).take(entries).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Encodes table entries, padded with zeros to `len` bytes.

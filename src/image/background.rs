@@ -186,14 +186,22 @@ impl Image {
                 Ok(n) => {
                     q.copied_blocks.fetch_add(n, Ordering::Relaxed);
                 }
-                Err(err) => tracing::warn!(image = %self.name(), error = %err, "copy-on-read failed; the block stays in the base"),
+                Err(err) => {
+                    tracing::warn!(image = %self.name(), error = %err, "copy-on-read failed; the block stays in the base")
+                }
             }
         }
     }
 
     /// Stores base data for blocks `first..first+count` that are not yet in
     /// the image. Returns how many blocks it stored.
-    async fn copy_blocks<E: IoEngine>(&self, e: &E, first: BlockIdx, count: u64, data: &[u8]) -> Result<u64, ImageError> {
+    async fn copy_blocks<E: IoEngine>(
+        &self,
+        e: &E,
+        first: BlockIdx,
+        count: u64,
+        data: &[u8],
+    ) -> Result<u64, ImageError> {
         if self.meta.all_present() || self.read_only() {
             return Ok(0);
         }
@@ -205,7 +213,8 @@ impl Image {
         if zero && chunk_missing && self.meta.chunk_spans(Bytes(off), count * bs).len() == 1 {
             // All zeros into an unallocated chunk: it reads zeros already.
             let _g = self.lock_blocks(first, count).await;
-            let fresh: Vec<u64> = (first.0..first.0 + count).filter(|&b| !self.meta.block_in_image(BlockIdx(b))).collect();
+            let fresh: Vec<u64> =
+                (first.0..first.0 + count).filter(|&b| !self.meta.block_in_image(BlockIdx(b))).collect();
             if self.meta.table.get(self.meta.geo.chunk_of(Bytes(off))).is_none() {
                 for &b in &fresh {
                     self.meta.set_blocks_copied(BlockIdx(b), 1);
@@ -237,9 +246,12 @@ impl Image {
                 why: format!("chunk of block {b:#x} vanished during a copy"),
             })?;
             let piece = &data[((b - first.0) * bs) as usize..((end - first.0) * bs) as usize];
-            io::write_at(e, self.storage.as_ref(), piece, so)
-                .await
-                .map_err(|source| ImageError::Io { path: self.name(), what: "copy from base", offset: so, source })?;
+            io::write_at(e, self.storage.as_ref(), piece, so).await.map_err(|source| ImageError::Io {
+                path: self.name(),
+                what: "copy from base",
+                offset: so,
+                source,
+            })?;
             self.meta.set_blocks_copied(BlockIdx(b), end - b);
             stored += end - b;
             b = end;

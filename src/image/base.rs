@@ -45,8 +45,11 @@ impl Base {
     ) -> Pin<Box<dyn Future<Output = Result<(), ImageError>> + 'a>> {
         Box::pin(async move {
             match self {
-                Base::Raw(s) => io::read_at(e, s.as_ref(), buf, off).await.map_err(|source| {
-                    ImageError::Io { path: s.name().to_string(), what: "base read", offset: off, source }
+                Base::Raw(s) => io::read_at(e, s.as_ref(), buf, off).await.map_err(|source| ImageError::Io {
+                    path: s.name().to_string(),
+                    what: "base read",
+                    offset: off,
+                    source,
                 }),
                 Base::Fvd(img) => img.read(e, off, buf).await,
             }
@@ -72,11 +75,8 @@ pub fn open_base(
     recorded_size: u64,
 ) -> Result<Option<Base>, ImageError> {
     let path = resolve(image, stored);
-    let err = |why: String| ImageError::Base {
-        path: image.display().to_string(),
-        base: path.display().to_string(),
-        why,
-    };
+    let err =
+        |why: String| ImageError::Base { path: image.display().to_string(), base: path.display().to_string(), why };
     let base = match format {
         BaseFormat::None => return Ok(None),
         BaseFormat::Raw => {

@@ -121,33 +121,19 @@ impl Image {
     }
 
     /// Writes the whole persist view (table, bitmap) and starts a new journal.
-    pub(crate) async fn checkpoint_locked<E: IoEngine>(
-        &self,
-        e: &E,
-        j: &mut JournalPos,
-    ) -> Result<(), ImageError> {
+    pub(crate) async fn checkpoint_locked<E: IoEngine>(&self, e: &E, j: &mut JournalPos) -> Result<(), ImageError> {
         self.checkpoint_with(e, j, Batch::default()).await
     }
 
     /// A checkpoint that also completes `carried`, a batch already taken.
-    async fn checkpoint_with<E: IoEngine>(
-        &self,
-        e: &E,
-        j: &mut JournalPos,
-        carried: Batch,
-    ) -> Result<(), ImageError> {
+    async fn checkpoint_with<E: IoEngine>(&self, e: &E, j: &mut JournalPos, carried: Batch) -> Result<(), ImageError> {
         let was = self.committing.swap(true, Ordering::AcqRel);
         let r = self.checkpoint_inner(e, j, carried).await;
         self.committing.store(was, Ordering::Release);
         r
     }
 
-    async fn checkpoint_inner<E: IoEngine>(
-        &self,
-        e: &E,
-        j: &mut JournalPos,
-        carried: Batch,
-    ) -> Result<(), ImageError> {
+    async fn checkpoint_inner<E: IoEngine>(&self, e: &E, j: &mut JournalPos, carried: Batch) -> Result<(), ImageError> {
         let (mut batch, snap) = self.meta.persist.take_snapshot();
         batch.freed.extend(carried.freed);
         let geo = &self.meta.geo;
@@ -171,7 +157,9 @@ impl Image {
         }
         if geo.bitmap_len > 0 {
             let b = io::AlignedBuf::from_slice(&format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize));
-            io::write_at(e, s, &b, geo.bitmap_offset).await.map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
+            io::write_at(e, s, &b, geo.bitmap_offset)
+                .await
+                .map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
         }
         self.sync_data(e).await?;
         let next_seq = self.header_seq() + j.next;

@@ -21,9 +21,7 @@ impl Image {
         if off % 512 != 0 || len % 512 != 0 {
             return Err(ImageError::Unaligned { path: self.name(), off, len });
         }
-        self.meta
-            .check_range(Bytes(off), len)
-            .map_err(|source| ImageError::Meta { path: self.name(), source })?;
+        self.meta.check_range(Bytes(off), len).map_err(|source| ImageError::Meta { path: self.name(), source })?;
         if write {
             if self.opts.read_only {
                 return Err(ImageError::ReadOnly { path: self.name() });
@@ -199,7 +197,9 @@ impl Image {
                 blk[head..tail].copy_from_slice(d);
             }
             let target = so(start)?;
-            io::write_at(e, self.storage.as_ref(), &blk, target).await.map_err(self.data_err("copy-on-write", target))?;
+            io::write_at(e, self.storage.as_ref(), &blk, target)
+                .await
+                .map_err(self.data_err("copy-on-write", target))?;
         }
         let n = last - first + 1;
         self.meta.set_blocks_written(BlockIdx(first), n);

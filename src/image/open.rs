@@ -50,16 +50,17 @@ pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
     let path = s.name().to_string();
     let size = s.size();
     if size < META_BLOCK {
-        return Err(ImageError::Header {
-            path,
-            source: format::HeaderError::Truncated(size as usize),
-        });
+        return Err(ImageError::Header { path, source: format::HeaderError::Truncated(size as usize) });
     }
     let mut buf = vec![0u8; HEADER_AREA as usize];
     let n = (size.min(HEADER_AREA)) as usize;
     s.read_at(&mut buf[..n], 0).map_err(io_err(s, "header read", 0))?;
     let first = Header::decode(&buf[..META_BLOCK as usize]);
-    let second = if n as u64 >= HEADER_AREA { Header::decode(&buf[META_BLOCK as usize..]) } else { Err(format::HeaderError::BadMagic) };
+    let second = if n as u64 >= HEADER_AREA {
+        Header::decode(&buf[META_BLOCK as usize..])
+    } else {
+        Err(format::HeaderError::BadMagic)
+    };
     match (first, second) {
         (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
         (Ok(a), Err(_)) => Ok(a),
@@ -73,8 +74,8 @@ pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
 pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
     let path = s.name().to_string();
     let header = read_header(s)?;
-    let geo = Geometry::from_header(&header, s.size())
-        .map_err(|source| ImageError::Layout { path: path.clone(), source })?;
+    let geo =
+        Geometry::from_header(&header, s.size()).map_err(|source| ImageError::Layout { path: path.clone(), source })?;
     let mut tbytes = vec![0u8; geo.table_len as usize];
     s.read_at(&mut tbytes, geo.table_offset).map_err(io_err(s, "table read", geo.table_offset))?;
     let mut table = format::decode_table(&tbytes, geo.chunks() as usize);
@@ -207,7 +208,9 @@ impl Image {
                         img.meta.persist.enable_volatile();
                         img.volatile = Some(v);
                     }
-                    Err(e) => tracing::warn!(log = %log.display(), error = %e, "no volatile log: metadata is journaled before writes complete instead"),
+                    Err(e) => {
+                        tracing::warn!(log = %log.display(), error = %e, "no volatile log: metadata is journaled before writes complete instead")
+                    }
                 }
             }
         }
@@ -221,8 +224,12 @@ impl Image {
         if !self.recovered {
             return Ok(());
         }
-        let ring = crate::io::uring::Uring::new(64)
-            .map_err(|source| ImageError::Io { path: self.name(), what: "io_uring setup", offset: 0, source })?;
+        let ring = crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
+            path: self.name(),
+            what: "io_uring setup",
+            offset: 0,
+            source,
+        })?;
         ring.block_on(async {
             self.wipe_unreferenced(&ring).await?;
             let mut j = self.journal_lock().await;

@@ -22,7 +22,8 @@ impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
         let cap = len.max(1).div_ceil(ALIGN) * ALIGN;
-        let layout = Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()));
+        let layout =
+            Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()));
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));

@@ -38,12 +38,7 @@ fn check(res: i32) -> io::Result<usize> {
 }
 
 /// Reads exactly `buf.len()` bytes at `off`; bytes past the end read as zeros.
-pub async fn read_at<E: IoEngine>(
-    e: &E,
-    s: &dyn Storage,
-    buf: &mut [u8],
-    off: u64,
-) -> io::Result<()> {
+pub async fn read_at<E: IoEngine>(e: &E, s: &dyn Storage, buf: &mut [u8], off: u64) -> io::Result<()> {
     let Some(fd) = s.raw_fd() else {
         return s.read_at(buf, off);
     };
@@ -51,9 +46,7 @@ pub async fn read_at<E: IoEngine>(
     while done < buf.len() {
         let rest = &mut buf[done..];
         let len = rest.len().min(1 << 30) as u32;
-        let sqe = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len)
-            .offset(off + done as u64)
-            .build();
+        let sqe = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len).offset(off + done as u64).build();
         // SAFETY: `rest` is borrowed mutably across the await below, so it stays
         // valid and unaliased until the operation completes; we await it at once.
         let n = check(unsafe { e.submit(sqe) }.await)?;
@@ -75,9 +68,7 @@ pub async fn write_at<E: IoEngine>(e: &E, s: &dyn Storage, buf: &[u8], off: u64)
     while done < buf.len() {
         let rest = &buf[done..];
         let len = rest.len().min(1 << 30) as u32;
-        let sqe = opcode::Write::new(types::Fd(fd), rest.as_ptr(), len)
-            .offset(off + done as u64)
-            .build();
+        let sqe = opcode::Write::new(types::Fd(fd), rest.as_ptr(), len).offset(off + done as u64).build();
         // SAFETY: `rest` is borrowed across the await below and the kernel only
         // reads from it; the operation is awaited at once.
         let n = check(unsafe { e.submit(sqe) }.await)?;

@@ -66,17 +66,10 @@ pub struct Meta {
 
 /// Applies journal records to plain vectors (used by replay before the live
 /// structures exist).
-pub fn apply_record(
-    geo: &Geometry,
-    table: &mut [u32],
-    bitmap: &mut [u64],
-    r: &Record,
-) -> Result<(), MetaError> {
+pub fn apply_record(geo: &Geometry, table: &mut [u32], bitmap: &mut [u64], r: &Record) -> Result<(), MetaError> {
     match *r {
         Record::TableSet { vchunk, entry, .. } => {
-            let slot = table
-                .get_mut(vchunk as usize)
-                .ok_or(MetaError::RecordOutOfRange(vchunk as u64))?;
+            let slot = table.get_mut(vchunk as usize).ok_or(MetaError::RecordOutOfRange(vchunk as u64))?;
             *slot = entry;
         }
         Record::BitmapSet { first, count } => {
@@ -109,11 +102,7 @@ pub fn validate_table(geo: &Geometry, table: &[u32], storage_size: u64) -> Resul
             return Err(MetaError::EntryOutOfRange { vchunk: v as u64, phys: p, limit });
         }
         if owner[p as usize] != u32::MAX {
-            return Err(MetaError::DuplicateEntry {
-                first: owner[p as usize] as u64,
-                second: v as u64,
-                phys: p,
-            });
+            return Err(MetaError::DuplicateEntry { first: owner[p as usize] as u64, second: v as u64, phys: p });
         }
         owner[p as usize] = v as u32;
         hwm = hwm.max(p + 1);

@@ -99,10 +99,9 @@ impl Meta {
                 out.push(Piece { buf_off, len: n, src: Source::Copy(b) });
                 continue;
             }
-            let so = self.storage_offset(Bytes(s)).ok_or(MetaError::BitWithoutChunk {
-                block: b.0,
-                vchunk: self.geo.chunk_of(Bytes(s)).0,
-            })?;
+            let so = self
+                .storage_offset(Bytes(s))
+                .ok_or(MetaError::BitWithoutChunk { block: b.0, vchunk: self.geo.chunk_of(Bytes(s)).0 })?;
             push(&mut out, Piece { buf_off, len: n, src: Source::Image(so) });
         }
         Ok(out)

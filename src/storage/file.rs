@@ -155,9 +155,7 @@ impl Storage for FileStorage {
             return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
         }
         let want = min.div_ceil(self.grow_unit) * self.grow_unit;
-        self.file
-            .set_len(want)
-            .map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
+        self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
         self.size.store(want, Ordering::Release);
         Ok(())
     }

@@ -167,7 +167,8 @@ mod tests {
     fn read_only_image_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
         image(dir.path()).close().unwrap();
-        let img = Image::open(&dir.path().join("t.fvd"), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let img =
+            Image::open(&dir.path().join("t.fvd"), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
         let ring = Uring::new(8).unwrap();
         let mut buf = vec![1u8; 512];
         let req = Request { op: Op::Write { fua: false }, off: 0, len: 512 };

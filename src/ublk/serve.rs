@@ -2,9 +2,9 @@
 //! serve it until told to stop, then close the image clean and delete the
 //! device.
 
+use super::background::Background;
 use super::error::{ublk, ublk_errno};
 use super::params::{device_params, ParamsInput};
-use super::background::Background;
 use super::queue::serve_queue;
 use super::request::Policy;
 use super::state::{DeviceState, RunDir};
@@ -112,9 +112,7 @@ fn stop_signals() -> SigSet {
 fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     // Before any thread exists, so that every thread inherits the mask and
     // the stop signals reach only the signal thread's sigwait.
-    stop_signals()
-        .thread_block()
-        .map_err(|e| DaemonError::Sys { what: "blocking signals", source: e.into() })?;
+    stop_signals().thread_block().map_err(|e| DaemonError::Sys { what: "blocking signals", source: e.into() })?;
     let vlog = o.run_dir.volatile_log(&o.image);
     let img = Arc::new(Image::open(
         &o.image,
@@ -192,10 +190,8 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     };
     let qimg = img.clone();
     let pol = Policy { lazy_metadata };
-    let bg = Background {
-        prefetch: super::background::wants_prefetch(&img, o.prefetch),
-        prefetch_rate: o.prefetch_rate,
-    };
+    let bg =
+        Background { prefetch: super::background::wants_prefetch(&img, o.prefetch), prefetch_rate: o.prefetch_rate };
     // Queue 0 prefetches; every queue stores its own copy-on-read blocks.
     let q_fn = move |qid: u16, dev: &UblkDev| {
         let bg = if qid == 0 { bg } else { Background { prefetch: false, ..bg } };
@@ -274,9 +270,7 @@ fn make_ctrl(o: &ServeOptions) -> Result<UblkCtrl, DaemonError> {
                 .build()
                 .map_err(|e| match ublk_errno(&e) {
                     Some(libc::EEXIST) => DaemonError::IdInUse(want),
-                    Some(libc::EACCES) | Some(libc::EPERM) => {
-                        DaemonError::Control(super::error::ublk_why(&e))
-                    }
+                    Some(libc::EACCES) | Some(libc::EPERM) => DaemonError::Control(super::error::ublk_why(&e)),
                     _ => ublk("adding the ublk device")(e),
                 })
         }

@@ -94,10 +94,23 @@ pub fn read_all(img: &Image) -> Vec<u8> {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Write { off: u64, len: u64, fua: bool },
-    Read { off: u64, len: u64 },
-    Discard { off: u64, len: u64 },
-    Zero { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        fua: bool,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
     Flush,
     Reopen,
     /// Store queued copy-on-read blocks.
