@@ -122,10 +122,8 @@ impl LvmVolume {
         let name = LvName::new(&vg, &lv)?;
         let lvm = Lvm::find();
         let rep = lvm.report(&[&name]).map_err(|e| e.to_string())?;
-        let rep = rep
-            .into_iter()
-            .find(|r| r.vg == vg && r.lv == lv)
-            .ok_or_else(|| format!("lvs does not list {name}"))?;
+        let rep =
+            rep.into_iter().find(|r| r.vg == vg && r.lv == lv).ok_or_else(|| format!("lvs does not list {name}"))?;
         let thin = rep.is_thin();
         let pool = match &rep.pool {
             Some(p) if thin => Some(name.sibling(p)?),
@@ -164,10 +162,8 @@ impl Volume for LvmVolume {
         let mut names = vec![&self.name];
         names.extend(self.pool.as_ref());
         let reps = self.lvm.report(&names).map_err(|e| e.to_string())?;
-        let me = reps
-            .iter()
-            .find(|r| r.lv == self.name.lv())
-            .ok_or_else(|| format!("lvs does not list {}", self.name))?;
+        let me =
+            reps.iter().find(|r| r.lv == self.name.lv()).ok_or_else(|| format!("lvs does not list {}", self.name))?;
         let pool = self.pool.as_ref().and_then(|p| reps.iter().find(|r| r.lv == p.lv()));
         Ok(VolumeReport {
             lv_size: me.size,
@@ -503,7 +499,9 @@ impl Shared {
                             error = %f.msg,
                             "the volume group cannot give a whole grow unit; growing only as writes need"
                         ),
-                        (true, false, _) => tracing::error!(lv = %self.vol.lv(), error = %f.msg, "growing the LV failed"),
+                        (true, false, _) => {
+                            tracing::error!(lv = %self.vol.lv(), error = %f.msg, "growing the LV failed")
+                        }
                         _ => tracing::debug!(lv = %self.vol.lv(), error = %f.msg, "growing the LV failed again"),
                     }
                     st.failure = Some(f);
@@ -697,7 +695,8 @@ impl Shared {
         let r = (|| -> io::Result<()> {
             let dir = path.parent().unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
-            let tmp = dir.join(format!(".{}.{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+            let tmp =
+                dir.join(format!(".{}.{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
             std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")?;
             std::fs::rename(&tmp, path)
         })();
@@ -989,7 +988,12 @@ mod tests {
                 delay,
                 thin,
             };
-            let o = LvOptions { grow_unit: Some(unit), publish: false, hard_retry: Duration::from_millis(50), ..Default::default() };
+            let o = LvOptions {
+                grow_unit: Some(unit),
+                publish: false,
+                hard_retry: Duration::from_millis(50),
+                ..Default::default()
+            };
             LvStorage::with_volume(inner, Box::new(vol), M, &o, "test").unwrap()
         }
     }
@@ -1144,8 +1148,8 @@ mod tests {
     /// the metadata, write sequentially, reopen, check.
     #[test]
     fn image_on_a_growing_volume() {
-        use crate::image::{create_on, CreateOptions, Image, OpenOptions};
         use crate::format::{layout::CreateParams, BaseFormat, Geometry};
+        use crate::image::{create_on, CreateOptions, Image, OpenOptions};
         let r = rig(4 * M, 1 << 30);
         let unit = 8 * M;
         let geo = {
@@ -1185,7 +1189,8 @@ mod tests {
         let s = r.open(unit, Duration::ZERO, false);
         let rep = crate::image::check(&s);
         assert_eq!(rep.exit_code(), 0, "{rep:?}");
-        let img = Image::open_on(&r.path, Box::new(s), None, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let img =
+            Image::open_on(&r.path, Box::new(s), None, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
         let ring = crate::io::uring::Uring::new(64).unwrap();
         let mut back = crate::io::AlignedBuf::zeroed(data.len());
         ring.block_on(img.read(&ring, 0, &mut back)).unwrap().unwrap();

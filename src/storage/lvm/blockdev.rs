@@ -105,7 +105,8 @@ impl ZeroMethod {
     /// From the device's queue limits; `thin` when it is a thin LV.
     pub fn probe(fd: RawFd, thin: bool) -> ZeroMethod {
         let dir = sysfs_dir(fd).ok();
-        let num = |rel: &str| dir.as_ref().and_then(|d| read_sys(d, rel)).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        let num =
+            |rel: &str| dir.as_ref().and_then(|d| read_sys(d, rel)).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
         let write_zeroes = num("queue/write_zeroes_max_bytes") > 0;
         let discard = num("queue/discard_max_bytes") > 0;
         let gran = num("queue/discard_granularity");

@@ -8,4 +8,4 @@ pub mod tool;
 
 pub use names::LvName;
 pub use policy::Policy;
-pub use tool::{ExtendError, Lvm, LvReport};
+pub use tool::{ExtendError, LvReport, Lvm};

@@ -12,8 +12,8 @@ pub const MAX_NAME: usize = 127;
 
 /// Substrings lvm2 reserves for the hidden sub-LVs it creates.
 const RESERVED_LV_PARTS: &[&str] = &[
-    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage",
-    "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta",
+    "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
 ];
 
 fn valid_common(name: &str) -> Result<(), String> {

@@ -299,7 +299,8 @@ impl Lvm {
             .iter()
             .enumerate()
             .filter(|(i, a)| {
-                !a.starts_with("devices/global_filter") && !(*a == "--config" && args.get(i + 1).is_some_and(|n| n.starts_with("devices/")))
+                !a.starts_with("devices/global_filter")
+                    && !(*a == "--config" && args.get(i + 1).is_some_and(|n| n.starts_with("devices/")))
             })
             .map(|(_, a)| a.as_str())
             .collect();
@@ -354,11 +355,8 @@ impl Lvm {
         if status.success() {
             return Ok(stdout);
         }
-        let lines: Vec<&str> = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("WARNING"))
-            .collect();
+        let lines: Vec<&str> =
+            stderr.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("WARNING")).collect();
         let why = if lines.is_empty() { stderr.trim().to_string() } else { lines.join("; ") };
         Err(err(format!("{status}: {why}")))
     }
@@ -417,7 +415,10 @@ mod tests {
 
     #[test]
     fn available_extents_from_the_message() {
-        assert_eq!(available_extents("exit status: 5: Insufficient free space: 8 extents needed, but only 7 available"), Some(7));
+        assert_eq!(
+            available_extents("exit status: 5: Insufficient free space: 8 extents needed, but only 7 available"),
+            Some(7)
+        );
         assert_eq!(available_extents("Insufficient free space: 1 extents needed, but only 0 available"), Some(0));
         assert_eq!(available_extents("Volume group not found"), None);
         assert_eq!(available_extents("but only x available"), None);
@@ -427,10 +428,15 @@ mod tests {
     fn extend_failures_are_classified() {
         let e = |why: &str| ToolError { cmd: "lvm lvextend".into(), why: why.into() };
         assert!(matches!(
-            classify_extend_failure(e("exit status: 5: Insufficient free space: 262128 extents needed, but only 77 available")),
+            classify_extend_failure(e(
+                "exit status: 5: Insufficient free space: 262128 extents needed, but only 77 available"
+            )),
             ExtendError::NoSpace(_)
         ));
-        assert!(matches!(classify_extend_failure(e("exit status: 5: Volume group \"x\" not found")), ExtendError::Failed(_)));
+        assert!(matches!(
+            classify_extend_failure(e("exit status: 5: Volume group \"x\" not found")),
+            ExtendError::Failed(_)
+        ));
     }
 
     /// A stand-in `lvm` script shows the exact argument vector and that a
