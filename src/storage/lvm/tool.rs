@@ -299,8 +299,9 @@ impl Lvm {
             .iter()
             .enumerate()
             .filter(|(i, a)| {
-                !a.starts_with("devices/global_filter")
-                    && !(*a == "--config" && args.get(i + 1).is_some_and(|n| n.starts_with("devices/")))
+                let filter_arg = a.starts_with("devices/global_filter")
+                    || (*a == "--config" && args.get(i + 1).is_some_and(|n| n.starts_with("devices/")));
+                !filter_arg
             })
             .map(|(_, a)| a.as_str())
             .collect();
