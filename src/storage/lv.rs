@@ -224,6 +224,8 @@ struct State {
     failed_attempts: u64,
     report: Option<VolumeReport>,
     pool_warned: bool,
+    /// When the status was last published (ENOSPC counts publish at most once a second).
+    published: Option<Instant>,
 }
 
 struct Shared {
@@ -677,6 +679,17 @@ impl Shared {
         v
     }
 
+    /// Publishes the status unless that was done less than a second ago.
+    fn publish_soon(&self, mut st: MutexGuard<'_, State>) {
+        if st.published.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        st.published = Some(Instant::now());
+        let snap = self.status_locked(&st, st.report.clone());
+        drop(st);
+        self.write_status(&snap);
+    }
+
     fn publish(&self) {
         let snap = {
             let st = self.lock();
@@ -767,6 +780,7 @@ impl Storage for LvStorage {
             let recent = st.last_attempt.is_some_and(|t| t.elapsed() < sh.hard_retry);
             if f.hard && recent {
                 st.enospc += 1;
+                sh.publish_soon(st);
                 return Err(sh.error(&f, min));
             }
             st.retry_at = None;
@@ -801,9 +815,11 @@ impl Storage for LvStorage {
         if late {
             st.late_waits += 1;
         }
-        drop(st);
         if r.is_ok() {
+            drop(st);
             tracing::debug!(want = min, ms = waited.as_millis() as u64, "a write waited for the LV to grow");
+        } else {
+            sh.publish_soon(st);
         }
         r
     }
