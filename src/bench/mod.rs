@@ -83,7 +83,7 @@ impl Ctx {
             ..Default::default()
         };
         image::create(&p, &opts).map_err(|e| e.to_string())?;
-        let o = OpenOptions { direct: self.direct, grow_unit: Some(256 << 20), ..Default::default() };
+        let o = OpenOptions { direct: self.direct, ..Default::default() };
         Ok(Target::Fvd(Box::new(Image::open(&p, &o).map_err(|e| e.to_string())?)))
     }
 

@@ -128,6 +128,8 @@ pub fn create_on_with(
         return Err(ImageError::Invalid { path: name, why: "base path longer than 1024 bytes".into() });
     }
     let fresh = s.size() == 0;
+    let extent = if geo.has_table() { geo.chunks() * geo.chunk_bytes() } else { geo.virtual_size.0 };
+    s.set_size_limit(geo.data_offset + extent);
     s.ensure_size(geo.data_offset)?;
     // Zero the metadata regions of reused storage (a block device holds old
     // bytes); a new file is sparse zeros already and stays sparse.

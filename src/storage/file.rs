@@ -27,6 +27,8 @@ pub struct FileStorage {
     path: String,
     size: AtomicU64,
     grow_unit: u64,
+    /// Growth never goes past this (the image's largest possible extent).
+    size_limit: AtomicU64,
     is_block_device: bool,
     grow_lock: Mutex<()>,
     /// Block devices: how `punch` makes a range read as zeros (fallocate
@@ -45,8 +47,11 @@ fn device_size(f: &File) -> io::Result<u64> {
 }
 
 impl FileStorage {
-    /// Default growth step for files.
-    pub const DEFAULT_GROW_UNIT: u64 = 64 << 20;
+    /// Default growth step for files. Large, because extending a file stalls
+    /// the O_DIRECT writes in flight on it (measured: 1 MiB sequential first
+    /// writes at 0.74x raw with 256 MiB steps, 0.97x with one step per GiB);
+    /// the file stays sparse, so a large step costs no space.
+    pub const DEFAULT_GROW_UNIT: u64 = 1 << 30;
 
     pub fn open(path: &Path, mode: OpenMode) -> Result<FileStorage, StorageError> {
         let name = path.display().to_string();
@@ -82,6 +87,7 @@ impl FileStorage {
             path: name,
             size: AtomicU64::new(size),
             grow_unit: Self::DEFAULT_GROW_UNIT,
+            size_limit: AtomicU64::new(u64::MAX),
             is_block_device,
             grow_lock: Mutex::new(()),
             zero,
@@ -154,7 +160,7 @@ impl Storage for FileStorage {
         if self.is_block_device {
             return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
         }
-        let want = min.div_ceil(self.grow_unit) * self.grow_unit;
+        let want = (min.div_ceil(self.grow_unit) * self.grow_unit).min(self.size_limit.load(Ordering::Acquire)).max(min);
         self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
         self.size.store(want, Ordering::Release);
         Ok(())
@@ -194,6 +200,10 @@ impl Storage for FileStorage {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.direct.as_ref().unwrap_or(&self.file).as_raw_fd())
+    }
+
+    fn set_size_limit(&self, max: u64) {
+        self.size_limit.store(max, Ordering::Release);
     }
 
     fn allocated_bytes(&self) -> Option<u64> {

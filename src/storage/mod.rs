@@ -59,6 +59,8 @@ pub trait Storage: Send + Sync {
     fn has_data(&self, _off: u64, _len: u64) -> bool {
         true
     }
+    /// The most the image can ever need: growth never goes past it.
+    fn set_size_limit(&self, _max: u64) {}
     /// Storage-specific state for `fvd info` / `fvd list` (growth, pool usage).
     fn status(&self) -> Option<serde_json::Value> {
         None
@@ -161,6 +163,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn status(&self) -> Option<serde_json::Value> {
         (**self).status()
+    }
+    fn set_size_limit(&self, max: u64) {
+        (**self).set_size_limit(max)
     }
     fn sync_punch(&self) -> bool {
         (**self).sync_punch()
