@@ -11,7 +11,13 @@ fn tmpfs_dir() -> Option<tempfile::TempDir> {
     fvd::image::volatile::on_tmpfs(d.path()).then_some(d)
 }
 
-static FORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The tests run one at a time: a forked child inherits every descriptor of
+/// the process, so it would hold the other tests' image locks while it lives.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 const WRITES: [u64; 5] = [0, 3 << 20, (5 << 20) + 8192, 9 << 20, 20 << 20];
 
@@ -22,9 +28,8 @@ fn data(i: usize) -> Vec<u8> {
 /// A daemon that writes and dies (a child process that exits without flush
 /// or close: its flock goes with it, its data writes stay in the page cache).
 fn die_after_writes(img_path: &Path, log: Option<&Path>) {
-    let _g = FORK.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: the child only opens the image, writes and _exits; the parent
-    // waits for it. No other thread of this test binary forks meanwhile.
+    // waits for it. The tests run one at a time (`serial`).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
@@ -54,6 +59,7 @@ fn die_after_writes(img_path: &Path, log: Option<&Path>) {
 
 #[test]
 fn a_new_daemon_replays_what_the_dead_one_left_in_the_volatile_log() {
+    let _s = serial();
     let Some(shm) = tmpfs_dir() else {
         eprintln!("SKIP: no tmpfs at /dev/shm for the volatile log");
         return;
@@ -81,6 +87,7 @@ fn a_new_daemon_replays_what_the_dead_one_left_in_the_volatile_log() {
 
 #[test]
 fn without_the_log_unjournaled_allocations_are_lost() {
+    let _s = serial();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("img.fvd");
     create(&p, &CreateOptions { size: Some(32 << 20), ..Default::default() }).unwrap();
@@ -94,6 +101,7 @@ fn without_the_log_unjournaled_allocations_are_lost() {
 
 #[test]
 fn a_log_left_behind_is_stale_once_someone_else_recovers_the_image() {
+    let _s = serial();
     let Some(shm) = tmpfs_dir() else {
         eprintln!("SKIP: no tmpfs at /dev/shm for the volatile log");
         return;

@@ -130,6 +130,9 @@ pub struct Listed {
     pub kernel_state: String,
     /// One word: live, starting, stopping, recovering, crashed, gone.
     pub status: &'static str,
+    /// Storage state the daemon publishes (LV growth, waits, pool usage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<serde_json::Value>,
 }
 
 impl Listed {
@@ -158,7 +161,8 @@ pub fn list(rd: &RunDir) -> Result<Vec<Listed>, DaemonError> {
             };
             let running = kernel::daemon_alive(st.pid);
             let status = Listed::status_of(&st, running, kernel_state);
-            Listed { daemon_running: running, kernel_state: kernel_state.into(), status, st }
+            let storage = crate::storage::lv::published_status(&st.image);
+            Listed { daemon_running: running, kernel_state: kernel_state.into(), status, storage, st }
         })
         .collect())
 }
