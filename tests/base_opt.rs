@@ -1,24 +1,15 @@
 //! FVD's base-image optimizations on real files: zero detection at create,
 //! copy-on-read, prefetch (with resume) — and the bitmap updates they save.
 
+mod common;
+
+use common::data as noise;
 use fvd::image::{create, CreateOptions, Image, MapKind, OpenOptions, PrefetchOptions};
 use fvd::io::uring::Uring;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A 16 MiB sparse base with data in [2M, 5M) and [9M, 10M); the rest holes,
 /// plus an all-zero block written explicitly at 12M.

@@ -23,14 +23,11 @@ fn measure(ring: &Uring, img: &Image, lo: u64, hi: u64) -> Result<(f64, f64), St
     let r0 = img.stats.snapshot().journal_records;
     let b0 = img.meta().persist.bits_recorded();
     let buf = AlignedBuf::from_slice(&[0x5Au8; 4096]);
-    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut rng = super::XorShift::new(0x2545F4914F6CDD1D);
     let bs = img.block_size() as u64;
     let slots = (hi - lo) / bs;
     for _ in 0..WRITES {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = lo + (x % slots) * bs;
+        let off = lo + (rng.next() % slots) * bs;
         ring.block_on(img.write(ring, off, &buf, false)).map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     }
     ring.block_on(img.flush(ring)).map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
@@ -45,15 +42,8 @@ pub fn print(dir: &Path, size: u64) -> Result<(), String> {
     let base = dir.join("opt-base.raw");
     let f = std::fs::File::create(&base).map_err(|e| e.to_string())?;
     f.set_len(half).map_err(|e| e.to_string())?;
-    let mut x = 7u64;
-    let chunk: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut chunk = vec![0u8; 1 << 20];
+    super::XorShift::new(7).fill(&mut chunk);
     let mut off = 0;
     while off < half / 2 {
         f.write_all_at(&chunk, off).map_err(|e| e.to_string())?;

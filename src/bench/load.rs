@@ -91,22 +91,12 @@ async fn worker(sh: &Shared<'_>, seed: u64) -> Result<Vec<u32>, String> {
     let bs = sh.job.bs as u64;
     let slots = sh.size / bs;
     let mut buf = AlignedBuf::zeroed(sh.job.bs);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for b in buf.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let mut rng = super::XorShift::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.fill(&mut buf);
     let mut lats = Vec::new();
     loop {
-        let off = match sh.pattern() {
-            Pattern::Random => {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % slots) * bs
-            }
+        let off = match sh.job.pattern {
+            Pattern::Random => (rng.next() % slots) * bs,
             Pattern::Sequential => {
                 let o = sh.next.get();
                 if sh.deadline.is_none() && o >= sh.size {
@@ -130,12 +120,6 @@ async fn worker(sh: &Shared<'_>, seed: u64) -> Result<Vec<u32>, String> {
         lats.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
     }
     Ok(lats)
-}
-
-impl Shared<'_> {
-    fn pattern(&self) -> Pattern {
-        self.job.pattern
-    }
 }
 
 fn drive(sh: &Shared<'_>) -> Result<(Vec<u32>, Duration), String> {

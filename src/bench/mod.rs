@@ -131,6 +131,30 @@ impl Ctx {
     }
 }
 
+/// The benchmark's pseudo-random numbers (xorshift64): fast, and the same
+/// sequence for the same seed in every run.
+pub(crate) struct XorShift(u64);
+
+impl XorShift {
+    pub(crate) fn new(seed: u64) -> XorShift {
+        XorShift(seed | 1)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Fills `buf` with one byte per step.
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            *b = self.next() as u8;
+        }
+    }
+}
+
 fn median(mut v: Vec<JobResult>) -> JobResult {
     v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
     v.swap_remove(v.len() / 2)
@@ -144,15 +168,12 @@ fn fill(ring: &Uring, t: &Target, size: u64) -> Result<(), String> {
 fn make_base(p: &Path, size: u64) -> Result<(), String> {
     use std::io::Write;
     let mut f = std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut rng = XorShift::new(0x1234_5678_9abc_def1);
     let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {
         for w in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
+            w.copy_from_slice(&rng.next().to_le_bytes());
         }
         let n = left.min(buf.len() as u64) as usize;
         f.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", p.display()))?;

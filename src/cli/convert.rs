@@ -5,8 +5,6 @@ use crate::image::{self, CreateOptions, Image, MapKind, OpenOptions};
 use crate::io::uring::Uring;
 use crate::storage::{FileStorage, OpenMode, Storage};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -40,19 +38,6 @@ fn open_src(p: &std::path::Path) -> Result<Src, CliError> {
     } else {
         Ok(Src::Raw(s))
     }
-}
-
-fn progress(total: u64) -> ProgressBar {
-    let pb = ProgressBar::new(total);
-    if std::io::stderr().is_terminal() {
-        pb.set_draw_target(ProgressDrawTarget::stderr());
-        if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({eta})") {
-            pb.set_style(style);
-        }
-    } else {
-        pb.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    pb
 }
 
 pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
@@ -89,7 +74,7 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
         dst_raw = Some(f);
         dst_img = None;
     }
-    let pb = progress(size);
+    let pb = super::progress_bar(size);
     let mut buf = vec![0u8; STEP];
     let mut written = 0u64;
     for (start, len) in ranges {

@@ -57,6 +57,22 @@ impl<E: std::fmt::Display> From<E> for CliError {
     }
 }
 
+/// A byte-count progress bar on stderr when it is a terminal, hidden otherwise.
+pub(crate) fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    let pb = ProgressBar::new(total);
+    if std::io::stderr().is_terminal() {
+        pb.set_draw_target(ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({eta})") {
+            pb.set_style(style);
+        }
+    } else {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb
+}
+
 pub fn fail(msg: impl Into<String>) -> CliError {
     CliError { msg: msg.into(), code: 1 }
 }

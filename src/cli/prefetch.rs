@@ -6,8 +6,6 @@ use crate::image::{Image, OpenOptions, PrefetchOptions};
 use crate::io::uring::Uring;
 use crate::units::parse_size;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,15 +25,7 @@ pub fn run(a: PrefetchArgs) -> Result<i32, CliError> {
         return Ok(0);
     }
     let bs = img.block_size() as u64;
-    let pb = ProgressBar::new(total * bs);
-    if std::io::stderr().is_terminal() {
-        pb.set_draw_target(ProgressDrawTarget::stderr());
-        if let Ok(st) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({eta})") {
-            pb.set_style(st);
-        }
-    } else {
-        pb.set_draw_target(ProgressDrawTarget::hidden());
-    }
+    let pb = super::progress_bar(total * bs);
     pb.set_position(done * bs);
     let ring = Uring::new(64)?;
     let exe = smol::LocalExecutor::new();

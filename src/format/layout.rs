@@ -197,6 +197,13 @@ impl Geometry {
         }
     }
 
+    /// The largest storage the image can ever need: every chunk allocated
+    /// (with a table), or the whole disk at `data_offset` (without).
+    pub fn max_storage_size(&self) -> u64 {
+        let data = if self.has_table() { self.chunks() * self.chunk_bytes() } else { self.virtual_size.0 };
+        self.data_offset + data
+    }
+
     /// Bytes of metadata (header, table, bitmap), without the journal.
     pub fn metadata_bytes(&self) -> u64 {
         HEADER_AREA + self.table_len + self.bitmap_len

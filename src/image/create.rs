@@ -128,8 +128,7 @@ pub fn create_on_with(
         return Err(ImageError::Invalid { path: name, why: "base path longer than 1024 bytes".into() });
     }
     let fresh = s.size() == 0;
-    let extent = if geo.has_table() { geo.chunks() * geo.chunk_bytes() } else { geo.virtual_size.0 };
-    s.set_size_limit(geo.data_offset + extent);
+    s.set_size_limit(geo.max_storage_size());
     s.ensure_size(geo.data_offset)?;
     // Zero the metadata regions of reused storage (a block device holds old
     // bytes); a new file is sparse zeros already and stays sparse.

@@ -147,9 +147,7 @@ impl Image {
                 why: "the image needs its base and none was given".into(),
             });
         }
-        let g = &loaded.geo;
-        let extent = if g.has_table() { g.chunks() * g.chunk_bytes() } else { g.virtual_size.0 };
-        storage.set_size_limit(g.data_offset + extent);
+        storage.set_size_limit(loaded.geo.max_storage_size());
         let hwm = meta::validate_table(&loaded.geo, &loaded.table, storage.size())
             .map_err(|source| ImageError::Meta { path: name.clone(), source })?;
         let recovered = loaded.header.is_dirty();

@@ -50,6 +50,8 @@ fn identity(image: &Path) -> io::Result<(u64, u64)> {
 }
 
 /// Whether `dir` is on tmpfs.
+// f_type is i64 on x86_64 but narrower elsewhere: the cast is for those.
+#[allow(clippy::unnecessary_cast)]
 pub fn on_tmpfs(dir: &Path) -> bool {
     nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC).unwrap_or(false)
 }

@@ -160,7 +160,8 @@ impl Storage for FileStorage {
         if self.is_block_device {
             return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
         }
-        let want = (min.div_ceil(self.grow_unit) * self.grow_unit).min(self.size_limit.load(Ordering::Acquire)).max(min);
+        let want =
+            (min.div_ceil(self.grow_unit) * self.grow_unit).min(self.size_limit.load(Ordering::Acquire)).max(min);
         self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
         self.size.store(want, Ordering::Release);
         Ok(())
