@@ -151,7 +151,16 @@ impl Image {
         let hwm = meta::validate_table(&loaded.geo, &loaded.table, storage.size())
             .map_err(|source| ImageError::Meta { path: name.clone(), source })?;
         let recovered = loaded.header.is_dirty();
-        if recovered {
+        if recovered && opts.read_only {
+            // A read-only look (`fvd info` while a daemon serves the image)
+            // sees a dirty header all the time; replaying into memory is the
+            // normal way to read it, not news for the operator.
+            tracing::debug!(
+                image = %name,
+                records = loaded.replayed_records,
+                "image is open elsewhere or was not closed cleanly: journal replayed in memory only"
+            );
+        } else if recovered {
             tracing::info!(
                 image = %name,
                 blocks = loaded.replayed_blocks,

@@ -57,7 +57,8 @@ step "dump the device, stop, check, convert to raw"
 dd if="$dev" of="$WORK/dump.raw" bs=1M iflag=direct status=none
 run "$FVD" stop -n "$id"
 run "$FVD" check "$img"
-run "$FVD" map "$img" | head -n 20
+run "$FVD" map "$img" >"$RESULTS/map.txt"
+head -n 20 "$RESULTS/map.txt"
 run "$FVD" convert -O raw "$img" "$WORK/conv.raw"
 run qemu-img compare -f raw -F raw "$WORK/conv.raw" "$WORK/dump.raw"
 cmp "$WORK/conv.raw" "$want" || fail "converted image differs from what the device showed"

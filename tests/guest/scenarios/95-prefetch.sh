@@ -37,10 +37,13 @@ sum=$(dd if="$dev" bs=1M iflag=direct status=none | sha256sum | cut -d' ' -f1)
 
 step "wait for prefetch to finish (the header says prefetched)"
 for _ in $(seq 1 240); do
-    if "$FVD" info --output json "$img" | grep -q '"prefetched": true'; then break; fi
+    # Captured first: grep -q on a live pipe would SIGPIPE fvd and, under
+    # pipefail, turn a match into a failure.
+    info=$("$FVD" info --output json "$img")
+    [[ $info == *'"prefetched": true'* ]] && break
     sleep 0.5
 done
-"$FVD" info --output json "$img" | grep -q '"prefetched": true' || fail "prefetch did not finish"
+[[ $info == *'"prefetched": true'* ]] || fail "prefetch did not finish: $(grep -o '"prefetch-cursor": [0-9]*' <<<"$info")"
 run "$FVD" info "$img"
 
 step "move the base away: the device still reads every byte"
