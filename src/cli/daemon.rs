@@ -51,6 +51,14 @@ pub struct StartArgs {
     /// `fvd recover` can't hide the crash from applications).
     #[arg(long)]
     pub lazy_metadata: bool,
+    /// Writeback mode: journal metadata updates at least this often even when
+    /// the guest does not flush ("5s", "500ms"; 0 commits only on flush).
+    #[arg(long, default_value = "5s", value_parser = interval_arg)]
+    pub commit_interval: Duration,
+    /// Growth step of the image's storage: the file, or the logical volume
+    /// (default: 1 GiB, or an LV's fvd-grow-unit=SIZE tag; k/M/G suffixes).
+    #[arg(long, value_parser = |s: &str| crate::units::parse_size(s).map(|b| b.0))]
+    pub grow_unit: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +93,18 @@ fn logical_block_arg(s: &str) -> Result<u32, String> {
         "4096" | "4k" | "4K" => Ok(4096),
         _ => Err(format!("'{s}': the logical block size is 512 or 4096")),
     }
+}
+
+/// "5s", "500ms", "2" (seconds), "0" (off).
+fn interval_arg(s: &str) -> Result<Duration, String> {
+    let bad = || format!("'{s}': give an interval such as 5s, 500ms or 0");
+    let (num, scale) = match s.trim() {
+        t if t.ends_with("ms") => (&t[..t.len() - 2], 1),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1000),
+        t => (t, 1000),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(scale).map(Duration::from_millis).ok_or_else(bad)
 }
 
 fn err(e: DaemonError) -> CliError {
@@ -125,6 +145,8 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
         copy_on_read: a.copy_on_read.then_some(true),
         prefetch: a.prefetch,
         prefetch_rate: a.prefetch_rate,
+        commit_interval: (!a.commit_interval.is_zero()).then_some(a.commit_interval),
+        grow_unit: a.grow_unit,
         run_dir: rd.clone(),
         log: log.clone(),
         recoveries: 0,
@@ -177,23 +199,38 @@ pub fn list(a: ListArgs) -> Result<i32, CliError> {
         return Ok(0);
     }
     println!(
-        "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} BASE",
-        "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "IMAGE"
+        "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9} {:>9} {:>7}  {:<30} BASE",
+        "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "PREFETCH", "REC/WR", "IMAGE"
     );
     for d in &devs {
+        let live = d.live.as_ref();
         println!(
-            "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9}  {:<30} {}",
+            "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9} {:>9} {:>7}  {:<30} {}",
             d.st.id,
             d.st.device,
             d.status,
             d.st.pid,
             d.st.queues,
             human(d.st.virtual_size),
+            live.and_then(|l| l.prefetch.as_ref()).map_or("-".into(), prefetch_cell),
+            live.map_or("-".into(), |l| format!("{:.3}", l.records_per_write)),
             d.st.image.display(),
             d.st.base.as_deref().unwrap_or("-")
         );
     }
     Ok(0)
+}
+
+/// "done", "42.0%", "42.0%~" (backing off), "failed", "off" (not running).
+pub fn prefetch_cell(p: &crate::image::LivePrefetch) -> String {
+    use crate::image::PrefetchState as S;
+    match p.state {
+        S::Done => "done".into(),
+        S::Failed => "failed".into(),
+        S::BackingOff => format!("{:.1}%~", p.percent),
+        S::Running => format!("{:.1}%", p.percent),
+        S::Idle => "off".into(),
+    }
 }
 
 pub fn recover(a: RecoverArgs) -> Result<i32, CliError> {
@@ -202,4 +239,20 @@ pub fn recover(a: RecoverArgs) -> Result<i32, CliError> {
     kernel::check_driver().map_err(err)?;
     println!("{}", control::recover(&RunDir::system(), id).map_err(err)?);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(interval_arg("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(interval_arg("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(interval_arg("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(interval_arg("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "-1", "1.5s", "5m", "99999999999999999999"] {
+            assert!(interval_arg(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -145,6 +145,17 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
             json!({"filename": h.base_path, "resolved": b.name(), "format": b.format().name(), "size": h.base_size}),
         );
     }
+    // A daemon serving the image knows more than the header: live prefetch
+    // progress and its metadata write counters.
+    let served = std::fs::canonicalize(&a.image)
+        .ok()
+        .and_then(|p| crate::ublk::control::serving(&crate::ublk::state::RunDir::system(), &p));
+    if let Some(d) = &served {
+        obj.insert("served-by".into(), json!({"id": d.st.id, "device": d.st.device, "pid": d.st.pid}));
+        if let Some(l) = &d.live {
+            obj.insert("live".into(), serde_json::to_value(l)?);
+        }
+    }
     if a.output == "json" {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
@@ -188,8 +199,43 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         human(sum(image::MapKind::Base)),
         human(sum(image::MapKind::Zero))
     );
-    println!("clean: {}", if h.is_dirty() { "no (journal will be replayed at next open)" } else { "yes" });
+    match &served {
+        Some(d) => {
+            println!("clean: no (served by {}, daemon pid {})", d.st.device, d.st.pid);
+            if let Some(l) = &d.live {
+                print_live(l);
+            }
+        }
+        None => println!("clean: {}", if h.is_dirty() { "no (journal will be replayed at next open)" } else { "yes" }),
+    }
     Ok(0)
+}
+
+/// The serving daemon's counters, under `fvd info`.
+fn print_live(l: &crate::image::LiveStatus) {
+    if let Some(p) = &l.prefetch {
+        let cell = super::daemon::prefetch_cell(p);
+        println!(
+            "prefetch (live): {cell}, {} of {} blocks, {} copied by this daemon, {} back-offs",
+            p.cursor_blocks,
+            p.base_blocks,
+            human(p.copied_bytes),
+            p.backoffs
+        );
+    }
+    let s = &l.stats;
+    println!(
+        "metadata writes (this daemon): {} journal records for {} guest writes ({:.3} per write), \
+         {} bitmap records ({:.3} per write), {} commits ({} on the timer), {} records pending",
+        s.journal_records,
+        s.guest_writes,
+        l.records_per_write,
+        s.bitmap_records,
+        l.bitmap_records_per_write,
+        s.journal_commits,
+        s.timer_commits,
+        l.pending_records
+    );
 }
 
 #[derive(Args, Debug)]

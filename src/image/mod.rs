@@ -13,6 +13,7 @@ mod create;
 mod data;
 mod error;
 mod inspect;
+mod live;
 mod open;
 pub mod volatile;
 mod zero_scan;
@@ -22,12 +23,13 @@ pub use base::Base;
 pub use create::{create, create_on, CreateOptions};
 pub use error::ImageError;
 pub use inspect::{check, header_of, CheckReport, MapKind, MapRange};
+pub use live::{LivePrefetch, LiveStatus, DEFAULT_COMMIT_INTERVAL};
 pub use open::OpenOptions;
 
 use crate::format::{Geometry, Header};
 use crate::meta::Meta;
 use crate::storage::Storage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -45,10 +47,13 @@ pub struct Stats {
     pub journal_blocks: AtomicU64,
     pub checkpoints: AtomicU64,
     pub data_syncs: AtomicU64,
+    /// Commits the periodic timer made (writeback mode, no flush from the guest).
+    pub timer_commits: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct StatsSnapshot {
     pub guest_writes: u64,
     pub cow_blocks: u64,
@@ -59,6 +64,7 @@ pub struct StatsSnapshot {
     pub journal_blocks: u64,
     pub checkpoints: u64,
     pub data_syncs: u64,
+    pub timer_commits: u64,
 }
 
 impl Stats {
@@ -74,6 +80,7 @@ impl Stats {
             journal_blocks: g(&self.journal_blocks),
             checkpoints: g(&self.checkpoints),
             data_syncs: g(&self.data_syncs),
+            timer_commits: g(&self.timer_commits),
         }
     }
 }

@@ -14,7 +14,7 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Make every write's data and metadata durable before it completes.
     pub writethrough: bool,
-    /// Growth step of the storage file (default 64 MiB).
+    /// Growth step of the storage (None: the storage's default, see [`crate::storage`]).
     pub grow_unit: Option<u64>,
     /// Bypass the host page cache for data (O_DIRECT), as qemu's cache=none.
     pub direct: bool,

@@ -1,23 +1,72 @@
 //! Background work on a queue's ring: storing copy-on-read blocks as reads
-//! queue them, and (on queue 0) prefetching the base. Both stop, between two
-//! operations, once the queue's tag tasks have ended, so nothing is dropped
-//! while the kernel still uses its buffers.
+//! queue them, and (on queue 0) prefetching the base, the periodic commit and
+//! publishing the daemon's status. All stop, between two operations, once the
+//! queue's tag tasks have ended, so nothing is dropped while the kernel still
+//! uses its buffers.
 
 use super::engine::QueueEngine;
+use super::state::RunDir;
 use crate::image::{sleep, Image, PrefetchOptions};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a queue runs besides its requests.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Background {
     /// Run the prefetch (one queue does).
     pub prefetch: bool,
     /// Upper bound on the prefetch rate, bytes per second.
     pub prefetch_rate: Option<u64>,
+    /// The periodic commit and status publishing (one queue does).
+    pub housekeeping: Option<Housekeeping>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Housekeeping {
+    pub run_dir: RunDir,
+    pub id: u32,
+    /// None: commit only on flush and under pressure.
+    pub commit_interval: Option<Duration>,
+}
+
+/// How often housekeeping looks at the queue and the clock.
+const TICK: Duration = Duration::from_millis(200);
+/// How often the status is published (when it changed).
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// Commits metadata that waited an interval and publishes the status,
+/// until `tags_live` drops to zero.
+pub async fn housekeeping(img: Arc<Image>, tags_live: Rc<Cell<usize>>, hk: Housekeeping) {
+    let (mut last_commit, mut last_publish) = (Instant::now(), None::<Instant>);
+    let mut published = None;
+    let mut commit_failed = false;
+    while tags_live.get() > 0 {
+        sleep(&QueueEngine, TICK).await;
+        if let Some(every) = hk.commit_interval.filter(|_| !commit_failed) {
+            if last_commit.elapsed() >= every {
+                last_commit = Instant::now();
+                if let Err(e) = img.commit_pending(&QueueEngine).await {
+                    // The image now refuses writes; the guest learns it from
+                    // its next write or flush. Said once.
+                    tracing::error!(error = %e, "periodic metadata commit failed");
+                    commit_failed = true;
+                }
+            }
+        }
+        if last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
+            last_publish = Some(Instant::now());
+            let live = img.live_status();
+            if published.as_ref() != Some(&live) {
+                if let Err(e) = hk.run_dir.write_live(hk.id, &live) {
+                    tracing::debug!(error = %e, "could not publish the status");
+                }
+                published = Some(live);
+            }
+        }
+    }
 }
 
 /// How often an idle queue looks for queued copy-on-read blocks.

@@ -109,8 +109,10 @@ pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
         logical_block: st.logical_block_size,
         lazy_metadata: st.lazy_metadata,
         copy_on_read: None,
-        prefetch: false,
-        prefetch_rate: None,
+        prefetch: st.prefetch,
+        prefetch_rate: st.prefetch_rate,
+        commit_interval: (st.commit_interval_ms > 0).then(|| Duration::from_millis(st.commit_interval_ms)),
+        grow_unit: st.grow_unit,
         run_dir: rd.clone(),
         log: Some(rd.log_path(id)),
         recoveries: st.recoveries + 1,
@@ -133,6 +135,10 @@ pub struct Listed {
     /// Storage state the daemon publishes (LV growth, waits, pool usage).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<serde_json::Value>,
+    /// What the running daemon last published: prefetch progress, metadata
+    /// writes per guest write, commits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<crate::image::LiveStatus>,
 }
 
 impl Listed {
@@ -149,6 +155,11 @@ impl Listed {
     }
 }
 
+/// The device whose running daemon serves `image` (an absolute path), if any.
+pub fn serving(rd: &RunDir, image: &std::path::Path) -> Option<Listed> {
+    list(rd).ok()?.into_iter().find(|d| d.daemon_running && d.st.image == image)
+}
+
 pub fn list(rd: &RunDir) -> Result<Vec<Listed>, DaemonError> {
     Ok(rd
         .list()?
@@ -162,7 +173,8 @@ pub fn list(rd: &RunDir) -> Result<Vec<Listed>, DaemonError> {
             let running = kernel::daemon_alive(st.pid);
             let status = Listed::status_of(&st, running, kernel_state);
             let storage = crate::storage::lv::published_status(&st.image);
-            Listed { daemon_running: running, kernel_state: kernel_state.into(), status, storage, st }
+            let live = if running { rd.read_live(st.id) } else { None };
+            Listed { daemon_running: running, kernel_state: kernel_state.into(), status, storage, live, st }
         })
         .collect())
 }

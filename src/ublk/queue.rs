@@ -51,6 +51,9 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
         let (img, live, c) = (img.clone(), tags_live.clone(), cancel.clone());
         tasks.push(exe.spawn(bell.wrap(background::copy_on_read_loop(img, live, c))));
     }
+    if let Some(hk) = bg.housekeeping.clone() {
+        tasks.push(exe.spawn(bell.wrap(background::housekeeping(img.clone(), tags_live.clone(), hk))));
+    }
     if bg.prefetch {
         tasks.push(exe.spawn(bell.wrap(background::prefetch(img.clone(), bg, cancel.clone()))));
     }

@@ -2,7 +2,7 @@
 //! serve it until told to stop, then close the image clean and delete the
 //! device.
 
-use super::background::Background;
+use super::background::{Background, Housekeeping};
 use super::error::{ublk, ublk_errno};
 use super::params::{device_params, ParamsInput};
 use super::queue::serve_queue;
@@ -45,6 +45,11 @@ pub struct ServeOptions {
     pub prefetch: bool,
     /// Upper bound on the prefetch rate, bytes per second.
     pub prefetch_rate: Option<u64>,
+    /// Writeback mode: commit metadata at least this often (None: only on
+    /// flush and under pressure).
+    pub commit_interval: Option<std::time::Duration>,
+    /// Growth step of the image's storage (None: the storage's default).
+    pub grow_unit: Option<u64>,
     pub run_dir: RunDir,
     /// The daemon's log file when detached (renamed to `<id>.log` once the ID is known).
     pub log: Option<PathBuf>,
@@ -121,6 +126,7 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
             writethrough: o.writethrough,
             volatile_log: vlog.clone(),
             copy_on_read: o.copy_on_read,
+            grow_unit: o.grow_unit,
             ..Default::default()
         },
     )?);
@@ -169,6 +175,10 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         state: "starting".into(),
         recoveries: o.recoveries,
         log,
+        commit_interval_ms: o.commit_interval.map_or(0, |d| d.as_millis() as u64),
+        prefetch: o.prefetch,
+        prefetch_rate: o.prefetch_rate,
+        grow_unit: o.grow_unit,
     };
     // Written before the device appears: udev's helper reads it on "add".
     o.run_dir.write(&st)?;
@@ -190,11 +200,15 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     };
     let qimg = img.clone();
     let pol = Policy { lazy_metadata };
-    let bg =
-        Background { prefetch: super::background::wants_prefetch(&img, o.prefetch), prefetch_rate: o.prefetch_rate };
-    // Queue 0 prefetches; every queue stores its own copy-on-read blocks.
+    let bg = Background {
+        prefetch: super::background::wants_prefetch(&img, o.prefetch),
+        prefetch_rate: o.prefetch_rate,
+        housekeeping: Some(Housekeeping { run_dir: o.run_dir.clone(), id, commit_interval: o.commit_interval }),
+    };
+    // Queue 0 prefetches, commits on the timer and publishes the status;
+    // every queue stores its own copy-on-read blocks.
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        let bg = if qid == 0 { bg } else { Background { prefetch: false, ..bg } };
+        let bg = if qid == 0 { bg.clone() } else { Background { prefetch: false, housekeeping: None, ..bg.clone() } };
         serve_queue(qid, dev, qimg.clone(), pol, bg)
     };
     let (rd, dev_path, rslot) = (o.run_dir.clone(), st.device.clone(), slot.clone());

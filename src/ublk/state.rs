@@ -35,6 +35,21 @@ pub struct DeviceState {
     /// How many times a new daemon took the device over.
     pub recoveries: u32,
     pub log: Option<PathBuf>,
+    /// Periodic commit interval in milliseconds (0: only on flush).
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Prefetch asked for at start, and its rate bound: `fvd recover` keeps them.
+    #[serde(default)]
+    pub prefetch: bool,
+    #[serde(default)]
+    pub prefetch_rate: Option<u64>,
+    /// `--grow-unit`, kept for `fvd recover`.
+    #[serde(default)]
+    pub grow_unit: Option<u64>,
+}
+
+fn default_commit_interval_ms() -> u64 {
+    crate::image::DEFAULT_COMMIT_INTERVAL.as_millis() as u64
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +78,11 @@ impl RunDir {
         self.root.join(format!("{id}.json"))
     }
 
+    /// What the serving daemon publishes about itself (see [`crate::image::LiveStatus`]).
+    pub fn live_path(&self, id: u32) -> PathBuf {
+        self.root.join(format!("{id}.live.json"))
+    }
+
     pub fn log_path(&self, id: u32) -> PathBuf {
         self.root.join(format!("{id}.log"))
     }
@@ -89,13 +109,29 @@ impl RunDir {
     }
 
     pub fn write(&self, st: &DeviceState) -> Result<(), DaemonError> {
-        self.create()?;
-        let path = self.state_path(st.id);
-        let tmp = self.root.join(format!(".{}.json.{}", st.id, std::process::id()));
         // One key per line: the udev helper reads it with sed.
-        let text = serde_json::to_string_pretty(st).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        self.replace(&self.state_path(st.id), st)
+    }
+
+    /// Writes `value` as pretty JSON to a temporary file and renames it over `path`.
+    fn replace<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), DaemonError> {
+        self.create()?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = self.root.join(format!(".{name}.{}", std::process::id()));
+        let text = serde_json::to_string_pretty(value).map_err(|e| DaemonError::Invalid(e.to_string()))?;
         std::fs::write(&tmp, text + "\n").map_err(self.err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(self.err(&path))
+        std::fs::rename(&tmp, path).map_err(self.err(path))
+    }
+
+    pub fn write_live(&self, id: u32, live: &crate::image::LiveStatus) -> Result<(), DaemonError> {
+        self.replace(&self.live_path(id), live)
+    }
+
+    /// The daemon's last published status; None when there is none or it
+    /// does not parse (an older daemon's, say).
+    pub fn read_live(&self, id: u32) -> Option<crate::image::LiveStatus> {
+        let text = std::fs::read_to_string(self.live_path(id)).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
     /// Changes a device's file in place (read, change, write).
@@ -119,6 +155,7 @@ impl RunDir {
     }
 
     pub fn remove(&self, id: u32) -> Result<(), DaemonError> {
+        let _ = std::fs::remove_file(self.live_path(id));
         let path = self.state_path(id);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.err(&path)(e)),
@@ -174,7 +211,23 @@ mod tests {
             state: "live".into(),
             recoveries: 0,
             log: None,
+            commit_interval_ms: 5000,
+            prefetch: false,
+            prefetch_rate: None,
+            grow_unit: None,
         }
+    }
+
+    /// A state file from before the commit interval and prefetch fields.
+    #[test]
+    fn older_state_files_still_parse() {
+        let mut v = serde_json::to_value(sample(2)).unwrap();
+        for k in ["commit-interval-ms", "prefetch", "prefetch-rate", "grow-unit"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let st: DeviceState = serde_json::from_value(v).unwrap();
+        assert_eq!(st.commit_interval_ms, 5000);
+        assert!(!st.prefetch);
     }
 
     #[test]
@@ -191,7 +244,18 @@ mod tests {
         assert_eq!(ids, vec![1, 3]);
         rd.update(3, |s| s.state = "stopping".into()).unwrap();
         assert_eq!(rd.read(3).unwrap().unwrap().state, "stopping");
+        let live = crate::image::LiveStatus {
+            stats: Default::default(),
+            pending_records: 2,
+            records_per_write: 0.5,
+            bitmap_records_per_write: 0.0,
+            prefetch: None,
+        };
+        rd.write_live(3, &live).unwrap();
+        assert_eq!(rd.read_live(3), Some(live));
+        assert_eq!(rd.read_live(1), None);
         rd.remove(3).unwrap();
+        assert_eq!(rd.read_live(3), None);
         rd.remove(3).unwrap();
         assert_eq!(rd.read(3).unwrap(), None);
     }

@@ -11,7 +11,6 @@ modprobe_dm
 start_udev
 modprobe_loop
 export RUST_LOG=${RUST_LOG:-fvd=info}
-export FVD_GROW_UNIT=64M
 unit=$((64 << 20))
 at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 
@@ -39,7 +38,7 @@ run "$FVD" info "$lv"
 [[ $(blockdev --getsize64 $lv) -eq $unit ]] || fail "create grew the LV although the metadata fits"
 
 step "start"
-dev=$("$FVD" start "$lv")
+dev=$("$FVD" start --grow-unit 64M "$lv")
 id=${dev#/dev/ublkb}
 at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
 [[ $(blockdev --getsize64 "$dev") -eq $((8 << 30)) ]] || fail "$dev is not 8 GiB"
@@ -82,7 +81,7 @@ run "$FVD" check "$lv"
 "$FVD" info "$lv" | tee "$RESULTS/info.txt"
 
 step "start again: the data verifies"
-dev=$("$FVD" start -n "$id" "$lv")
+dev=$("$FVD" start --grow-unit 64M -n "$id" "$lv")
 run fio --name=grow --filename="$dev" --rw=write --bs=1M --size=1G --ioengine=io_uring --iodepth=8 \
     --direct=1 --verify=crc32c --verify_only --verify_fatal=1 --verify_state_save=0 --output="$RESULTS/fio-verify.txt"
 run "$FVD" stop -n "$id" --timeout 900

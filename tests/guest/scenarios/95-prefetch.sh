@@ -44,7 +44,15 @@ for _ in $(seq 1 240); do
     sleep 0.5
 done
 [[ $info == *'"prefetched": true'* ]] || fail "prefetch did not finish: $(grep -o '"prefetch-cursor": [0-9]*' <<<"$info")"
-run "$FVD" info "$img"
+sleep 1.5 # the daemon publishes its status once a second
+run "$FVD" info "$img" >"$RESULTS/info-done.txt"
+cat "$RESULTS/info-done.txt"
+grep -q "^prefetch (live): done, 768 of 768 blocks" "$RESULTS/info-done.txt" ||
+    fail "fvd info does not show the daemon's prefetch as done"
+"$FVD" list >"$RESULTS/list-done.txt"
+cat "$RESULTS/list-done.txt"
+awk -v d="$dev" '$2 == d && / done / { ok = 1 } END { exit !ok }' "$RESULTS/list-done.txt" ||
+    fail "fvd list does not show prefetch done"
 
 step "move the base away: the device still reads every byte"
 mv "$base" "$WORK/base.moved"
