@@ -16,6 +16,7 @@ use libublk::{sys, UblkFlags};
 use nix::sys::signal::{SigSet, Signal};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Largest request, and each tag's buffer.
@@ -182,7 +183,10 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     };
     // Written before the device appears: udev's helper reads it on "add".
     o.run_dir.write(&st)?;
-    spawn_signal_thread(id)?;
+    // A stop signal that comes while the device is still being set up can't
+    // stop it yet: it is remembered, and the device stopped once live.
+    let stop_asked = Arc::new(AtomicBool::new(false));
+    spawn_signal_thread(id, stop_asked.clone())?;
     let params = device_params(&ParamsInput {
         size: img.size(),
         block_size: img.block_size(),
@@ -219,6 +223,10 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         tracing::info!(device = %dev_path, "device live");
         if let Some(rep) = take(&rslot) {
             rep.live(&dev_path);
+        }
+        if stop_asked.load(Ordering::SeqCst) {
+            tracing::info!(id, "a stop signal came during start-up: stopping the device");
+            stop_device(id);
         }
     };
     let ran = ctrl.run_target(tgt_init, q_fn, live);
@@ -332,23 +340,32 @@ fn place_log(o: &ServeOptions, id: u32) -> Option<PathBuf> {
 
 /// SIGTERM, SIGINT, SIGHUP: stop the device. The queues then see their
 /// commands aborted and end, and `run_target` returns to [`finish`].
-fn spawn_signal_thread(id: u32) -> Result<(), DaemonError> {
+fn spawn_signal_thread(id: u32, stop_asked: Arc<AtomicBool>) -> Result<(), DaemonError> {
     std::thread::Builder::new()
         .name("fvd-signals".into())
         .spawn(move || {
             let set = stop_signals();
             while let Ok(sig) = set.wait() {
                 tracing::info!(signal = %sig, id, "stopping the device");
-                match kernel::open_device(id) {
-                    Ok(ctrl) => {
-                        if let Err(e) = ctrl.kill_dev() {
-                            tracing::error!(id, error = %super::error::ublk_why(&e), "stopping the device failed");
-                        }
-                    }
-                    Err(e) => tracing::error!(id, error = %e, "stopping the device failed"),
-                }
+                // Set first: if the device is not live yet, the live callback
+                // sees it after the start and stops the device then.
+                stop_asked.store(true, Ordering::SeqCst);
+                stop_device(id);
             }
         })
         .map(|_| ())
         .map_err(|e| DaemonError::Sys { what: "spawning the signal thread", source: e })
+}
+
+/// Asks the driver to stop the device; the queues then end and the daemon
+/// closes the image. Before the device is live the driver has nothing to stop.
+fn stop_device(id: u32) {
+    match kernel::open_device(id) {
+        Ok(ctrl) => {
+            if let Err(e) = ctrl.kill_dev() {
+                tracing::error!(id, error = %super::error::ublk_why(&e), "stopping the device failed");
+            }
+        }
+        Err(e) => tracing::error!(id, error = %e, "stopping the device failed"),
+    }
 }

@@ -65,6 +65,27 @@ step "queue and depth limits"
 expect_fail "--queues must be" "$FVD" start --queues 0 "$img2"
 expect_fail "--depth must be" "$FVD" start --depth 0 "$img2"
 expect_fail "logical block size is 512 or 4096" "$FVD" start --logical-block-size 1024 "$img2"
+expect_fail "give an interval such as 5s" "$FVD" start --commit-interval 5m "$img2"
+
+step "SIGTERM during start-up: the daemon still stops, and leaves no device"
+# Sent at once, the signal lands while the image opens or the device is set up;
+# the daemon must not go on serving a device nobody can stop.
+for delay in 0 0.05 0.2; do
+    "$FVD" start --foreground "$img2" >"$WORK/fg.out" 2>"$WORK/fg.err" &
+    fg=$!
+    sleep "$delay"
+    kill -TERM "$fg"
+    for _ in $(seq 1 100); do kill -0 "$fg" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$fg" 2>/dev/null; then
+        cat "$WORK/fg.err"
+        fail "SIGTERM after ${delay}s of start-up: the daemon still runs 20 s later"
+    fi
+    wait "$fg" || true
+    printf 'SIGTERM after %ss: daemon gone; it printed "%s"\n' "$delay" "$(cat "$WORK/fg.out")"
+    n=$(ls /sys/class/ublk-char | wc -l)
+    [[ $n -eq 1 ]] || fail "SIGTERM during start-up left a device: $(ls /sys/class/ublk-char)"
+done
+"$FVD" check "$img2" >/dev/null || fail "the image was not closed clean after SIGTERM during start-up"
 
 run "$FVD" stop -n "$id"
 expect_fail "no fvd device with ID $id" "$FVD" stop -n "$id"
