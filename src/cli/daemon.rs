@@ -120,8 +120,8 @@ fn default_queues() -> u16 {
 }
 
 pub fn start(a: StartArgs) -> Result<i32, CliError> {
-    kernel::check_root("fvd start").map_err(err)?;
     kernel::check_driver().map_err(err)?;
+    let unprivileged = kernel::privilege("fvd start").map_err(err)? == kernel::Privilege::Unprivileged;
     let image = std::fs::canonicalize(&a.image).map_err(|_| err(DaemonError::NoImage(a.image.clone())))?;
     let id = a.id.map(device_id).transpose()?;
     let queues = a.queues.unwrap_or_else(default_queues);
@@ -132,6 +132,7 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
         return Err(fail(format!("--depth must be 1 to {}", libublk::sys::UBLK_MAX_QUEUE_DEPTH)));
     }
     let rd = RunDir::system();
+    rd.check_writable().map_err(err)?;
     let log = (!a.foreground).then(|| startup_log(&rd));
     let o = ServeOptions {
         image,
@@ -147,6 +148,7 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
         prefetch_rate: a.prefetch_rate,
         commit_interval: (!a.commit_interval.is_zero()).then_some(a.commit_interval),
         grow_unit: a.grow_unit,
+        unprivileged,
         run_dir: rd.clone(),
         log: log.clone(),
         recoveries: 0,
@@ -159,7 +161,10 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
 }
 
 pub fn stop(a: StopArgs) -> Result<i32, CliError> {
-    kernel::check_root("fvd stop").map_err(err)?;
+    // Unprivileged users stop their own devices: the kernel checks that
+    // they may open the device's /dev/ublkcN, and signals reach only their
+    // own daemons.
+    kernel::privilege("fvd stop").map_err(err)?;
     let rd = RunDir::system();
     let ids: Vec<u32> = match (a.id, a.all) {
         (Some(id), false) => vec![device_id(id)?],

@@ -92,6 +92,9 @@ fn repair(rd: &RunDir, st: DeviceState) -> Result<Stopped, DaemonError> {
 /// (ublk user recovery: queued and in-flight requests are reissued to it).
 pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
     let st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
+    if st.unprivileged {
+        return Err(DaemonError::NoRecoveryUnprivileged(id));
+    }
     // A daemon killed a moment ago may still be tearing down its rings.
     if !wait_exit(st.pid, Duration::from_secs(5)) {
         return Err(DaemonError::StillRunning { id, pid: st.pid });
@@ -113,6 +116,7 @@ pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
         prefetch_rate: st.prefetch_rate,
         commit_interval: (st.commit_interval_ms > 0).then(|| Duration::from_millis(st.commit_interval_ms)),
         grow_unit: st.grow_unit,
+        unprivileged: false,
         run_dir: rd.clone(),
         log: Some(rd.log_path(id)),
         recoveries: st.recoveries + 1,

@@ -6,8 +6,15 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    #[error("{0} needs root (CAP_SYS_ADMIN, for /dev/ublk-control): run it as root")]
+    #[error(
+        "{0} needs root, or read-write access to /dev/ublk-control for an unprivileged device \
+         (the udev rules in udev/ give it to group disk)"
+    )]
     NotRoot(&'static str),
+    #[error("device {0} was started by an unprivileged user: the kernel gives such devices no user recovery; run 'fvd stop -n {0}' and start the image again")]
+    NoRecoveryUnprivileged(u32),
+    #[error("{0} needs root (CAP_SYS_ADMIN): only devices root started have user recovery")]
+    NeedsAdmin(&'static str),
     #[error("ublk_drv is not loaded: run 'modprobe ublk_drv'")]
     NoDriver,
     #[error("cannot use /dev/ublk-control: {0}")]
@@ -30,6 +37,11 @@ pub enum DaemonError {
     NotRecoverable { id: u32, why: String },
     #[error("{what}: {why}")]
     Ublk { what: String, why: String },
+    #[error(
+        "the run dir {0} is not writable: for unprivileged use install udev/fvd-tmpfiles.conf \
+         (/run/fvd of group disk, mode 2775), or set FVD_RUN_DIR"
+    )]
+    RunDirNotWritable(PathBuf),
     #[error("run state {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
     #[error("{0}")]

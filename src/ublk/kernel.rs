@@ -12,10 +12,34 @@ pub const CONTROL: &str = "/dev/ublk-control";
 /// CAP_SYS_ADMIN's bit in the capability sets.
 const CAP_SYS_ADMIN: u32 = 21;
 
-/// Fails unless the process may add and remove ublk devices.
+/// Fails unless the process may add and remove ublk devices as root.
 pub fn check_root(cmd: &'static str) -> Result<(), DaemonError> {
+    match privilege(cmd)? {
+        Privilege::Admin => Ok(()),
+        Privilege::Unprivileged => Err(DaemonError::NeedsAdmin(cmd)),
+    }
+}
+
+/// How this process may use ublk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// Root or CAP_SYS_ADMIN: every device, with user recovery.
+    Admin,
+    /// Read-write access to /dev/ublk-control without CAP_SYS_ADMIN (the
+    /// udev rules give it to a group): the kernel lets such a user add
+    /// unprivileged devices (`UBLK_F_UNPRIVILEGED_DEV`) and control the ones
+    /// whose /dev/ublkcN it may open, but gives them no user recovery.
+    Unprivileged,
+}
+
+/// Fails unless the process may add ublk devices one way or the other.
+pub fn privilege(cmd: &'static str) -> Result<Privilege, DaemonError> {
     if nix::unistd::geteuid().is_root() || has_sys_admin() {
-        Ok(())
+        return Ok(Privilege::Admin);
+    }
+    let rw = nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK;
+    if Path::new(CONTROL).exists() && nix::unistd::access(CONTROL, rw).is_ok() {
+        Ok(Privilege::Unprivileged)
     } else {
         Err(DaemonError::NotRoot(cmd))
     }

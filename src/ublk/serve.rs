@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub commit_interval: Option<std::time::Duration>,
     /// Growth step of the image's storage (None: the storage's default).
     pub grow_unit: Option<u64>,
+    /// Add the device as an unprivileged one (the caller lacks CAP_SYS_ADMIN).
+    pub unprivileged: bool,
     pub run_dir: RunDir,
     /// The daemon's log file when detached (renamed to `<id>.log` once the ID is known).
     pub log: Option<PathBuf>,
@@ -180,6 +182,7 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         prefetch: o.prefetch,
         prefetch_rate: o.prefetch_rate,
         grow_unit: o.grow_unit,
+        unprivileged: o.unprivileged,
     };
     // Written before the device appears: udev's helper reads it on "add".
     o.run_dir.write(&st)?;
@@ -272,7 +275,12 @@ fn finish(
 }
 
 fn make_ctrl(o: &ServeOptions) -> Result<UblkCtrl, DaemonError> {
-    let flags = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+    // The kernel gives unprivileged devices no user recovery.
+    let flags = if o.unprivileged {
+        u64::from(sys::UBLK_F_UNPRIVILEGED_DEV)
+    } else {
+        u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE)
+    };
     match o.mode {
         Mode::Add { id } => {
             // Checked here because libublk, when adding with an ID that is

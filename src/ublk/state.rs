@@ -46,6 +46,9 @@ pub struct DeviceState {
     /// `--grow-unit`, kept for `fvd recover`.
     #[serde(default)]
     pub grow_unit: Option<u64>,
+    /// Added by a user without CAP_SYS_ADMIN (no user recovery).
+    #[serde(default)]
+    pub unprivileged: bool,
 }
 
 fn default_commit_interval_ms() -> u64 {
@@ -94,14 +97,23 @@ impl RunDir {
     pub fn volatile_log(&self, image: &Path) -> Option<PathBuf> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(image).ok()?;
-        let dir = self.root.join("vlog");
-        std::fs::create_dir_all(&dir).ok()?;
-        Some(dir.join(format!("{:x}-{:x}.vlog", m.dev(), m.ino())))
+        // In the run dir itself, not a folder of its own: an unprivileged
+        // daemon can write where its state file goes.
+        std::fs::create_dir_all(&self.root).ok()?;
+        Some(self.root.join(format!("{:x}-{:x}.vlog", m.dev(), m.ino())))
     }
 
     fn err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
         let path = path.to_path_buf();
         move |source| DaemonError::State { path, source }
+    }
+
+    /// Fails with a hint unless this process can write the run dir (made
+    /// if missing).
+    pub fn check_writable(&self) -> Result<(), DaemonError> {
+        let _ = std::fs::create_dir_all(&self.root);
+        let w = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+        nix::unistd::access(&self.root, w).map_err(|_| DaemonError::RunDirNotWritable(self.root.clone()))
     }
 
     pub fn create(&self) -> Result<(), DaemonError> {
@@ -215,6 +227,7 @@ mod tests {
             prefetch: false,
             prefetch_rate: None,
             grow_unit: None,
+            unprivileged: false,
         }
     }
 
@@ -222,7 +235,7 @@ mod tests {
     #[test]
     fn older_state_files_still_parse() {
         let mut v = serde_json::to_value(sample(2)).unwrap();
-        for k in ["commit-interval-ms", "prefetch", "prefetch-rate", "grow-unit"] {
+        for k in ["commit-interval-ms", "prefetch", "prefetch-rate", "grow-unit", "unprivileged"] {
             v.as_object_mut().unwrap().remove(k);
         }
         let st: DeviceState = serde_json::from_value(v).unwrap();

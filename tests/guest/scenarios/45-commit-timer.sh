@@ -42,7 +42,7 @@ write_then_power_cut() {
     step "interval $interval: timer commits $TIMER_COMMITS, records pending $PENDING; power cut"
     kill -9 "$pid"
     sleep 1
-    rm -f /run/fvd/vlog/*.vlog
+    rm -f /run/fvd/*.vlog
     run "$FVD" stop -n "$id"
     run "$FVD" check "$img"
     "$FVD" io "$img" -c "read -o $WORK/after 8M 4M" >/dev/null
