@@ -36,7 +36,9 @@ impl Image {
         self.check_not_failed()?;
         let target = self.completed.load(Ordering::Acquire);
         let mut j = self.journal_lock().await;
-        if self.durable.load(Ordering::Acquire) >= target && target > 0 {
+        // Nothing new to cover; chunks still waiting to be freed (see
+        // `release_freed`) are the one reason to commit anyway.
+        if self.durable.load(Ordering::Acquire) >= target && target > 0 && !self.meta.persist.has_freed() {
             return Ok(());
         }
         let covered = self.completed.load(Ordering::Acquire);
@@ -110,9 +112,19 @@ impl Image {
         Ok(())
     }
 
+    /// Hands chunks whose free is durable back to the allocator, except those
+    /// whose old guest chunk still has a request in flight: the next commit
+    /// tries them again.
     fn release_freed(&self, batch: Batch) {
-        if !batch.freed.is_empty() {
-            self.meta.alloc.release(batch.freed);
+        if batch.freed.is_empty() {
+            return;
+        }
+        let (idle, busy): (Vec<_>, Vec<_>) =
+            batch.freed.into_iter().partition(|f| self.meta.inflight.is_idle(f.vchunk));
+        self.meta.alloc.release(idle.into_iter().map(|f| f.phys));
+        if !busy.is_empty() {
+            tracing::debug!(chunks = busy.len(), "freed chunks wait for requests in flight");
+            self.meta.persist.carry_freed(busy);
         }
     }
 

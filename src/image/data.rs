@@ -7,10 +7,15 @@
 use super::{Image, ImageError};
 use crate::io::{self, IoEngine};
 use crate::meta::{Piece, Source};
+use crate::storage::StorageError;
 use crate::units::{BlockIdx, Bytes, ChunkIdx};
 
 use futures::future::join_all;
 use std::sync::atomic::Ordering;
+
+/// How many commits an allocation on a full image tries before it gives up
+/// on chunks freed by discards (each after a 1 ms pause but the first).
+const FREED_RETRIES: u32 = 100;
 
 fn first_error(results: Vec<Result<(), ImageError>>) -> Result<(), ImageError> {
     results.into_iter().collect()
@@ -60,6 +65,7 @@ impl Image {
     /// Reads `buf.len()` bytes at guest offset `off` (both multiples of 512).
     pub async fn read<E: IoEngine>(&self, e: &E, off: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.check_request(off, buf.len() as u64, false)?;
+        let _inflight = self.meta.enter(Bytes(off), buf.len() as u64);
         let plan = self.meta.plan_read(Bytes(off), buf.len() as u64).map_err(self.meta_err())?;
         if let [p] = plan.as_slice() {
             // One piece (the common case): no fan-out needed.
@@ -109,6 +115,9 @@ impl Image {
         let len = buf.len() as u64;
         self.check_write(e, off, len).await?;
         self.allocate_range(e, off, len).await?;
+        // Entered after allocating: a full image's allocation may wait for a
+        // freed chunk of this very range to be released (see meta::inflight).
+        let inflight = self.meta.enter(Bytes(off), len);
         let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
         let r = if let [p] = plan.as_slice() {
             self.write_piece(e, off, p, Some(buf)).await
@@ -116,6 +125,7 @@ impl Image {
             let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
             first_error(join_all(futs).await)
         };
+        drop(inflight);
         if r.is_ok() {
             self.meta.record_written(Bytes(off), len);
         }
@@ -222,14 +232,25 @@ impl Image {
     /// Makes sure every chunk under `[off, off+len)` for which `want` says yes
     /// is allocated, asking the storage to grow first when needed.
     pub(crate) async fn allocate_range<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
-        match self.try_allocate_range(off, len) {
-            Err(ImageError::Invalid { .. }) if self.meta.persist.has_freed() => {
-                // Every chunk is in use or freed by a discard whose record is
-                // not yet durable: commit, which makes the freed ones reusable.
-                self.flush(e).await?;
-                self.try_allocate_range(off, len)
+        let mut tries = 0;
+        loop {
+            match self.try_allocate_range(off, len) {
+                Err(ImageError::Invalid { .. } | ImageError::Storage(StorageError::NoSpace { .. }))
+                    if self.meta.persist.has_freed() && tries < FREED_RETRIES =>
+                {
+                    // Every chunk is in use (or the storage can't grow) and
+                    // some were freed by a discard whose record is not yet
+                    // durable, or whose old guest chunk still has a request in
+                    // flight: commit, which releases those it can; wait a
+                    // moment for the others.
+                    if tries > 0 {
+                        super::sleep(e, std::time::Duration::from_millis(1)).await;
+                    }
+                    self.flush(e).await?;
+                    tries += 1;
+                }
+                r => return r,
             }
-            r => r,
         }
     }
 
@@ -319,6 +340,7 @@ impl Image {
         } else if !geo.has_table() {
             self.allocate_range(e, s, end - s).await?;
         }
+        let _inflight = self.meta.enter(Bytes(s), end - s);
         let plan = self.meta.plan_write(Bytes(s), end - s).map_err(self.meta_err())?;
         first_error(join_all(plan.iter().map(|p| self.write_piece(e, s, p, None))).await)
     }

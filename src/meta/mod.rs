@@ -11,6 +11,7 @@
 
 pub mod alloc;
 pub mod bitmap;
+pub mod inflight;
 pub mod locks;
 pub mod persist;
 pub mod plan;
@@ -18,8 +19,9 @@ pub mod table;
 
 pub use alloc::Allocator;
 pub use bitmap::Bitmap;
+pub use inflight::{Inflight, InflightGuard};
 pub use locks::BlockLocks;
-pub use persist::{Batch, Persist, Snapshot};
+pub use persist::{Batch, FreedChunk, Persist, Snapshot};
 pub use plan::{Piece, Source};
 pub use table::Table;
 
@@ -62,6 +64,8 @@ pub struct Meta {
     pub persist: Persist,
     pub alloc: Allocator,
     pub locks: BlockLocks,
+    /// Requests in flight per guest chunk (see [`inflight`]).
+    pub inflight: Inflight,
 }
 
 /// Applies journal records to plain vectors (used by replay before the live
@@ -147,8 +151,16 @@ impl Meta {
             persist: Persist::new(table, bitmap, hwm),
             alloc: Allocator::new(hwm, free),
             locks: BlockLocks::default(),
+            inflight: Inflight::default(),
             geo,
         }
+    }
+
+    /// Enters the guest chunks under `[off, off+len)` (none without a table:
+    /// a raw layout never moves data). Take it before planning a request.
+    pub fn enter(&self, off: Bytes, len: u64) -> Option<InflightGuard<'_>> {
+        let cb = self.geo.chunk_size? as u64;
+        Some(self.inflight.enter(ChunkIdx(off.0 / cb), ChunkIdx((off.0 + len).div_ceil(cb))))
     }
 
     pub fn check_range(&self, off: Bytes, len: u64) -> Result<(), MetaError> {

@@ -4,7 +4,7 @@
 //! table record, neighbouring copied blocks give one bitmap run.
 
 use crate::format::Record;
-use crate::units::PhysChunk;
+use crate::units::{ChunkIdx, PhysChunk};
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -15,8 +15,9 @@ struct Inner {
     dirty_chunks: BTreeMap<u32, ()>,
     /// Bitmap word index -> bits newly set since the last commit.
     new_bits: BTreeMap<u64, u64>,
-    /// Chunks freed since the last commit: reusable once that commit is durable.
-    freed: Vec<PhysChunk>,
+    /// Chunks freed since the last commit: reusable once that commit is
+    /// durable and no request is in flight in their old guest chunk.
+    freed: Vec<FreedChunk>,
     /// Every update in order, for the volatile log (None when it is off).
     volatile: Option<Vec<Record>>,
 }
@@ -27,11 +28,18 @@ pub struct Persist {
     bits_recorded: std::sync::atomic::AtomicU64,
 }
 
+/// A physical chunk a discard took from guest chunk `vchunk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedChunk {
+    pub phys: PhysChunk,
+    pub vchunk: ChunkIdx,
+}
+
 /// What one commit writes.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<Record>,
-    pub freed: Vec<PhysChunk>,
+    pub freed: Vec<FreedChunk>,
 }
 
 impl Batch {
@@ -73,7 +81,7 @@ impl Persist {
         let v = vchunk as usize;
         if let Some(old) = s.table.get(v).copied() {
             if old != 0 && p.is_none() {
-                s.freed.push(PhysChunk(old - 1));
+                s.freed.push(FreedChunk { phys: PhysChunk(old - 1), vchunk: ChunkIdx(vchunk) });
             }
             let entry = p.map(|p| p.0 + 1).unwrap_or(0);
             s.table[v] = entry;
@@ -128,6 +136,12 @@ impl Persist {
         let batch = take_batch_locked(&mut s);
         let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone(), hwm: s.hwm };
         (batch, snap)
+    }
+
+    /// Gives back freed chunks a commit could not release yet (a request was
+    /// still in flight in their old guest chunk): the next commit tries again.
+    pub fn carry_freed(&self, chunks: Vec<FreedChunk>) {
+        self.lock().freed.extend(chunks);
     }
 
     /// Whether chunks freed since the last commit wait for it.
@@ -218,6 +232,6 @@ mod tests {
         p.set_entry(2, None, 2);
         let b = p.take_batch();
         assert_eq!(b.records, vec![Record::TableSet { vchunk: 2, entry: 0, used: 2 }]);
-        assert_eq!(b.freed, vec![PhysChunk(0)]);
+        assert_eq!(b.freed, vec![FreedChunk { phys: PhysChunk(0), vchunk: ChunkIdx(2) }]);
     }
 }
