@@ -22,6 +22,9 @@
 #   start_udev             make sure systemd-udevd runs (start it, trigger, settle if not)
 #   udev_settle            wait for udev's queue to drain
 #   run CMD...             print "+ CMD..." and run it
+#   lv_prelude             need_fvd + ublk, dm, udev, loop + info logging + daemon logs kept
+#   make_vg VG SIZE        a volume group on a sparse file behind a loop device, gone at exit
+#   install_udev_rules     fvd's udev rules and helper in place (removed at exit), ublk loaded
 
 export LVM_SUPPRESS_FD_WARNINGS=1
 
@@ -110,6 +113,46 @@ start_udev() {
         udevadm control --ping --timeout=10 >/dev/null || fail "systemd-udevd does not answer"
         udevadm trigger --action=add --type=subsystems >/dev/null 2>&1 || true
         udevadm trigger --action=add --type=devices >/dev/null 2>&1 || true
+    fi
+    udev_settle
+}
+
+# What every LVM scenario starts with: fvd, ublk, device-mapper, udev, loop
+# devices, info logging, and the daemons' logs kept in $RESULTS.
+lv_prelude() {
+    need_fvd
+    modprobe_ublk
+    modprobe_dm
+    start_udev
+    modprobe_loop
+    export RUST_LOG=${RUST_LOG:-fvd=info}
+    at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+}
+
+# make_vg VG SIZE: volume group VG (4 MiB extents) on a sparse SIZE file in
+# $WORK behind a loop device; both go away when the scenario ends.
+make_vg() {
+    local vg=$1 file=$WORK/$1.pv loop
+    truncate -s "$2" "$file"
+    loop=$(losetup -f --show "$file")
+    at_exit "losetup -d $loop"
+    pvcreate -q "$loop"
+    vgcreate -q -s 4M "$vg" "$loop"
+    at_exit "vgremove -q -f $vg >/dev/null"
+}
+
+# install_udev_rules: fvd's rules and helper (removed at exit), udevd running
+# with them, ublk_drv loaded and /dev/ublk-control under the rules.
+install_udev_rules() {
+    install -m 0755 udev/fvd-udev-name /usr/lib/udev/fvd-udev-name
+    install -m 0644 udev/99-fvd.rules /etc/udev/rules.d/99-fvd.rules
+    at_exit "rm -f /etc/udev/rules.d/99-fvd.rules /usr/lib/udev/fvd-udev-name"
+    start_udev
+    udevadm control --reload
+    if [[ -e /dev/ublk-control ]]; then
+        udevadm trigger --action=change --sysname-match=ublk-control
+    else
+        modprobe_ublk
     fi
     udev_settle
 }

@@ -6,26 +6,15 @@
 # timeout: 2400
 # memory: 5G
 
-need_fvd
-modprobe_ublk
-modprobe_dm
-start_udev
-modprobe_loop
-export RUST_LOG=${RUST_LOG:-fvd=info}
+lv_prelude
 unit=$((64 << 20))
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 
 # The PV is a sparse file in the guest's /tmp (tmpfs, half of the 5 GiB this
 # scenario asks for): the LV has no write-zeroes, so zeroing new extents costs
 # a write of its own. The daemon writes through the LV's page cache: fio ends
 # with an fsync so that the flush is not left to the stop.
 step "volume group on a 1.5 GiB loop device, 64 MiB LV"
-truncate -s 1536M "$WORK/pv.img"
-loop=$(losetup -f --show "$WORK/pv.img")
-at_exit "losetup -d $loop"
-pvcreate -q "$loop"
-vgcreate -q -s 4M fvdlv "$loop"
-at_exit "vgremove -q -f fvdlv >/dev/null"
+make_vg fvdlv 1536M
 lvcreate -q -y -L 64M -n disk fvdlv
 udev_settle
 lv=/dev/fvdlv/disk

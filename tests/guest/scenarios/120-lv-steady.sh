@@ -5,22 +5,11 @@
 # low-water trigger. Then the same unthrottled, for the record.
 # timeout: 900
 
-need_fvd
-modprobe_ublk
-modprobe_dm
-start_udev
-modprobe_loop
-export RUST_LOG=${RUST_LOG:-fvd=info}
+lv_prelude
 export FVD_GROW_UNIT=64M
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 M=$((1 << 20))
 
-truncate -s 900M "$WORK/pv.img"
-loop=$(losetup -f --show "$WORK/pv.img")
-at_exit "losetup -d $loop"
-pvcreate -q "$loop"
-vgcreate -q -s 4M fvdsteady "$loop"
-at_exit "vgremove -q -f fvdsteady >/dev/null"
+make_vg fvdsteady 900M
 lvcreate -q -y -L 64M -n disk fvdsteady
 udev_settle
 lv=/dev/fvdsteady/disk

@@ -4,24 +4,13 @@
 # vgextend (a second PV) writing resumes without a restart; fvd check is clean.
 # timeout: 900
 
-need_fvd
-modprobe_ublk
-modprobe_dm
-start_udev
-modprobe_loop
-export RUST_LOG=${RUST_LOG:-fvd=info}
+lv_prelude
 export FVD_GROW_UNIT=32M
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 M=$((1 << 20))
 piece=16 # MiB per piece written
 
 step "volume group of one 160 MiB PV, 64 MiB linear LV, 1 GiB image"
-truncate -s 160M "$WORK/pv1.img"
-loop1=$(losetup -f --show "$WORK/pv1.img")
-at_exit "losetup -d $loop1"
-pvcreate -q "$loop1"
-vgcreate -q -s 4M fvdfull "$loop1"
-at_exit "vgremove -q -f fvdfull >/dev/null"
+make_vg fvdfull 160M
 lvcreate -q -y -L 64M -n disk fvdfull
 udev_settle
 lv=/dev/fvdfull/disk

@@ -5,23 +5,12 @@
 # the rest is intact; fvd check is clean.
 # timeout: 900
 
-need_fvd
-modprobe_ublk
-modprobe_dm
-start_udev
-modprobe_loop
-export RUST_LOG=${RUST_LOG:-fvd=info}
+lv_prelude
 export FVD_GROW_UNIT=64M
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 M=$((1 << 20))
 
 step "thin pool of 512 MiB, thin LV of 32 MiB, 4 GiB image"
-truncate -s 640M "$WORK/pv.img"
-loop=$(losetup -f --show "$WORK/pv.img")
-at_exit "losetup -d $loop"
-pvcreate -q "$loop"
-vgcreate -q -s 4M fvdthin "$loop"
-at_exit "vgremove -q -f fvdthin >/dev/null"
+make_vg fvdthin 640M
 lvcreate -q -y -L 512M -T fvdthin/pool
 lvcreate -q -y -V 32M -T fvdthin/pool -n disk
 udev_settle

@@ -7,22 +7,11 @@
 # fvd check is clean.
 # timeout: 1200
 
-need_fvd
-modprobe_ublk
-modprobe_dm
-start_udev
-modprobe_loop
-export RUST_LOG=${RUST_LOG:-fvd=info}
+lv_prelude
 export FVD_GROW_UNIT=32M
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 M=$((1 << 20))
 
-truncate -s 900M "$WORK/pv.img"
-loop=$(losetup -f --show "$WORK/pv.img")
-at_exit "losetup -d $loop"
-pvcreate -q "$loop"
-vgcreate -q -s 4M fvdkill "$loop"
-at_exit "vgremove -q -f fvdkill >/dev/null"
+make_vg fvdkill 900M
 lvcreate -q -y -L 32M -n disk fvdkill
 udev_settle
 lv=/dev/fvdkill/disk

@@ -8,19 +8,8 @@ export RUST_LOG=${RUST_LOG:-fvd=info}
 at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 
 step "install the rules and the helper, start udevd"
-install -m 0755 udev/fvd-udev-name /usr/lib/udev/fvd-udev-name
-install -m 0644 udev/99-fvd.rules /etc/udev/rules.d/99-fvd.rules
-start_udev
-udevadm control --reload
-at_exit "rm -f /etc/udev/rules.d/99-fvd.rules /usr/lib/udev/fvd-udev-name"
+install_udev_rules
 udevadm verify /etc/udev/rules.d/99-fvd.rules 2>/dev/null || true
-
-if [[ -e /dev/ublk-control ]]; then
-    udevadm trigger --action=change --sysname-match=ublk-control
-else
-    modprobe_ublk
-fi
-udev_settle
 perm=$(stat -c %G:%a /dev/ublk-control)
 printf '/dev/ublk-control: %s\n' "$perm"
 [[ $perm == disk:660 ]] || fail "/dev/ublk-control is $perm, want disk:660"

@@ -11,19 +11,9 @@ export RUST_LOG=${RUST_LOG:-fvd=info}
 at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 
 step "install the rules, the helper and the run dir entry"
-install -m 0755 udev/fvd-udev-name /usr/lib/udev/fvd-udev-name
-install -m 0644 udev/99-fvd.rules /etc/udev/rules.d/99-fvd.rules
-at_exit "rm -f /etc/udev/rules.d/99-fvd.rules /usr/lib/udev/fvd-udev-name"
+install_udev_rules
 rm -rf /run/fvd /run/ublksrvd
 systemd-tmpfiles --create "$PWD/udev/fvd-tmpfiles.conf"
-start_udev
-udevadm control --reload
-if [[ -e /dev/ublk-control ]]; then
-    udevadm trigger --action=change --sysname-match=ublk-control
-else
-    modprobe_ublk
-fi
-udev_settle
 printf '/dev/ublk-control %s, /run/fvd %s\n' "$(stat -c %G:%a /dev/ublk-control)" "$(stat -c %G:%a /run/fvd)"
 [[ $(stat -c %G:%a /dev/ublk-control) == disk:660 ]] || fail "/dev/ublk-control is not disk:660"
 [[ $(stat -c %G:%a /run/fvd) == disk:2775 ]] || fail "/run/fvd is not disk:2775"
