@@ -1,5 +1,7 @@
 //! Fuzzing of every parser, as property tests on random and mutated bytes:
-//! no input may panic the header, journal or image-open code.
+//! no input may panic the header, journal, volatile-log or image-open code,
+//! nor the parsers of what other programs hand us (lvs reports, ublk I/O
+//! descriptors, device-mapper names, size arguments).
 
 mod common;
 
@@ -113,5 +115,99 @@ proptest! {
         let (t, bytes) = valid_image();
         let n = cut.min(bytes.len());
         open_must_not_panic(&t, bytes[..n].to_vec(), false);
+    }
+}
+
+/// A volatile log (header valid for `img_path` and the image's session) whose
+/// records are `records`; None where no tmpfs is at hand.
+fn image_with_volatile_log(records: &[u8]) -> Option<(TestImage, tempfile::TempDir)> {
+    use std::io::Write;
+    let dir = tempfile::tempdir_in("/dev/shm").ok()?;
+    if !fvd::image::volatile::on_tmpfs(dir.path()) {
+        return None;
+    }
+    let (img_path, log) = (dir.path().join("image"), dir.path().join("vlog"));
+    std::fs::write(&img_path, b"identity").ok()?;
+    let (t, _) = valid_image();
+    let opts = OpenOptions { volatile_log: Some(log.clone()), ..Default::default() };
+    let img = Image::open_on(&img_path, Box::new(t.storage.clone()), t.base_handle(), &opts).expect("open");
+    run(img.write(&fvd::io::SyncOnly, 0, &data(99, 4096), false)).expect("write");
+    img.close().expect("close");
+    drop(img);
+    let session = fvd::image::header_of(t.storage.as_ref()).expect("header").session;
+    assert_ne!(session, 0, "a writer with a volatile log stamps a session");
+    drop(fvd::image::volatile::VolatileLog::create(&log, &img_path, session).expect("vlog"));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("vlog reopen");
+    f.write_all(records).expect("vlog append");
+    Some((t, dir))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Records a dead daemon left on tmpfs are input too: replaying random
+    /// ones either opens a consistent image or fails with an error.
+    #[test]
+    fn volatile_log_replay_never_panics(records in proptest::collection::vec(any::<u8>(), 0..700)) {
+        let Some((t, dir)) = image_with_volatile_log(&records) else { return Ok(()) };
+        let opts = OpenOptions { volatile_log: Some(dir.path().join("vlog")), ..Default::default() };
+        let img_path = dir.path().join("image");
+        if let Ok(img) = Image::open_on(&img_path, Box::new(t.storage.clone()), t.base_handle(), &opts) {
+            let _ = read_all(&img);
+            let _ = img.map();
+            let _ = img.close();
+        }
+        let _ = fvd::image::check(t.storage.as_ref());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lvs_report_parsers_never_panic(text in "[ -~|\\n]{0,400}") {
+        let _ = fvd::storage::lvm::tool::parse_report(&text);
+        let _ = fvd::storage::lvm::tool::parse_string_list(&text);
+    }
+
+    #[test]
+    fn lvm_name_checks_never_panic(name in "\\PC{0,140}") {
+        let _ = fvd::storage::lvm::names::check_vg_name(&name);
+        let _ = fvd::storage::lvm::names::check_lv_name(&name);
+        let _ = fvd::storage::lvm::names::split_dm_name(&name);
+    }
+
+    #[test]
+    fn size_arguments_never_panic(text in "\\PC{0,40}") {
+        let _ = fvd::units::parse_size(&text);
+    }
+
+    #[test]
+    fn size_arguments_in_range_are_exact(n in 0u64..(1 << 40), unit in 0usize..5) {
+        let (suffix, shift) = [("", 0), ("k", 10), ("M", 20), ("G", 30), ("T", 40)][unit];
+        match fvd::units::parse_size(&format!("{n}{suffix}")) {
+            Ok(b) => prop_assert_eq!(Some(b.0), n.checked_mul(1u64 << shift)),
+            Err(_) => prop_assert!(n.checked_mul(1u64 << shift).is_none()),
+        }
+    }
+
+    /// The kernel's I/O descriptors: any op and range decodes to a request or
+    /// an errno; ranges never overflow.
+    #[test]
+    fn ublk_descriptors_never_panic(
+        op_flags in any::<u32>(),
+        nr in any::<u32>(),
+        sector in prop_oneof![any::<u64>(), (0u64..1 << 24).prop_map(|d| (u64::MAX >> 9) - d)],
+    ) {
+        let iod = libublk::sys::ublksrv_io_desc { op_flags, nr_sectors: nr, start_sector: sector, addr: 0 };
+        if let Ok(r) = fvd::ublk::request::decode(&iod) {
+            prop_assert!(r.off.checked_add(r.len).is_some());
+        }
+    }
+
+    #[test]
+    fn table_and_bitmap_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), n in 0usize..300, bits in 0u64..5000) {
+        prop_assert!(fvd::format::decode_table(&bytes, n).len() <= n);
+        let _ = fvd::format::decode_bitmap(&bytes, bits);
     }
 }

@@ -39,7 +39,9 @@ pub fn decode(iod: &sys::ublksrv_io_desc) -> Result<Request, i32> {
         return Ok(Request { op, off: 0, len: 0 });
     }
     let off = iod.start_sector.checked_mul(512).ok_or(-libc::EINVAL)?;
-    Ok(Request { op, off, len: u64::from(iod.nr_sectors) << 9 })
+    let len = u64::from(iod.nr_sectors) << 9;
+    off.checked_add(len).ok_or(-libc::EINVAL)?;
+    Ok(Request { op, off, len })
 }
 
 /// How writes complete.
