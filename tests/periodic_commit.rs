@@ -8,6 +8,7 @@ use common::{data, read_all, run, Config, TestImage};
 use fvd::io::SyncOnly;
 use fvd::storage::SimStorage;
 use std::sync::Arc;
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -39,14 +40,19 @@ fn timer_commit_makes_unflushed_writes_durable() {
     assert_eq!(after_power_cut(&t), t.initial(), "unflushed writes durable before any commit");
 
     assert!(img.meta().persist.pending() > 0);
-    assert!(run(img.commit_pending(&SyncOnly)).expect("periodic commit"), "had records to commit");
+    // Younger than the interval: the timer leaves them to the guest's flush.
+    assert!(!run(img.commit_pending(&SyncOnly, Duration::from_secs(3600))).expect("young records"));
+    assert_eq!(after_power_cut(&t), t.initial(), "a young record was committed");
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(img.meta().persist.pending_age().expect("records wait") >= Duration::from_millis(20));
+    assert!(run(img.commit_pending(&SyncOnly, Duration::from_millis(20))).expect("periodic commit"), "had old records");
     assert_eq!(img.meta().persist.pending(), 0);
     assert_eq!(img.stats.snapshot().timer_commits, 1);
     assert_eq!(after_power_cut(&t), want, "the periodic commit did not make the writes durable");
 
     // Nothing new: the next tick does no I/O.
     let syncs = img.stats.snapshot().data_syncs;
-    assert!(!run(img.commit_pending(&SyncOnly)).expect("idle tick"));
+    assert!(!run(img.commit_pending(&SyncOnly, Duration::ZERO)).expect("idle tick"));
     assert_eq!(img.stats.snapshot().data_syncs, syncs, "an idle tick synced");
     assert_eq!(img.stats.snapshot().timer_commits, 1);
 }
@@ -57,14 +63,17 @@ fn timer_commit_is_idle_in_writethrough_and_read_only() {
     {
         let img = t.open(true);
         run(img.write(&SyncOnly, 3 * MIB, &data(3, 4096), false)).expect("write");
-        assert!(!run(img.commit_pending(&SyncOnly)).expect("tick"), "writethrough left records pending");
+        assert!(
+            !run(img.commit_pending(&SyncOnly, Duration::ZERO)).expect("tick"),
+            "writethrough left records pending"
+        );
         run(img.flush(&SyncOnly)).expect("flush");
     }
     let opts = fvd::image::OpenOptions { read_only: true, ..Default::default() };
     let ro =
         fvd::image::Image::open_on(std::path::Path::new("image"), Box::new(t.storage.clone()), t.base_handle(), &opts)
             .expect("read-only open");
-    assert!(!run(ro.commit_pending(&SyncOnly)).expect("tick"));
+    assert!(!run(ro.commit_pending(&SyncOnly, Duration::ZERO)).expect("tick"));
 }
 
 #[test]

@@ -51,8 +51,9 @@ pub struct StartArgs {
     /// `fvd recover` can't hide the crash from applications).
     #[arg(long)]
     pub lazy_metadata: bool,
-    /// Writeback mode: journal metadata updates at least this often even when
-    /// the guest does not flush ("5s", "500ms"; 0 commits only on flush).
+    /// Writeback mode: journal a metadata update (with its data) once it has
+    /// waited this long without a flush from the guest ("5s", "500ms"; 0: only
+    /// on flush).
     #[arg(long, default_value = "5s", value_parser = interval_arg)]
     pub commit_interval: Duration,
     /// Growth step of the image's storage: the file, or the logical volume

@@ -117,6 +117,12 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
     let s = img.storage();
     let map = img.map();
     let sum = |k: image::MapKind| map.iter().filter(|r| r.kind == k).map(|r| r.length).sum::<u64>();
+    // A daemon serving the image knows more than the header: live prefetch
+    // progress, its metadata write counters, and (LV) the growth it drives.
+    let served = std::fs::canonicalize(&a.image)
+        .ok()
+        .and_then(|p| crate::ublk::control::serving(&crate::ublk::state::RunDir::system(), &p));
+    let storage_status = served.as_ref().and_then(|d| d.storage.clone()).or_else(|| img.storage().status());
     let mut v = json!({
         "filename": a.image.display().to_string(),
         "format": "fvd",
@@ -133,7 +139,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         "prefetch-cursor": h.prefetch_cursor,
         "copy-on-read": h.compat & crate::format::header::COMPAT_COPY_ON_READ != 0,
         "prefetch": h.compat & crate::format::header::COMPAT_PREFETCH != 0,
-        "storage-status": img.storage().status(),
+        "storage-status": storage_status,
     });
     let obj = v.as_object_mut().ok_or_else(|| fail("internal: info is not an object"))?;
     for (k, val) in geometry_json(g).as_object().into_iter().flatten() {
@@ -145,11 +151,6 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
             json!({"filename": h.base_path, "resolved": b.name(), "format": b.format().name(), "size": h.base_size}),
         );
     }
-    // A daemon serving the image knows more than the header: live prefetch
-    // progress and its metadata write counters.
-    let served = std::fs::canonicalize(&a.image)
-        .ok()
-        .and_then(|p| crate::ublk::control::serving(&crate::ublk::state::RunDir::system(), &p));
     if let Some(d) = &served {
         obj.insert("served-by".into(), json!({"id": d.st.id, "device": d.st.device, "pid": d.st.pid}));
         if let Some(l) = &d.live {
@@ -190,7 +191,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
             println!("prefetch: {:.1}% ({} of {} blocks)", pct(h.prefetch_cursor), h.prefetch_cursor, g.base_blocks());
         }
     }
-    if let Some(st) = img.storage().status() {
+    if let Some(st) = &storage_status {
         println!("storage status: {st}");
     }
     println!(

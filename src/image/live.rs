@@ -6,15 +6,18 @@
 //! in kernel". A periodic commit bounds what a power cut can take from a
 //! guest that never flushes: a write completed more than one interval ago has
 //! its data and metadata durable, as a dirty page of the host's page cache is
-//! written back after `dirty_expire_centisecs`.
+//! written back after `dirty_expire_centisecs`. The interval counts from the
+//! oldest waiting update, so a guest that flushes more often than that (a
+//! journaling file system does) never gets a flush it did not ask for.
 
 use super::{Image, ImageError, PrefetchState, StatsSnapshot};
 use crate::io::IoEngine;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// Default interval of the periodic commit (ext4's default commit interval).
-pub const DEFAULT_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A daemon's view of its image, published for `fvd list` and `fvd info`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -46,10 +49,12 @@ pub struct LivePrefetch {
 
 impl Image {
     /// Commits metadata updates still only in memory, with the data they
-    /// describe (a flush). Returns whether it had anything to commit.
-    /// Read-only and writethrough images never have any.
-    pub async fn commit_pending<E: IoEngine>(&self, e: &E) -> Result<bool, ImageError> {
-        if self.opts.read_only || self.meta.persist.pending() == 0 {
+    /// describe (a flush), if the oldest has waited `older_than` or more: a
+    /// guest that flushes often enough never sees a flush it did not ask for.
+    /// Returns whether it committed. Read-only and writethrough images never
+    /// have anything waiting.
+    pub async fn commit_pending<E: IoEngine>(&self, e: &E, older_than: Duration) -> Result<bool, ImageError> {
+        if self.opts.read_only || self.meta.persist.pending_age().is_none_or(|age| age < older_than) {
             return Ok(false);
         }
         self.flush(e).await?;

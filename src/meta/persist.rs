@@ -20,6 +20,8 @@ struct Inner {
     freed: Vec<FreedChunk>,
     /// Every update in order, for the volatile log (None when it is off).
     volatile: Option<Vec<Record>>,
+    /// When the oldest update not yet taken by a commit was made.
+    pending_since: Option<std::time::Instant>,
 }
 
 pub struct Persist {
@@ -66,6 +68,7 @@ impl Persist {
                 new_bits: BTreeMap::new(),
                 freed: Vec::new(),
                 volatile: None,
+                pending_since: None,
             }),
             bits_recorded: std::sync::atomic::AtomicU64::new(0),
         }
@@ -86,6 +89,7 @@ impl Persist {
             let entry = p.map(|p| p.0 + 1).unwrap_or(0);
             s.table[v] = entry;
             s.dirty_chunks.insert(vchunk as u32, ());
+            s.pending_since.get_or_insert_with(std::time::Instant::now);
             s.hwm = s.hwm.max(hwm);
             let used = s.hwm;
             if let Some(vl) = s.volatile.as_mut() {
@@ -118,6 +122,7 @@ impl Persist {
                 self.bits_recorded.fetch_add(fresh.count_ones() as u64, std::sync::atomic::Ordering::Relaxed);
                 if fresh != 0 {
                     *s.new_bits.entry(w).or_insert(0) |= fresh;
+                    s.pending_since.get_or_insert_with(std::time::Instant::now);
                 }
             }
             b = w * 64 + hi;
@@ -164,6 +169,13 @@ impl Persist {
         self.bits_recorded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How long the oldest update waiting for a commit has waited.
+    pub fn pending_age(&self) -> Option<std::time::Duration> {
+        let s = self.lock();
+        let waiting = !s.dirty_chunks.is_empty() || !s.new_bits.is_empty();
+        s.pending_since.filter(|_| waiting).map(|t| t.elapsed())
+    }
+
     /// Records waiting to be committed (for stats).
     pub fn pending(&self) -> usize {
         let s = self.lock();
@@ -172,6 +184,7 @@ impl Persist {
 }
 
 fn take_batch_locked(s: &mut Inner) -> Batch {
+    s.pending_since = None;
     let mut records = Vec::new();
     let hwm = s.hwm;
     for (&v, _) in std::mem::take(&mut s.dirty_chunks).iter() {

@@ -40,20 +40,17 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// Commits metadata that waited an interval and publishes the status,
 /// until `tags_live` drops to zero.
 pub async fn housekeeping(img: Arc<Image>, tags_live: Rc<Cell<usize>>, hk: Housekeeping) {
-    let (mut last_commit, mut last_publish) = (Instant::now(), None::<Instant>);
+    let mut last_publish = None::<Instant>;
     let mut published = None;
     let mut commit_failed = false;
     while tags_live.get() > 0 {
         sleep(&QueueEngine, TICK).await;
         if let Some(every) = hk.commit_interval.filter(|_| !commit_failed) {
-            if last_commit.elapsed() >= every {
-                last_commit = Instant::now();
-                if let Err(e) = img.commit_pending(&QueueEngine).await {
-                    // The image now refuses writes; the guest learns it from
-                    // its next write or flush. Said once.
-                    tracing::error!(error = %e, "periodic metadata commit failed");
-                    commit_failed = true;
-                }
+            if let Err(e) = img.commit_pending(&QueueEngine, every).await {
+                // The image now refuses writes; the guest learns it from its
+                // next write or flush. Said once.
+                tracing::error!(error = %e, "periodic metadata commit failed");
+                commit_failed = true;
             }
         }
         if last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {

@@ -4,6 +4,7 @@
 # by kill -9 plus emptying the volatile log (tmpfs is what a power cut
 # empties): the writes survive. With --commit-interval 0 the same steps lose
 # them (as writeback allows without a flush), so the test tells the two apart.
+# A guest that flushes more often than the interval gets no timer commit.
 # Also: `fvd info` and `fvd list` show the daemon's live counters.
 # timeout: 300
 
@@ -62,4 +63,19 @@ write_then_power_cut 0 "$WORK/flushonly.fvd"
 [[ ${PENDING:-0} -ge 1 ]] || fail "expected pending records with the timer off"
 cmp -s "$WORK/after" <(head -c $((4 << 20)) /dev/zero) ||
     fail "with the timer off the unflushed writes should read as zeros after the power cut"
+
+step "--commit-interval 2s, a guest that flushes every second: no timer commit"
+run "$FVD" create -s 256M "$WORK/flushing.fvd"
+dev=$("$FVD" start --commit-interval 2s "$WORK/flushing.fvd")
+for i in 0 1 2 3 4; do
+    dd if="$WORK/data" of="$dev" bs=1M count=1 seek=$((16 + 8 * i)) oflag=direct conv=fsync status=none
+    sleep 1
+done
+sleep 1.2 # the status is published once a second
+commits=$(live_field "$WORK/flushing.fvd" timer-commits)
+journal=$(live_field "$WORK/flushing.fvd" journal-commits)
+echo "flushing guest: $journal journal commits, $commits on the timer"
+[[ $commits == 0 ]] || fail "$commits timer commits for a guest that flushes every second"
+[[ $journal -ge 5 ]] || fail "the guest's five flushes made $journal journal commits"
+run "$FVD" stop -n "${dev#/dev/ublkb}"
 step "ok"
