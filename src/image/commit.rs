@@ -85,7 +85,7 @@ impl Image {
         let batch = self.meta.persist.take_batch();
         if batch.records.is_empty() {
             self.sync_data(e).await?;
-            self.release_freed(batch);
+            self.release_freed(e, batch).await;
             return Ok(());
         }
         let geo = &self.meta.geo;
@@ -108,20 +108,34 @@ impl Image {
         let bits = batch.records.iter().filter(|r| matches!(r, format::Record::BitmapSet { .. })).count();
         self.stats.bitmap_records.fetch_add(bits as u64, Ordering::Relaxed);
         self.stats.journal_blocks.fetch_add(need, Ordering::Relaxed);
-        self.release_freed(batch);
+        self.release_freed(e, batch).await;
         Ok(())
     }
 
-    /// Hands chunks whose free is durable back to the allocator, except those
-    /// whose old guest chunk still has a request in flight: the next commit
-    /// tries them again.
-    fn release_freed(&self, batch: Batch) {
+    /// Hands chunks whose free is durable back to the allocator, punched
+    /// again first: a write that mapped the chunk before the discard may
+    /// have landed after the discard's own punch, and the chunk's next owner
+    /// must read zeros where it has not written. Chunks whose old guest chunk
+    /// still has a request in flight (or whose punch failed) wait for the
+    /// next commit.
+    async fn release_freed<E: IoEngine>(&self, e: &E, batch: Batch) {
         if batch.freed.is_empty() {
             return;
         }
-        let (idle, busy): (Vec<_>, Vec<_>) =
+        let (idle, mut busy): (Vec<_>, Vec<_>) =
             batch.freed.into_iter().partition(|f| self.meta.inflight.is_idle(f.vchunk));
-        self.meta.alloc.release(idle.into_iter().map(|f| f.phys));
+        let cb = self.meta.geo.chunk_bytes();
+        for f in idle {
+            let off = self.meta.chunk_offset(f.phys);
+            match io::punch(e, self.storage.as_ref(), off, cb).await {
+                Ok(()) => self.meta.alloc.release([f.phys]),
+                Err(err) => {
+                    let at = format!("{off:#x}");
+                    tracing::warn!(offset = %at, error = %err, "punching a freed chunk failed; it stays unused");
+                    busy.push(f);
+                }
+            }
+        }
         if !busy.is_empty() {
             tracing::debug!(chunks = busy.len(), "freed chunks wait for requests in flight");
             self.meta.persist.carry_freed(busy);
@@ -194,7 +208,7 @@ impl Image {
             tracing::info!(image = %self.name(), "the whole base is in the image; the base is no longer needed");
         }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.release_freed(batch);
+        self.release_freed(e, batch).await;
         Ok(())
     }
 

@@ -114,11 +114,7 @@ impl Image {
     pub async fn write<E: IoEngine>(&self, e: &E, off: u64, buf: &[u8], fua: bool) -> Result<(), ImageError> {
         let len = buf.len() as u64;
         self.check_write(e, off, len).await?;
-        self.allocate_range(e, off, len).await?;
-        // Entered after allocating: a full image's allocation may wait for a
-        // freed chunk of this very range to be released (see meta::inflight).
-        let inflight = self.meta.enter(Bytes(off), len);
-        let plan = self.meta.plan_write(Bytes(off), len).map_err(self.meta_err())?;
+        let (inflight, plan) = self.allocate_and_plan(e, off, len).await?;
         let r = if let [p] = plan.as_slice() {
             self.write_piece(e, off, p, Some(buf)).await
         } else {
@@ -137,6 +133,29 @@ impl Image {
             self.flush(e).await?;
         }
         Ok(())
+    }
+
+    /// Allocates the chunks under a write and plans it. A discard that frees
+    /// one of them in between (the guest sent both at once) makes the plan
+    /// fail; the write then allocates again, as if it came after the discard.
+    async fn allocate_and_plan<E: IoEngine>(
+        &self,
+        e: &E,
+        off: u64,
+        len: u64,
+    ) -> Result<(Option<crate::meta::InflightGuard<'_>>, Vec<Piece>), ImageError> {
+        let mut tries = 0;
+        loop {
+            self.allocate_range(e, off, len).await?;
+            // Entered after allocating: a full image's allocation may wait for
+            // a freed chunk of this very range to be released (meta::inflight).
+            let inflight = self.meta.enter(Bytes(off), len);
+            match self.meta.plan_write(Bytes(off), len) {
+                Ok(plan) => return Ok((inflight, plan)),
+                Err(crate::meta::MetaError::BitWithoutChunk { .. }) if tries < 8 => tries += 1,
+                Err(err) => return Err(self.meta_err()(err)),
+            }
+        }
     }
 
     /// Writes (or, with `data` None, zeroes) one planned piece.
@@ -236,13 +255,16 @@ impl Image {
         loop {
             match self.try_allocate_range(off, len) {
                 Err(ImageError::Invalid { .. } | ImageError::Storage(StorageError::NoSpace { .. }))
-                    if self.meta.persist.has_freed() && tries < FREED_RETRIES =>
+                    if tries < FREED_RETRIES
+                        && (tries == 0 || self.meta.persist.has_freed() || self.committing.load(Ordering::Acquire)) =>
                 {
-                    // Every chunk is in use (or the storage can't grow) and
-                    // some were freed by a discard whose record is not yet
-                    // durable, or whose old guest chunk still has a request in
-                    // flight: commit, which releases those it can; wait a
-                    // moment for the others.
+                    // Every chunk is in use (or the storage can't grow), but
+                    // some may be freed by a discard whose record is not yet
+                    // durable, or taken by a commit under way that releases
+                    // them when done, or wait for a request still in flight
+                    // in their old guest chunk. A flush waits out the commit
+                    // under way and commits the rest; then wait a moment for
+                    // requests in flight.
                     if tries > 0 {
                         super::sleep(e, std::time::Duration::from_millis(1)).await;
                     }
@@ -270,9 +292,8 @@ impl Image {
             let Some((p, hwm)) = self.meta.alloc.allocate(geo.chunks(), grow)? else {
                 return Err(ImageError::Invalid { path: self.name(), why: "no free chunk left".into() });
             };
-            match self.meta.table.install(c, p) {
+            match self.meta.persist.install(&self.meta.table, c, p, hwm) {
                 Ok(()) => {
-                    self.meta.persist.set_entry(c.0, Some(p), hwm);
                     self.stats.chunks_allocated.fetch_add(1, Ordering::Relaxed);
                 }
                 // Another request allocated this chunk first.
@@ -315,6 +336,9 @@ impl Image {
     }
 
     async fn free_chunk<E: IoEngine>(&self, e: &E, c: ChunkIdx) -> Result<(), ImageError> {
+        // In flight like any request: a second discard of `c` punching the
+        // same chunk must not find it reused by another guest chunk.
+        let _inflight = self.meta.inflight.enter(c, ChunkIdx(c.0 + 1));
         let Some(p) = self.meta.table.get(c) else {
             return Ok(());
         };
@@ -322,9 +346,7 @@ impl Image {
         io::punch(e, self.storage.as_ref(), off, self.meta.geo.chunk_bytes())
             .await
             .map_err(self.data_err("punch chunk", off))?;
-        if self.meta.table.clear(c).is_some() {
-            self.meta.persist.set_entry(c.0, None, self.meta.alloc.hwm());
-        }
+        self.meta.persist.unmap(&self.meta.table, c, p, self.meta.alloc.hwm());
         Ok(())
     }
 

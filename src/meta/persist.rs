@@ -3,6 +3,7 @@
 //! Updates are merged here between commits: many writes into one chunk give one
 //! table record, neighbouring copied blocks give one bitmap run.
 
+use super::Table;
 use crate::format::Record;
 use crate::units::{ChunkIdx, PhysChunk};
 use std::collections::BTreeMap;
@@ -78,24 +79,32 @@ impl Persist {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records that guest chunk `vchunk` now maps to `p` (None: freed).
-    pub fn set_entry(&self, vchunk: u64, p: Option<PhysChunk>, hwm: u32) {
+    /// Maps guest chunk `c` to `p` in the live table if `c` is unmapped, and
+    /// records it here, both under this view's lock: the two change in the
+    /// same order for every chunk, whatever the threads. Returns the chunk
+    /// that won when another request mapped `c` first.
+    pub fn install(&self, table: &Table, c: ChunkIdx, p: PhysChunk, hwm: u32) -> Result<(), PhysChunk> {
         let mut s = self.lock();
-        let v = vchunk as usize;
-        if let Some(old) = s.table.get(v).copied() {
-            if old != 0 && p.is_none() {
-                s.freed.push(FreedChunk { phys: PhysChunk(old - 1), vchunk: ChunkIdx(vchunk) });
-            }
-            let entry = p.map(|p| p.0 + 1).unwrap_or(0);
-            s.table[v] = entry;
-            s.dirty_chunks.insert(vchunk as u32, ());
-            s.pending_since.get_or_insert_with(std::time::Instant::now);
-            s.hwm = s.hwm.max(hwm);
-            let used = s.hwm;
-            if let Some(vl) = s.volatile.as_mut() {
-                vl.push(Record::TableSet { vchunk: vchunk as u32, entry, used });
-            }
+        table.install(c, p)?;
+        set_entry_locked(&mut s, c.0, Some(p), hwm);
+        Ok(())
+    }
+
+    /// Unmaps guest chunk `c` in the live table if it still maps to `p`, and
+    /// records the free (see [`Persist::install`]). Returns whether it did.
+    pub fn unmap(&self, table: &Table, c: ChunkIdx, p: PhysChunk, hwm: u32) -> bool {
+        let mut s = self.lock();
+        if !table.clear_if(c, p) {
+            return false;
         }
+        set_entry_locked(&mut s, c.0, None, hwm);
+        true
+    }
+
+    /// Records that guest chunk `vchunk` now maps to `p` (None: freed).
+    #[cfg(test)]
+    fn set_entry(&self, vchunk: u64, p: Option<PhysChunk>, hwm: u32) {
+        set_entry_locked(&mut self.lock(), vchunk, p, hwm);
     }
 
     /// Records that bits `first..first+count` are set.
@@ -180,6 +189,24 @@ impl Persist {
     pub fn pending(&self) -> usize {
         let s = self.lock();
         s.dirty_chunks.len() + s.new_bits.len()
+    }
+}
+
+/// Records that guest chunk `vchunk` now maps to `p` (None: freed).
+fn set_entry_locked(s: &mut Inner, vchunk: u64, p: Option<PhysChunk>, hwm: u32) {
+    let v = vchunk as usize;
+    let Some(old) = s.table.get(v).copied() else { return };
+    if old != 0 && p.is_none() {
+        s.freed.push(FreedChunk { phys: PhysChunk(old - 1), vchunk: ChunkIdx(vchunk) });
+    }
+    let entry = p.map(|p| p.0 + 1).unwrap_or(0);
+    s.table[v] = entry;
+    s.dirty_chunks.insert(vchunk as u32, ());
+    s.pending_since.get_or_insert_with(std::time::Instant::now);
+    s.hwm = s.hwm.max(hwm);
+    let used = s.hwm;
+    if let Some(vl) = s.volatile.as_mut() {
+        vl.push(Record::TableSet { vchunk: vchunk as u32, entry, used });
     }
 }
 

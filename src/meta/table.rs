@@ -35,10 +35,13 @@ impl Table {
         }
     }
 
-    /// Unmaps `c`, returning the chunk it had.
-    pub fn clear(&self, c: ChunkIdx) -> Option<PhysChunk> {
-        let e = self.entries.get(c.0 as usize)?.swap(0, Ordering::AcqRel);
-        (e != 0).then(|| PhysChunk(e - 1))
+    /// Unmaps `c` if it still maps to `p`; returns whether it did. (A
+    /// discard frees only the chunk it punched, not one a write installed
+    /// meanwhile.)
+    pub fn clear_if(&self, c: ChunkIdx, p: PhysChunk) -> bool {
+        self.entries
+            .get(c.0 as usize)
+            .is_some_and(|e| e.compare_exchange(p.0 + 1, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())
     }
 
     pub fn allocated(&self) -> u64 {
