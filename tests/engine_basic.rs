@@ -8,6 +8,22 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 512) as u8).wrapping_mul(31)).collect()
 }
 
+/// Runs a queue thread's tasks on its ring until all are done.
+fn run_tasks(ring: &Uring, exe: &smol::LocalExecutor<'_>, tasks: Vec<smol::Task<()>>) {
+    ring.run(exe, async move {
+        for t in tasks {
+            t.await;
+        }
+    })
+    .unwrap();
+}
+
+fn join_threads(handles: Vec<std::thread::JoinHandle<()>>) {
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
 fn open(p: &Path) -> Image {
     Image::open(p, &OpenOptions::default()).unwrap()
 }
@@ -114,18 +130,11 @@ fn queues_share_one_image_safely() {
                         })
                     })
                     .collect();
-                ring.run(&exe, async move {
-                    for t in tasks {
-                        t.await;
-                    }
-                })
-                .unwrap();
+                run_tasks(&ring, &exe, tasks);
             })
         })
         .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    join_threads(handles);
     let ring = Uring::new(64).unwrap();
     let mut all = vec![0u8; 16 << 20];
     ring.block_on(img.read(&ring, 0, &mut all)).unwrap().unwrap();
@@ -231,18 +240,11 @@ fn discards_and_writes_race_without_crossing_chunks() {
                         })
                     })
                     .collect();
-                ring.run(&exe, async move {
-                    for t in tasks {
-                        t.await;
-                    }
-                })
-                .unwrap();
+                run_tasks(&ring, &exe, tasks);
             })
         })
         .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    join_threads(handles);
     let ring = Uring::new(64).unwrap();
     let mut all = vec![0u8; (CHUNKS * CHUNK) as usize];
     ring.block_on(img.read(&ring, 0, &mut all)).unwrap().unwrap();
