@@ -22,8 +22,12 @@
 #   start_udev             make sure systemd-udevd runs (start it, trigger, settle if not)
 #   udev_settle            wait for udev's queue to drain
 #   run CMD...             print "+ CMD..." and run it
-#   lv_prelude             need_fvd + ublk, dm, udev, loop + info logging + daemon logs kept
+#   fvd_prelude            need_fvd + ublk loaded + info logging + the daemons' logs kept
+#   lv_prelude             fvd_prelude + dm, udev, loop devices
 #   make_vg VG SIZE        a volume group on a sparse file behind a loop device, gone at exit
+#   make_lv VG SIZE        a linear LV VG/disk: sets lv (its path) and status (its LV status file)
+#   daemon_pid ID          the pid in the run dir's state file of device ID
+#   json_get FILE KEY      the value of a top-level "KEY": line of a pretty-printed JSON file
 #   install_udev_rules     fvd's udev rules and helper in place (removed at exit), ublk loaded
 
 export LVM_SUPPRESS_FD_WARNINGS=1
@@ -117,16 +121,21 @@ start_udev() {
     udev_settle
 }
 
-# What every LVM scenario starts with: fvd, ublk, device-mapper, udev, loop
-# devices, info logging, and the daemons' logs kept in $RESULTS.
-lv_prelude() {
+# What a scenario that runs daemons starts with: fvd, ublk, info logging, and
+# the daemons' logs kept in $RESULTS.
+fvd_prelude() {
     need_fvd
     modprobe_ublk
+    export RUST_LOG=${RUST_LOG:-fvd=info}
+    at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+}
+
+# What every LVM scenario starts with: fvd_prelude, device-mapper, udev, loop devices.
+lv_prelude() {
+    fvd_prelude
     modprobe_dm
     start_udev
     modprobe_loop
-    export RUST_LOG=${RUST_LOG:-fvd=info}
-    at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
 }
 
 # make_vg VG SIZE: volume group VG (4 MiB extents) on a sparse SIZE file in
@@ -139,6 +148,25 @@ make_vg() {
     pvcreate -q "$loop"
     vgcreate -q -s 4M "$vg" "$loop"
     at_exit "vgremove -q -f $vg >/dev/null"
+}
+
+# make_lv VG SIZE: a linear LV VG/disk of SIZE; sets lv to its path and status
+# to the file where the serving daemon publishes its LV status.
+make_lv() {
+    lvcreate -q -y -L "$2" -n disk "$1"
+    udev_settle
+    # shellcheck disable=SC2034 # set for the scenario that sources this file
+    lv=/dev/$1/disk
+    # shellcheck disable=SC2034
+    status=/run/fvd/lv/$1-disk.json
+}
+
+daemon_pid() {
+    sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "${FVD_RUN_DIR:-/run/fvd}/$1.json"
+}
+
+json_get() {
+    sed -nE "s/^  \"$2\": \"?([^\",]*)\"?,?$/\1/p" "$1"
 }
 
 # install_udev_rules: fvd's rules and helper (removed at exit), udevd running

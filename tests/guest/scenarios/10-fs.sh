@@ -3,10 +3,7 @@
 # the image is clean after each stop.
 # timeout: 300
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 img=$WORK/disk.fvd
 mnt=$WORK/mnt
 mkdir -p "$mnt"

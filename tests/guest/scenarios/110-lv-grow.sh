@@ -15,9 +15,7 @@ unit=$((64 << 20))
 # with an fsync so that the flush is not left to the stop.
 step "volume group on a 1.5 GiB loop device, 64 MiB LV"
 make_vg fvdlv 1536M
-lvcreate -q -y -L 64M -n disk fvdlv
-udev_settle
-lv=/dev/fvdlv/disk
+make_lv fvdlv 64M
 [[ $(blockdev --getsize64 $lv) -eq $unit ]] || fail "LV is not 64 MiB"
 
 step "create an 8 GiB image on the 64 MiB LV"
@@ -30,7 +28,6 @@ dev=$("$FVD" start --grow-unit 64M "$lv")
 id=${dev#/dev/ublkb}
 at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
 [[ $(blockdev --getsize64 "$dev") -eq $((8 << 30)) ]] || fail "$dev is not 8 GiB"
-status=/run/fvd/lv/fvdlv-disk.json
 wait_for_path "$status" 10 || fail "no published LV status"
 
 step "fio: 1 GiB sequential write with crc32c verify"
@@ -45,7 +42,7 @@ cp "$status" "$RESULTS/status.json"
 cat "$status"
 
 step "growth figures"
-jget() { sed -nE "s/^  \"$1\": \"?([^\",]*)\"?,?$/\1/p" "$RESULTS/status.json"; }
+jget() { json_get "$RESULTS/status.json" "$1"; }
 size=$(jget size) used=$(jget used) growths=$(jget growths) initial=$(jget initial-size)
 lvsize=$(lvs --noheadings --units b --nosuffix -o lv_size fvdlv/disk | tr -d ' ')
 printf 'LV %s bytes (initial %s), used %s, free ahead %s, growths %s, waits %s (%s ms, max %s ms, after the first growth %s)\n' \

@@ -10,15 +10,12 @@ export FVD_GROW_UNIT=64M
 M=$((1 << 20))
 
 make_vg fvdsteady 900M
-lvcreate -q -y -L 64M -n disk fvdsteady
-udev_settle
-lv=/dev/fvdsteady/disk
+make_lv fvdsteady 64M
 run "$FVD" create -s 4G "$lv"
 dev=$("$FVD" start "$lv")
 id=${dev#/dev/ublkb}
 at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
-status=/run/fvd/lv/fvdsteady-disk.json
-jget() { sed -nE "s/^  \"$1\": \"?([^\",]*)\"?,?$/\1/p" "$status"; }
+jget() { json_get "$status" "$1"; }
 report() {
     printf '%s: LV %d MiB, units added %s in %s lvextend calls (%s ms in growths, last %s ms), waits %s (%s ms total, max %s ms), waits after the first growth %s\n' \
         "$1" $(($(jget size) / M)) "$(jget units-added)" "$(jget growths)" "$(jget growth-ms-total)" "$(jget growth-ms-last)" \

@@ -11,16 +11,13 @@ piece=16 # MiB per piece written
 
 step "volume group of one 160 MiB PV, 64 MiB linear LV, 1 GiB image"
 make_vg fvdfull 160M
-lvcreate -q -y -L 64M -n disk fvdfull
-udev_settle
-lv=/dev/fvdfull/disk
+make_lv fvdfull 64M
 vgs --units m fvdfull
 run "$FVD" create -s 1G "$lv"
 dev=$("$FVD" start "$lv")
 id=${dev#/dev/ublkb}
 at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
-status=/run/fvd/lv/fvdfull-disk.json
-jget() { sed -nE "s/^  \"$1\": \"?([^\",]*)\"?,?$/\1/p" "$status"; }
+jget() { json_get "$status" "$1"; }
 
 # Piece i holds the bytes of src-i (random); written with O_DIRECT so an
 # error shows at the write.

@@ -22,7 +22,7 @@ dev=$("$FVD" start "$lv")
 id=${dev#/dev/ublkb}
 at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
 status=/run/fvd/lv/fvdthin-disk.json
-jget() { sed -nE "s/^  \"$1\": \"?([^\",]*)\"?,?$/\1/p" "$status"; }
+jget() { json_get "$status" "$1"; }
 printf 'discard granularity of %s: %s\n' "$dev" "$(cat /sys/block/ublkb$id/queue/discard_granularity)"
 
 step "write 256 MiB of random data"

@@ -12,13 +12,9 @@ export FVD_GROW_UNIT=32M
 M=$((1 << 20))
 
 make_vg fvdkill 900M
-lvcreate -q -y -L 32M -n disk fvdkill
-udev_settle
-lv=/dev/fvdkill/disk
-status=/run/fvd/lv/fvdkill-disk.json
+make_lv fvdkill 32M
 run "$FVD" create -s 2G "$lv"
 
-daemon_pid() { sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "/run/fvd/$1.json"; }
 lv_size() { blockdev --getsize64 "$lv"; }
 # Waits until the daemon is inside a growth (its status says so and an lvm
 # child runs), then sleeps $1 s and kills it with SIGKILL.

@@ -3,10 +3,7 @@
 # stop and a new start, a verify-only pass over everything written.
 # timeout: 600
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 img=$WORK/disk.fvd
 SIZE=256M
 

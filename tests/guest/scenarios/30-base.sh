@@ -5,10 +5,7 @@
 # and `fvd convert -O raw` and a read-only start show what the device showed.
 # timeout: 400
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 base=$WORK/base.raw
 img=$WORK/disk.fvd
 want=$WORK/want.raw    # what the device must show, kept by hand alongside

@@ -4,10 +4,7 @@
 # image anew (its journal is replayed), verify everything, stop, check.
 # timeout: 600
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 img=$WORK/disk.fvd
 SIZE=256M
 
@@ -15,9 +12,6 @@ fio_job() {
     fio --name=verify --filename="$1" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
         --size=$SIZE --iodepth=32 --verify=crc32c --verify_fatal=1 --verify_dump=0 \
         --verify_state_save=0 --randseed=777 "${@:2}"
-}
-daemon_pid() {
-    sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "/run/fvd/$1.json"
 }
 
 step "create and start"
@@ -92,9 +86,6 @@ step "a recovered device stops clean too; run dir off tmpfs: no volatile log, jo
 # 9p is not tmpfs: the daemon journals allocations before writes complete.
 export FVD_RUN_DIR=$RESULTS/run-journaled
 at_exit "FVD_RUN_DIR=$FVD_RUN_DIR \"$FVD\" stop --all >/dev/null 2>&1 || true"
-daemon_pid() {
-    sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "$FVD_RUN_DIR/$1.json"
-}
 dev=$("$FVD" start "$img")
 id=${dev#/dev/ublkb}
 head -c 4M /dev/urandom >"$WORK/data"

@@ -8,16 +8,10 @@
 # Also: `fvd info` and `fvd list` show the daemon's live counters.
 # timeout: 300
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 at_exit "\"$FVD\" stop --all >/dev/null 2>&1 || true"
 head -c $((4 << 20)) /dev/urandom >"$WORK/data"
 
-daemon_pid() {
-    sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "/run/fvd/$1.json"
-}
 live_field() { # IMAGE FIELD: a number from the live counters of `fvd info --output json`
     local info
     info=$("$FVD" info --output json "$1")

@@ -3,10 +3,7 @@
 # timeout: 600
 # cpus: 4
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 img=$WORK/disk.fvd
 
 step "create, start with 4 queues"
@@ -16,7 +13,7 @@ id=${dev#/dev/ublkb}
 at_exit "\"$FVD\" stop -n $id >/dev/null 2>&1 || true"
 nq=$(ls -d /sys/block/ublkb$id/mq/* | wc -l)
 [[ $nq -eq 4 ]] || fail "the device has $nq hardware queues, want 4"
-pid=$(sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "/run/fvd/$id.json")
+pid=$(daemon_pid "$id")
 threads=$(ls /proc/$pid/task | wc -l)
 printf 'daemon %s has %s threads\n' "$pid" "$threads"
 [[ $threads -ge 5 ]] || fail "daemon has $threads threads, want 4 queues + main + signals"

@@ -37,7 +37,7 @@ echo "started $dev as uid $uid"
 run "$FVD" list
 st=/run/fvd/$id.json
 grep -q '"unprivileged": true' "$st" || fail "the state file does not say unprivileged"
-pid=$(sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "$st")
+pid=$(daemon_pid "$id")
 [[ $(stat -c %u "/proc/$pid") == "$uid" ]] || fail "the daemon does not run as uid $uid"
 grep -E '^Cap(Eff|Prm):' "/proc/$pid/status"
 udev_settle

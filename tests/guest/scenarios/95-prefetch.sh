@@ -6,10 +6,7 @@
 # holes add no bitmap bits.
 # timeout: 500
 
-need_fvd
-modprobe_ublk
-export RUST_LOG=${RUST_LOG:-fvd=info}
-at_exit "cp /run/fvd/*.log \"$RESULTS\"/ 2>/dev/null || true"
+fvd_prelude
 base=$WORK/base.raw
 img=$WORK/disk.fvd
 
