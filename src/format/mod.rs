@@ -81,6 +81,12 @@
 //! sequence number is `journal_seq + i`; replay stops at the first block that is
 //! not valid, so a torn, stale or never-written block is never applied. See
 //! [`journal`] for the block and record tables.
+//!
+//! Every checkpoint advances `journal_seq` by the number of blocks in the region
+//! (`journal_len / 4096`), never by fewer. A block written under the old value
+//! carries a sequence below the new one, so no block left in the region (one a
+//! replay applied, or one past a torn block that a replay never reached) is ever
+//! valid again: replay after a later crash sees only blocks written since.
 
 pub mod header;
 pub mod journal;

@@ -188,7 +188,10 @@ impl Image {
                 .map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
         }
         self.sync_data(e).await?;
-        let next_seq = self.header_seq() + j.next;
+        // The new journal's sequence lies past every block the old one may have
+        // left in the region, whether this writer wrote it or not (after a crash,
+        // blocks a replay never reached, past a torn one): see the format docs.
+        let next_seq = self.header_seq() + geo.journal_len / META_BLOCK;
         self.write_header(e, |h| {
             h.journal_seq = next_seq;
             h.used_chunks = snap.hwm;

@@ -1,0 +1,124 @@
+//! Crashes through the real binary: `fvd io` killed with SIGKILL while it waits on a
+//! named pipe nobody writes (after its earlier commands completed), then opened again,
+//! several times in a row. The first test is issue 9's reproduction: a second crash
+//! after a recovery used to replay journal blocks the recovery had already applied.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fvd(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fvd")).args(args).output().expect("run fvd");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out) = fvd(args);
+    assert_eq!(code, 0, "fvd {args:?} failed: {out}");
+    out
+}
+
+/// Runs `fvd io IMAGE -c ... -c 'write -s FIFO OFF'`, waits until the commands before the
+/// pipe have printed `done` lines, then kills it with SIGKILL: a crash with every
+/// earlier command completed and the image dirty.
+fn crash_after(dir: &Path, img: &str, cmds: &[&str], done: usize) {
+    let fifo = dir.join("fifo");
+    if !fifo.exists() {
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    }
+    let out_path = dir.join("io.out");
+    let out = File::create(&out_path).unwrap();
+    let mut args = vec!["io".to_string(), img.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.to_string());
+    }
+    args.push("-c".into());
+    args.push(format!("write -s {} 3M", fifo.display()));
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_fvd"))
+        .args(&args)
+        .stdout(out)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn fvd io");
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if text.lines().count() >= done {
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("fvd io exited ({st}) before reaching the pipe: {text}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "fvd io did not reach the pipe: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The pipe's open blocks: the process sits there with every command before it done.
+    std::thread::sleep(Duration::from_millis(100));
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+}
+
+#[test]
+fn second_crash_after_recovery_keeps_the_image_openable() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.fvd");
+    let img = img.to_str().unwrap();
+    ok(&["create", "--size", "64M", img]);
+    crash_after(
+        d.path(),
+        img,
+        &["write -P 1 0 1M", "flush", "write -P 2 1M 1M", "flush", "write -P 3 2M 1M", "flush"],
+        3,
+    );
+    crash_after(d.path(), img, &["discard 2M 1M", "flush", "write -P 4 5M 1M", "flush"], 2);
+    ok(&["io", img, "-c", "read -P 4 5M 1M", "-c", "read -P 1 0 1M", "-c", "read -P 2 1M 1M", "-c", "read -P 0 2M 1M"]);
+    let (code, out) = fvd(&["check", img]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Five crash rounds in a row, each on the dirty image the previous one left (no clean
+/// open in between): the round first reads back every flushed write of the rounds before,
+/// then writes, zeroes and discards over a base, flushes, and is killed with SIGKILL.
+#[test]
+fn flushed_writes_survive_five_crash_rounds_over_a_base() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.raw");
+    std::fs::write(&base, vec![0x5au8; 8 << 20]).unwrap();
+    let img = d.path().join("img.fvd");
+    let img = img.to_str().unwrap();
+    ok(&["create", "--base", "base.raw", "--size", "32M", img]);
+    // (pattern, offset, length) that must read back: rounds 0 and 1 are inside the base.
+    let mut expect: Vec<(u8, u64, u64)> = Vec::new();
+    for round in 0..6u64 {
+        let mut cmds: Vec<String> = expect.iter().map(|(p, off, len)| format!("read -P {p} {off} {len}")).collect();
+        let reads = cmds.len();
+        if round < 5 {
+            let p = 0x10 + round as u8;
+            let r = round * (4 << 20);
+            let (a, b, c, dsc) = (r, r + (1 << 20) + 65536 * round, r + (2 << 20), r + (3 << 20));
+            cmds.extend([
+                format!("write -P {p} {a} 64k"),
+                format!("write -P {p} {b} 192k"),
+                format!("zero {c} 64k"),
+                format!("discard {dsc} 1M"),
+                "flush".to_string(),
+            ]);
+            expect.extend([(p, a, 64 << 10), (p, b, 192 << 10), (0, c, 64 << 10)]);
+            let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            crash_after(d.path(), img, &refs, reads + 4);
+        } else {
+            // The last round only reads, and closes cleanly.
+            let mut args = vec!["io".to_string(), img.to_string()];
+            for c in cmds {
+                args.extend(["-c".to_string(), c]);
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            ok(&refs);
+        }
+    }
+    let (code, out) = fvd(&["check", img]);
+    assert_eq!(code, 0, "{out}");
+}
