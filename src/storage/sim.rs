@@ -1,10 +1,15 @@
 //! A simulated disk that keeps volatile and durable bytes apart, for crash tests.
 //!
-//! Writes and punches land in a volatile log; `sync` makes the whole log
+//! Writes, punches and growth land in a volatile state; `sync` makes all of it
 //! durable. [`SimStorage::crash`] returns the disk as it could look after a
-//! power cut: the durable bytes plus an arbitrary subset of the volatile
-//! writes, chosen per 512-byte sector (a sector is the unit the device writes
-//! atomically), applied in issue order.
+//! power cut, as on a real file system:
+//! - the durable bytes plus an arbitrary subset of the volatile writes, chosen
+//!   per 512-byte sector (a sector is the unit the device writes atomically),
+//!   applied in issue order;
+//! - each volatile punch kept or lost per 4096-byte block;
+//! - the size: the durable size, or anything up to the current size (growth
+//!   not yet synced may be lost, wholly or partly); bytes past the kept size
+//!   are gone.
 
 use super::{Storage, StorageError};
 use rand::Rng;
@@ -13,6 +18,7 @@ use std::os::fd::RawFd;
 use std::sync::Mutex;
 
 const SECTOR: usize = 512;
+const PUNCH_BLOCK: usize = 4096;
 
 #[derive(Clone)]
 enum Pending {
@@ -24,7 +30,9 @@ enum Pending {
 struct State {
     durable: Vec<u8>,
     pending: Vec<Pending>,
+    /// The size as the running system sees it, and as the last sync left it.
     size: u64,
+    durable_size: u64,
 }
 
 pub struct SimStorage {
@@ -53,7 +61,7 @@ impl SimStorage {
         let size = bytes.len() as u64;
         SimStorage {
             name: name.to_string(),
-            state: Mutex::new(State { durable: bytes, pending: Vec::new(), size }),
+            state: Mutex::new(State { durable: bytes, pending: Vec::new(), size, durable_size: size }),
             limit: u64::MAX,
             events: Mutex::new(0),
             capture: Mutex::new(None),
@@ -117,7 +125,7 @@ impl SimStorage {
     pub fn durable_bytes(&self) -> Vec<u8> {
         let s = self.lock();
         let mut d = s.durable.clone();
-        d.resize(s.size as usize, 0);
+        d.resize(s.durable_size as usize, 0);
         d
     }
 
@@ -127,8 +135,19 @@ impl SimStorage {
         let mut d = s.durable.clone();
         d.resize(s.size as usize, 0);
         for p in &s.pending {
-            apply(&mut d, p, Some(rng));
+            apply(&mut d, p, Some(&mut *rng));
         }
+        // Growth since the last sync: lost, kept, or kept in part.
+        let kept = if s.size <= s.durable_size {
+            s.size
+        } else {
+            match rng.gen_range(0..3) {
+                0 => s.durable_size,
+                1 => s.size,
+                _ => rng.gen_range(s.durable_size..=s.size) / 4096 * 4096,
+            }
+        };
+        d.truncate(kept as usize);
         d
     }
 }
@@ -153,11 +172,16 @@ fn apply<R: Rng>(d: &mut Vec<u8>, p: &Pending, mut keep: Option<&mut R>) {
             }
         }
         Pending::Punch { off, len } => {
-            let take = keep.as_mut().map(|r| r.gen_bool(0.5)).unwrap_or(true);
             let start = (*off as usize).min(d.len());
             let end = ((*off + *len) as usize).min(d.len());
-            if take {
-                d[start..end].fill(0);
+            let mut i = start;
+            while i < end {
+                // A file system frees (or fails to free) whole blocks.
+                let next = ((i / PUNCH_BLOCK + 1) * PUNCH_BLOCK).min(end);
+                if keep.as_mut().map(|r| r.gen_bool(0.5)).unwrap_or(true) {
+                    d[i..next].fill(0);
+                }
+                i = next;
             }
         }
     }
@@ -234,7 +258,8 @@ impl Storage for SimStorage {
         for p in &pending {
             apply::<rand::rngs::ThreadRng>(d, p, None);
         }
-        d.resize(size.max(d.len()), 0);
+        d.resize(size, 0);
+        s.durable_size = s.size;
         drop(s);
         self.bump();
         Ok(())
