@@ -200,3 +200,113 @@ fn corrupt_journal_is_not_applied() {
     let (code, out, _) = fvd(&["check", s(&p)]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Field offsets of the header (see the table in `fvd::format`).
+const H_FLAGS: usize = 32;
+const H_TABLE_OFF: usize = 56;
+const H_TABLE_LEN: usize = 64;
+const H_BITMAP_OFF: usize = 72;
+const H_BITMAP_LEN: usize = 80;
+const H_JOURNAL_OFF: usize = 88;
+const H_JOURNAL_LEN: usize = 96;
+const H_DATA_OFF: usize = 104;
+const H_CRC: usize = 4092;
+
+fn get64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Rewrites fields of both header slots in place, without reading the rest
+/// of the (possibly huge, sparse) file, and recomputes each slot's CRC-32.
+fn forge_header(p: &Path, f: impl Fn(&mut [u8])) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+    for slot in 0..2u64 {
+        let mut b = vec![0u8; 4096];
+        file.read_exact_at(&mut b, slot * 4096).unwrap();
+        f(&mut b);
+        let crc = crc32fast::hash(&b[..H_CRC]);
+        b[H_CRC..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&b, slot * 4096).unwrap();
+    }
+}
+
+/// The header area and the regions right after it, to see a command wrote nothing.
+fn head_bytes(p: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut b = Vec::new();
+    std::fs::File::open(p).unwrap().take(4 << 20).read_to_end(&mut b).unwrap();
+    b
+}
+
+/// A forged header on a large sparse file: `info` and `check` fail at once
+/// with one error line, and never abort on an allocation of header-given size.
+fn expect_forged_rejected(p: &Path, needles: &[&str]) {
+    let before = head_bytes(p);
+    let t = std::time::Instant::now();
+    let (code, out, err) = fvd(&["info", s(p)]);
+    assert!(code > 0 && code != 134, "info exited with {code} (a signal or an abort?): {out}{err}");
+    assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "info: expected one error line, got: {err}");
+    for n in needles.iter().chain([&s(p)]) {
+        assert!(lines[0].contains(n), "info: '{}' does not mention '{n}'", lines[0]);
+    }
+    let (code, out, err) = fvd(&["check", s(p)]);
+    assert_eq!(code, 2, "check exited with {code}: {out}{err}");
+    assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{err}");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "check: expected one ERROR line, got: {out}");
+    for n in needles {
+        assert!(errors[0].contains(n), "check: '{}' does not mention '{n}'", errors[0]);
+    }
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "took {:?}", t.elapsed());
+    assert!(head_bytes(p) == before, "a forged image was written to");
+}
+
+#[test]
+fn forged_region_lengths_on_a_large_sparse_file() {
+    const TIB: u64 = 1 << 40;
+    const HUGE: u64 = 1 << 39;
+    let d = tempfile::tempdir().unwrap();
+    let align = |v: u64| v.div_ceil(1 << 20) * (1 << 20);
+
+    // A 512 GiB journal in a dirty image (so open reads it), the data after it.
+    let p = make_image(d.path(), "journal.fvd", &[]);
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(TIB).unwrap();
+    forge_header(&p, |b| {
+        put64(b, H_FLAGS, get64(b, H_FLAGS) | 1);
+        put64(b, H_JOURNAL_LEN, HUGE);
+        put64(b, H_DATA_OFF, align(get64(b, H_JOURNAL_OFF) + HUGE));
+    });
+    expect_forged_rejected(&p, &["journal size 0x8000000000"]);
+
+    // A 512 GiB table, the other regions moved up behind it.
+    let p = make_image(d.path(), "table.fvd", &[]);
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(TIB).unwrap();
+    forge_header(&p, |b| {
+        let bitmap = get64(b, H_TABLE_OFF) + HUGE;
+        let journal = bitmap + get64(b, H_BITMAP_LEN);
+        put64(b, H_TABLE_LEN, HUGE);
+        put64(b, H_BITMAP_OFF, bitmap);
+        put64(b, H_JOURNAL_OFF, journal);
+        put64(b, H_DATA_OFF, align(journal + get64(b, H_JOURNAL_LEN)));
+    });
+    expect_forged_rejected(&p, &["table region", "0x8000000000"]);
+}
+
+#[test]
+fn journal_size_over_the_limit() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.fvd");
+    for size in ["2G", "1025M"] {
+        expect_error(None, &["create", "--size", "1G", "--journal-size", size, s(&p)], &["journal size", "1 GiB"]);
+        assert!(!p.exists(), "a refused create left a file");
+    }
+    let (code, _, err) = fvd(&["create", "--size", "1G", "--journal-size", "1G", s(&p)]);
+    assert_eq!(code, 0, "{err}");
+}

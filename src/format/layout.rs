@@ -10,6 +10,9 @@ pub const MIN_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 1 << 20;
 pub const MAX_CHUNK: u32 = 64 << 20;
 pub const MIN_JOURNAL: u64 = 2 * META_BLOCK;
+/// The largest journal accepted (1 GiB): open reads the whole region into
+/// memory when the image is dirty.
+pub const MAX_JOURNAL: u64 = 1 << 30;
 /// Data alignment when the table is off.
 const RAW_DATA_ALIGN: u64 = 1 << 20;
 /// The largest virtual size accepted (64 PiB).
@@ -25,12 +28,16 @@ pub enum LayoutError {
     BadChunkSize { chunk: u32, block: u32 },
     #[error("the table would need {0} entries, more than a 32-bit table can address")]
     TooManyChunks(u64),
-    #[error("journal size {0:#x} must be a multiple of 4096 and at least 8192")]
+    #[error("journal size {0:#x} must be a multiple of 4096 from 8 KiB to 1 GiB")]
     BadJournalSize(u64),
     #[error("base size {base:#x} is larger than the virtual size {virt:#x}")]
     BaseTooLarge { base: u64, virt: u64 },
     #[error("{region} region at {offset:#x}+{len:#x} is misaligned, too small, or overlaps the previous region")]
     BadRegion { region: &'static str, offset: u64, len: u64 },
+    #[error("{region} region at {offset:#x}+{len:#x} must be {need:#x} bytes long, what the geometry needs")]
+    BadRegionLength { region: &'static str, offset: u64, len: u64, need: u64 },
+    #[error("data region at {offset:#x} must start at {expected:#x}, the aligned end of the journal")]
+    BadDataOffset { offset: u64, expected: u64 },
     #[error("{region} region ends at {end:#x}, beyond the end of the storage at {size:#x}")]
     BeyondStorage { region: &'static str, end: u64, size: u64 },
 }
@@ -88,13 +95,18 @@ fn check_shape(vsize: u64, block: u32, chunk: Option<u32>, base: u64) -> Result<
     Ok(())
 }
 
+fn check_journal(len: u64) -> Result<(), LayoutError> {
+    if len % META_BLOCK != 0 || !(MIN_JOURNAL..=MAX_JOURNAL).contains(&len) {
+        return Err(LayoutError::BadJournalSize(len));
+    }
+    Ok(())
+}
+
 impl Geometry {
     /// Lays out a new image.
     pub fn new(p: &CreateParams) -> Result<Geometry, LayoutError> {
         check_shape(p.virtual_size, p.block_size, p.chunk_size, p.base_size)?;
-        if p.journal_len % META_BLOCK != 0 || p.journal_len < MIN_JOURNAL {
-            return Err(LayoutError::BadJournalSize(p.journal_len));
-        }
+        check_journal(p.journal_len)?;
         let mut g = Geometry {
             virtual_size: Bytes(p.virtual_size),
             block_size: p.block_size,
@@ -108,20 +120,26 @@ impl Geometry {
             journal_len: p.journal_len,
             data_offset: 0,
         };
-        g.table_len = align_up(g.chunks() * 4, META_BLOCK);
+        g.table_len = g.table_need();
         g.bitmap_offset = g.table_offset + g.table_len;
-        g.bitmap_len = align_up(g.base_blocks().div_ceil(8), META_BLOCK);
+        g.bitmap_len = g.bitmap_need();
         g.journal_offset = g.bitmap_offset + g.bitmap_len;
         let meta_end = g.journal_offset + g.journal_len;
-        let align = p.chunk_size.map(u64::from).unwrap_or(RAW_DATA_ALIGN);
-        g.data_offset = align_up(meta_end, align);
+        g.data_offset = align_up(meta_end, g.data_align());
         Ok(g)
     }
 
     /// Validates a header's geometry against the storage size.
+    ///
+    /// Every region is bounded by what the geometry needs (see the module
+    /// docs of [`crate::format`]): the table and the bitmap are exactly as long
+    /// as create makes them, the journal is at most [`MAX_JOURNAL`], and the
+    /// data starts at the aligned end of the journal. Nothing of a size the
+    /// header gives is allocated before this passes.
     pub fn from_header(h: &Header, storage_size: u64) -> Result<Geometry, LayoutError> {
         let chunk = if h.incompat & INCOMPAT_TABLE != 0 { Some(h.chunk_size) } else { None };
         check_shape(h.virtual_size, h.block_size, chunk, h.base_size)?;
+        check_journal(h.journal_len)?;
         let g = Geometry {
             virtual_size: Bytes(h.virtual_size),
             block_size: h.block_size,
@@ -136,28 +154,44 @@ impl Geometry {
             data_offset: h.data_offset,
         };
         let regions = [
-            ("table", g.table_offset, g.table_len, g.chunks() * 4),
-            ("bitmap", g.bitmap_offset, g.bitmap_len, g.base_blocks().div_ceil(8)),
-            ("journal", g.journal_offset, g.journal_len, MIN_JOURNAL),
+            ("table", g.table_offset, g.table_len, g.table_need()),
+            ("bitmap", g.bitmap_offset, g.bitmap_len, g.bitmap_need()),
+            ("journal", g.journal_offset, g.journal_len, g.journal_len),
         ];
         let mut prev_end = HEADER_AREA;
         for (region, offset, len, need) in regions {
-            let end = offset.checked_add(len);
-            let ok =
-                offset % META_BLOCK == 0 && len % META_BLOCK == 0 && len >= need && offset >= prev_end && end.is_some();
-            if !ok {
-                return Err(LayoutError::BadRegion { region, offset, len });
+            if len != need {
+                return Err(LayoutError::BadRegionLength { region, offset, len, need });
             }
-            prev_end = end.unwrap_or(u64::MAX);
+            let end = match offset.checked_add(len) {
+                Some(end) if offset % META_BLOCK == 0 && offset >= prev_end => end,
+                _ => return Err(LayoutError::BadRegion { region, offset, len }),
+            };
+            prev_end = end;
         }
-        let align = chunk.map(u64::from).unwrap_or(META_BLOCK);
-        if g.data_offset < prev_end || g.data_offset % align != 0 {
-            return Err(LayoutError::BadRegion { region: "data", offset: g.data_offset, len: 0 });
+        let expected = prev_end.checked_next_multiple_of(g.data_align());
+        if expected != Some(g.data_offset) {
+            return Err(LayoutError::BadDataOffset { offset: g.data_offset, expected: expected.unwrap_or(u64::MAX) });
         }
         if g.data_offset > storage_size {
             return Err(LayoutError::BeyondStorage { region: "metadata", end: g.data_offset, size: storage_size });
         }
         Ok(g)
+    }
+
+    /// Length of the table region: 4 bytes per chunk, rounded up to 4096.
+    fn table_need(&self) -> u64 {
+        align_up(self.chunks() * 4, META_BLOCK)
+    }
+
+    /// Length of the bitmap region: one bit per base block, rounded up to 4096.
+    fn bitmap_need(&self) -> u64 {
+        align_up(self.base_blocks().div_ceil(8), META_BLOCK)
+    }
+
+    /// Alignment of the data region: the chunk, or 1 MiB without a table.
+    fn data_align(&self) -> u64 {
+        self.chunk_size.map(u64::from).unwrap_or(RAW_DATA_ALIGN)
     }
 
     pub fn has_table(&self) -> bool {
@@ -291,5 +325,103 @@ mod tests {
         let mut p = tib();
         p.virtual_size = 1000;
         assert!(Geometry::new(&p).is_err());
+    }
+
+    /// Every region length is what the geometry needs, nothing more: a forged
+    /// length is refused before anything of that size is allocated.
+    #[test]
+    fn region_lengths_are_bounded_by_the_geometry() {
+        let g = Geometry::new(&tib()).unwrap();
+        let h = g.header(BaseFormat::Raw, "b");
+        let err = |f: &dyn Fn(&mut Header)| {
+            let mut h = h.clone();
+            f(&mut h);
+            Geometry::from_header(&h, u64::MAX).unwrap_err()
+        };
+        // Table: a huge length, and one block more or less than needed.
+        for len in [1 << 39, (4 << 20) + 4096, (4 << 20) - 4096, u64::MAX - 4095] {
+            assert_eq!(
+                err(&|h| h.table_len = len),
+                LayoutError::BadRegionLength { region: "table", offset: 8192, len, need: 4 << 20 }
+            );
+        }
+        let off = g.bitmap_offset;
+        for len in [1 << 39, (2 << 20) + 4096, 0] {
+            assert_eq!(
+                err(&|h| h.bitmap_len = len),
+                LayoutError::BadRegionLength { region: "bitmap", offset: off, len, need: 2 << 20 }
+            );
+        }
+        for len in [1 << 39, MAX_JOURNAL + META_BLOCK, u64::MAX, 4096, MIN_JOURNAL + 1] {
+            assert_eq!(err(&|h| h.journal_len = len), LayoutError::BadJournalSize(len));
+        }
+        // The messages give the numbers in hex.
+        let m = err(&|h| h.table_len = 1 << 39).to_string();
+        assert!(m.contains("table region at 0x2000+0x8000000000") && m.contains("0x400000"), "{m}");
+        let m = err(&|h| h.journal_len = 1 << 39).to_string();
+        assert!(m.contains("journal size 0x8000000000") && m.contains("1 GiB"), "{m}");
+        // No table, no base: both regions are empty.
+        let raw = Geometry::new(&CreateParams { chunk_size: None, base_size: 0, ..tib() }).unwrap();
+        assert_eq!((raw.table_len, raw.bitmap_len), (0, 0));
+        let mut h = raw.header(BaseFormat::None, "");
+        h.table_len = 4096;
+        assert!(matches!(
+            Geometry::from_header(&h, u64::MAX),
+            Err(LayoutError::BadRegionLength { region: "table", .. })
+        ));
+    }
+
+    #[test]
+    fn journal_size_is_bounded_at_create_and_open() {
+        let g = Geometry::new(&CreateParams { journal_len: MAX_JOURNAL, ..tib() }).unwrap();
+        let h = g.header(BaseFormat::Raw, "b");
+        assert_eq!(Geometry::from_header(&h, u64::MAX).unwrap(), g);
+        for len in [MAX_JOURNAL + META_BLOCK, 1 << 40, 4096, 5000] {
+            assert_eq!(
+                Geometry::new(&CreateParams { journal_len: len, ..tib() }),
+                Err(LayoutError::BadJournalSize(len))
+            );
+        }
+    }
+
+    /// The data starts exactly at the aligned end of the journal.
+    #[test]
+    fn data_offset_is_the_aligned_end_of_the_metadata() {
+        let g = Geometry::new(&tib()).unwrap();
+        let expected = g.data_offset;
+        for off in [expected + (1 << 20), expected - (1 << 20), expected + 4096, 1 << 50, u64::MAX] {
+            let mut h = g.header(BaseFormat::Raw, "b");
+            h.data_offset = off;
+            assert_eq!(
+                Geometry::from_header(&h, u64::MAX),
+                Err(LayoutError::BadDataOffset { offset: off, expected }),
+                "{off:#x}"
+            );
+        }
+        // Without a table the data is 1 MiB aligned.
+        let raw = Geometry::new(&CreateParams { chunk_size: None, journal_len: 12288, ..tib() }).unwrap();
+        assert_eq!(raw.data_offset % (1 << 20), 0);
+        let mut h = raw.header(BaseFormat::Raw, "b");
+        assert_eq!(Geometry::from_header(&h, u64::MAX).unwrap(), raw);
+        h.data_offset = raw.journal_offset + raw.journal_len;
+        assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadDataOffset { .. })));
+        let m = Geometry::from_header(&h, u64::MAX).unwrap_err().to_string();
+        assert!(m.contains(&format!("{:#x}", raw.data_offset)), "{m}");
+    }
+
+    /// Offsets near the top of the address space give an error, not an overflow.
+    #[test]
+    fn offsets_at_the_end_of_the_address_space_are_rejected() {
+        let g = Geometry::new(&tib()).unwrap();
+        let mut h = g.header(BaseFormat::Raw, "b");
+        h.journal_offset = u64::MAX - 4095;
+        assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadRegion { region: "journal", .. })));
+        let mut h = g.header(BaseFormat::Raw, "b");
+        h.journal_offset = u64::MAX - (16 << 20) - 4095;
+        h.data_offset = 0;
+        assert_eq!(
+            Geometry::from_header(&h, u64::MAX),
+            Err(LayoutError::BadDataOffset { offset: 0, expected: u64::MAX })
+        );
     }
 }

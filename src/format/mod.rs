@@ -11,12 +11,26 @@
 //! | header  | 0 and 4096 (two slots) | 2 × 4096                                 |
 //! | table   | `table_offset`         | `table_len` (0 when the table is off)    |
 //! | bitmap  | `bitmap_offset`        | `bitmap_len` (0 without a base)          |
-//! | journal | `journal_offset`       | `journal_len`, a multiple of 4096        |
+//! | journal | `journal_offset`       | `journal_len`, a multiple of 4096, 8 KiB to 1 GiB |
 //! | data    | `data_offset`          | to the end of the storage                |
 //!
 //! Regions are 4096-aligned, start at or after 8192, in this order, and do not overlap; `data_offset` is
 //! aligned to the chunk size (to 1 MiB when the table is off) so that chunks and
 //! guest blocks sit on host-filesystem block boundaries.
+//!
+//! Every region is bounded by what the geometry (virtual size, block size,
+//! chunk size, base size) needs, and open refuses a header that says
+//! otherwise, before reading any region:
+//!
+//! - `table_len` is exactly `align_up(4 × chunks, 4096)`;
+//! - `bitmap_len` is exactly `align_up(⌈base blocks / 8⌉, 4096)`;
+//! - `journal_len` is a multiple of 4096 from 8 KiB to 1 GiB (open reads the
+//!   whole journal into memory when the image is dirty);
+//! - `data_offset` is exactly the journal's end rounded up to the chunk size
+//!   (to 1 MiB when the table is off);
+//! - `data_offset` is at most the size of the storage.
+//!
+//! These are the lengths create has always written, so every image satisfies them.
 //!
 //! # Header (two 4096-byte slots at offsets 0 and 4096)
 //!
@@ -36,12 +50,12 @@
 //! | 48   | 4    | block_size            | copy-on-write block, power of two, 4 KiB–1 MiB        |
 //! | 52   | 4    | chunk_size            | allocation unit, power-of-two multiple of the block, ≤ 64 MiB; 0 when the table is off |
 //! | 56   | 8    | table_offset          |                                                      |
-//! | 64   | 8    | table_len             | ≥ 4 × number of chunks                               |
+//! | 64   | 8    | table_len             | 4 × number of chunks, rounded up to 4096             |
 //! | 72   | 8    | bitmap_offset         |                                                      |
-//! | 80   | 8    | bitmap_len            | ≥ ⌈base blocks / 8⌉                                  |
+//! | 80   | 8    | bitmap_len            | ⌈base blocks / 8⌉, rounded up to 4096                |
 //! | 88   | 8    | journal_offset        |                                                      |
-//! | 96   | 8    | journal_len           | multiple of 4096, ≥ 8192                             |
-//! | 104  | 8    | data_offset           |                                                      |
+//! | 96   | 8    | journal_len           | multiple of 4096, 8192 to 2^30                       |
+//! | 104  | 8    | data_offset           | journal end rounded up to the chunk size (1 MiB without a table) |
 //! | 112  | 8    | journal_seq           | sequence number of the first valid journal block      |
 //! | 120  | 8    | base_size             | the base's size at create time (0: no base)          |
 //! | 128  | 4    | base_format           | 0 none, 1 raw, 2 fvd                                 |

@@ -26,21 +26,51 @@ impl Bitmap {
         self.words[(b.0 / 64) as usize].load(Ordering::Acquire) & (1 << (b.0 % 64)) != 0
     }
 
+    /// Sets bits `first..first+count`, clipped to the bitmap.
     pub fn set_range(&self, first: BlockIdx, count: u64) {
-        let end = (first.0 + count).min(self.bits);
-        let mut b = first.0;
-        while b < end {
-            let w = b / 64;
-            let lo = b % 64;
-            let hi = ((w + 1) * 64).min(end) - w * 64;
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            self.words[w as usize].fetch_or(mask, Ordering::AcqRel);
-            b = w * 64 + hi;
+        let end = first.0.saturating_add(count).min(self.bits);
+        for (w, mask) in word_masks(first.0, end) {
+            self.words[w].fetch_or(mask, Ordering::AcqRel);
         }
     }
 
     pub fn count_set(&self) -> u64 {
         self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+}
+
+/// The words that bits `first..end` touch, each with the mask of those bits
+/// in it: whole words are `u64::MAX`, the partial first and last words are
+/// masked. One step per word, never one per bit.
+pub fn word_masks(first: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
+    let mut b = first;
+    std::iter::from_fn(move || {
+        if b >= end {
+            return None;
+        }
+        let w = b / 64;
+        let lo = b % 64;
+        let hi = if end - w * 64 >= 64 { 64 } else { end - w * 64 };
+        let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        b = w * 64 + hi;
+        Some((w as usize, mask))
+    })
+}
+
+/// Sets bits `first..first+count` of plain bitmap words holding `bits` bits
+/// (bit i is bit i%64 of word i/64). A range that does not end within `bits`
+/// (or within `words`) is refused before anything is set: Err carries the
+/// number of bits the range was checked against.
+pub fn set_range_in(words: &mut [u64], bits: u64, first: u64, count: u64) -> Result<(), u64> {
+    let limit = bits.min(words.len() as u64 * 64);
+    match first.checked_add(count) {
+        Some(end) if end <= limit => {
+            for (w, mask) in word_masks(first, end) {
+                words[w] |= mask;
+            }
+            Ok(())
+        }
+        _ => Err(limit),
     }
 }
 
@@ -60,5 +90,50 @@ mod tests {
         b.set_range(BlockIdx(190), 50);
         assert_eq!(b.count_set(), 80);
         assert!(!b.test(BlockIdx(500)));
+    }
+
+    #[test]
+    fn word_masks_cover_exactly_the_range() {
+        assert_eq!(word_masks(5, 5).count(), 0);
+        assert_eq!(word_masks(3, 7).collect::<Vec<_>>(), vec![(0, 0b111_1000)]);
+        assert_eq!(word_masks(0, 64).collect::<Vec<_>>(), vec![(0, u64::MAX)]);
+        assert_eq!(word_masks(63, 65).collect::<Vec<_>>(), vec![(0, 1 << 63), (1, 1)]);
+        assert_eq!(
+            word_masks(60, 200).collect::<Vec<_>>(),
+            vec![(0, 0xf << 60), (1, u64::MAX), (2, u64::MAX), (3, 0xff)]
+        );
+        // The largest record (2^32 bits) is 2^26 steps, not 2^32.
+        assert_eq!(word_masks(1, 1 + u32::MAX as u64).count(), 1 << 26);
+    }
+
+    #[test]
+    fn plain_ranges_set_word_at_a_time_and_refuse_the_end() {
+        let naive = |first: u64, count: u64, words: usize| {
+            let mut v = vec![0u64; words];
+            for b in first..first + count {
+                v[(b / 64) as usize] |= 1 << (b % 64);
+            }
+            v
+        };
+        let bits = 200;
+        for (first, count) in [(0, 0), (3, 4), (0, 64), (64, 64), (10, 54), (60, 70), (1, 198), (0, 200), (150, 50)] {
+            let mut v = vec![0u64; 4];
+            assert_eq!(set_range_in(&mut v, bits, first, count), Ok(()), "{first}+{count}");
+            assert_eq!(v, naive(first, count, 4), "{first}+{count}");
+        }
+        // Ending exactly at the bit count is fine, one past is refused and
+        // sets nothing; so is a range whose end overflows.
+        let mut v = vec![0u64; 4];
+        assert_eq!(set_range_in(&mut v, bits, 199, 1), Ok(()));
+        assert_eq!(v[3], 1 << 7);
+        let mut v = vec![0u64; 4];
+        assert_eq!(set_range_in(&mut v, bits, 150, 51), Err(200));
+        assert_eq!(set_range_in(&mut v, bits, 200, 1), Err(200));
+        assert_eq!(set_range_in(&mut v, bits, u64::MAX, 2), Err(200));
+        assert_eq!(v, vec![0; 4]);
+        // Fewer words than bits: bounded by the words, never indexed past them.
+        let mut v = vec![0u64; 1];
+        assert_eq!(set_range_in(&mut v, bits, 60, 10), Err(64));
+        assert_eq!(v, vec![0]);
     }
 }

@@ -77,14 +77,10 @@ pub fn apply_record(geo: &Geometry, table: &mut [u32], bitmap: &mut [u64], r: &R
             *slot = entry;
         }
         Record::BitmapSet { first, count } => {
-            let bits = geo.base_blocks();
-            let end = first.checked_add(count as u64);
-            if end.is_none_or(|e| e > bits) {
-                return Err(MetaError::BitsOutOfRange { first, count, bits });
-            }
-            for b in first..first + count as u64 {
-                bitmap[(b / 64) as usize] |= 1 << (b % 64);
-            }
+            // Checked against the bit count before anything is set, then
+            // set a word at a time (a record may name 2^32 bits).
+            self::bitmap::set_range_in(bitmap, geo.base_blocks(), first, count as u64)
+                .map_err(|bits| MetaError::BitsOutOfRange { first, count, bits })?;
         }
     }
     Ok(())
@@ -254,5 +250,40 @@ impl Meta {
         if let Some((f, n)) = run {
             self.set_blocks_written(BlockIdx(f), n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::layout::CreateParams;
+
+    #[test]
+    fn bitmap_records_are_checked_then_set_a_word_at_a_time() {
+        let p = CreateParams {
+            virtual_size: 1 << 30,
+            block_size: 4096,
+            chunk_size: Some(1 << 20),
+            base_size: 200 * 4096,
+            journal_len: 1 << 20,
+        };
+        let geo = Geometry::new(&p).unwrap();
+        assert_eq!(geo.base_blocks(), 200);
+        let mut table = vec![0u32; geo.chunks() as usize];
+        let mut bitmap = vec![0u64; 4];
+        let set = |first, count| Record::BitmapSet { first, count };
+        apply_record(&geo, &mut table, &mut bitmap, &set(60, 70)).unwrap();
+        assert_eq!(bitmap, vec![0xf << 60, u64::MAX, 0x3, 0]);
+        apply_record(&geo, &mut table, &mut bitmap, &set(150, 50)).unwrap();
+        assert_eq!(bitmap[3], 0xff);
+        assert_eq!(bitmap[2], 0x3 | (u64::MAX << 22));
+        let before = bitmap.clone();
+        for (first, count) in [(150, 51), (200, 1), (u64::MAX, u32::MAX), (0, u32::MAX)] {
+            assert_eq!(
+                apply_record(&geo, &mut table, &mut bitmap, &set(first, count)),
+                Err(MetaError::BitsOutOfRange { first, count, bits: 200 })
+            );
+        }
+        assert_eq!(bitmap, before, "a refused record set nothing");
     }
 }

@@ -118,23 +118,17 @@ impl Persist {
                 f += n;
             }
         }
-        let end = first + count;
-        let mut b = first;
-        while b < end {
-            let w = b / 64;
-            let lo = b % 64;
-            let hi = ((w + 1) * 64).min(end) - w * 64;
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            if let Some(word) = s.bitmap.get_mut(w as usize) {
+        let end = first.saturating_add(count).min(s.bitmap.len() as u64 * 64);
+        for (w, mask) in super::bitmap::word_masks(first, end) {
+            if let Some(word) = s.bitmap.get_mut(w) {
                 let fresh = mask & !*word;
                 *word |= mask;
                 self.bits_recorded.fetch_add(fresh.count_ones() as u64, std::sync::atomic::Ordering::Relaxed);
                 if fresh != 0 {
-                    *s.new_bits.entry(w).or_insert(0) |= fresh;
+                    *s.new_bits.entry(w as u64).or_insert(0) |= fresh;
                     s.pending_since.get_or_insert_with(std::time::Instant::now);
                 }
             }
-            b = w * 64 + hi;
         }
     }
 
