@@ -19,6 +19,7 @@ pub const COMPAT_COPY_ON_READ: u64 = 1 << 1;
 pub const COMPAT_PREFETCH: u64 = 1 << 2;
 const CURSOR_OFF: usize = PATH_OFF + MAX_BASE_PATH;
 const SESSION_OFF: usize = CURSOR_OFF + 8;
+const INIT_END_OFF: usize = SESSION_OFF + 8;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -103,6 +104,10 @@ pub struct Header {
     /// The writer session whose volatile log may extend this image's journal
     /// (0: none). A volatile log is replayed only when it carries this value.
     pub session: u64,
+    /// Plain block devices: the storage offset below which every byte the image
+    /// has not written reads as zeros (0: not kept; the storage's unused space
+    /// reads as zeros by itself).
+    pub initialised_end: u64,
 }
 
 impl Header {
@@ -120,7 +125,8 @@ impl Header {
 
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
-    //           path_len rsvd used rsvd generation path[1024] prefetch_cursor session pad crc32
+    //           path_len rsvd used rsvd generation path[1024] prefetch_cursor session
+    //           initialised_end pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -149,6 +155,7 @@ impl Header {
         put64(&mut b, 144, self.generation);
         put64(&mut b, CURSOR_OFF, self.prefetch_cursor);
         put64(&mut b, SESSION_OFF, self.session);
+        put64(&mut b, INIT_END_OFF, self.initialised_end);
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -215,6 +222,7 @@ impl Header {
             generation: le_u64(b, 144),
             prefetch_cursor: le_u64(b, CURSOR_OFF),
             session: le_u64(b, SESSION_OFF),
+            initialised_end: le_u64(b, INIT_END_OFF),
         })
     }
 }
@@ -255,6 +263,7 @@ pub(crate) fn sample() -> Header {
         generation: 9,
         prefetch_cursor: 5,
         session: 0xfeed,
+        initialised_end: 0x30_0000,
     }
 }
 

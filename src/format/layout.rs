@@ -267,6 +267,7 @@ impl Geometry {
             generation: 0,
             prefetch_cursor: 0,
             session: 0,
+            initialised_end: 0,
         }
     }
 }

@@ -83,8 +83,11 @@ impl Image {
 
     async fn commit_inner<E: IoEngine>(&self, e: &E, j: &mut JournalPos) -> Result<(), ImageError> {
         let batch = self.meta.persist.take_batch();
+        // Read before the data sync, which makes the zeroing below it durable.
+        let mark = self.storage.initialised_end();
         if batch.records.is_empty() {
             self.sync_data(e).await?;
+            self.persist_initialised_end(e, mark).await?;
             self.release_freed(e, batch).await;
             return Ok(());
         }
@@ -103,6 +106,7 @@ impl Image {
         io::write_at(e, self.storage.as_ref(), &bytes, off).await.map_err(self.io_error("journal write", off))?;
         self.sync_data(e).await?;
         j.next += need;
+        self.persist_initialised_end(e, mark).await?;
         self.stats.journal_commits.fetch_add(1, Ordering::Relaxed);
         self.stats.journal_records.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
         let bits = batch.records.iter().filter(|r| matches!(r, format::Record::BitmapSet { .. })).count();
@@ -110,6 +114,18 @@ impl Image {
         self.stats.journal_blocks.fetch_add(need, Ordering::Relaxed);
         self.release_freed(e, batch).await;
         Ok(())
+    }
+
+    /// A plain block device's initialised end (see [`crate::storage::device`]),
+    /// read before a data sync, goes into the header when it grew: a flushed write
+    /// past the old mark would otherwise read as zeros after a crash.
+    async fn persist_initialised_end<E: IoEngine>(&self, e: &E, mark: Option<u64>) -> Result<(), ImageError> {
+        match mark {
+            Some(m) if m > self.header.lock().unwrap_or_else(|p| p.into_inner()).initialised_end => {
+                self.write_header(e, |h| h.initialised_end = m).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Hands chunks whose free is durable back to the allocator, punched
@@ -168,6 +184,7 @@ impl Image {
         let cursor = self.meta.prefetch_cursor.load(Ordering::Acquire);
         let vlog_seen = self.volatile.as_ref().map(|v| v.appends.load(Ordering::Acquire));
         let prefetched = geo.base_blocks() > 0 && cursor >= geo.base_blocks();
+        let mark = self.storage.initialised_end();
         self.sync_data(e).await?;
         let s = self.storage.as_ref();
         // The snapshot may hold updates the journal does not, so a torn
@@ -196,6 +213,9 @@ impl Image {
             h.journal_seq = next_seq;
             h.used_chunks = snap.hwm;
             h.prefetch_cursor = cursor;
+            if let Some(m) = mark {
+                h.initialised_end = h.initialised_end.max(m);
+            }
             if prefetched {
                 h.compat |= format::header::COMPAT_PREFETCHED;
             }

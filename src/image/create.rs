@@ -149,6 +149,8 @@ pub fn create_on_with(
     // by an earlier image can never look like part of this one's log.
     h.journal_seq = rand::random::<u32>() as u64 + 1;
     h.generation = 1;
+    // A plain block device: zeroed up to here by `ensure_size` above, no further.
+    h.initialised_end = s.initialised_end().unwrap_or(0);
     let mut other = h.clone();
     other.generation = 0;
     s.write_at(&h.encode(), 4096).map_err(io("header write", 4096))?;

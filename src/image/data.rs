@@ -93,7 +93,15 @@ impl Image {
     async fn read_piece<E: IoEngine>(&self, e: &E, src: Source, buf: &mut [u8]) -> Result<(), ImageError> {
         match src {
             Source::Image(so) => {
-                io::read_at(e, self.storage.as_ref(), buf, so).await.map_err(self.data_err("read", so))
+                // Storage bytes at or past the storage's size read as zeros: past a
+                // file's end, and past a plain block device's initialised end (what
+                // lies there is the device's old content, see `storage::device`).
+                let n = (self.storage.size().saturating_sub(so) as usize).min(buf.len());
+                buf[n..].fill(0);
+                if n == 0 {
+                    return Ok(());
+                }
+                io::read_at(e, self.storage.as_ref(), &mut buf[..n], so).await.map_err(self.data_err("read", so))
             }
             Source::Base(bo) => match &self.base {
                 Some(b) => b.read(e, buf, bo).await,

@@ -67,11 +67,11 @@ impl FileStorage {
             }
         }
         let file = oo.open(path).map_err(|source| StorageError::Open { path: name.clone(), source })?;
-        if mode != OpenMode::ReadOnly {
-            lock_exclusive(&file, &name)?;
-        }
         let meta = file.metadata().map_err(|source| StorageError::Open { path: name.clone(), source })?;
         let is_block_device = meta.file_type().is_block_device();
+        if mode != OpenMode::ReadOnly {
+            lock_exclusive(&file, &name, is_block_device)?;
+        }
         let size = if is_block_device {
             device_size(&file).map_err(|source| StorageError::Open { path: name.clone(), source })?
         } else {
@@ -125,17 +125,26 @@ impl FileStorage {
     }
 }
 
-fn lock_exclusive(file: &File, name: &str) -> Result<(), StorageError> {
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(StorageError::Locked { path: name.to_string() })
-    } else {
-        Err(StorageError::Open { path: name.to_string(), source: e })
+/// How long a block device's lock is waited for: udev holds a shared flock on a block
+/// device while it probes it, right after a writer closed it (the previous fvd command).
+const BLOCK_DEVICE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn lock_exclusive(file: &File, name: &str, block_device: bool) -> Result<(), StorageError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(StorageError::Open { path: name.to_string(), source: e });
+        }
+        if !block_device || t0.elapsed() >= BLOCK_DEVICE_LOCK_WAIT {
+            return Err(StorageError::Locked { path: name.to_string() });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

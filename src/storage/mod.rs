@@ -6,11 +6,13 @@
 //! instead (see [`crate::io`]). The synchronous methods serve open, create,
 //! check and storage without a descriptor.
 
+pub mod device;
 pub mod file;
 pub mod lv;
 pub mod lvm;
 pub mod sim;
 
+pub use device::ZeroedDevice;
 pub use file::{FileStorage, OpenMode};
 pub use lv::LvStorage;
 pub use sim::SimStorage;
@@ -71,13 +73,23 @@ pub trait Storage: Send + Sync {
     fn sync_punch(&self) -> bool {
         false
     }
+    /// Storage whose unused bytes are not zeros by themselves (a plain block device,
+    /// see [`device`]): the offset below which every byte the image has not written
+    /// reads as zeros, which is also its [`Storage::size`]. The image keeps it in its
+    /// header. `None`: the storage's unused space reads as zeros (files, LVs).
+    fn initialised_end(&self) -> Option<u64> {
+        None
+    }
+    /// Hands the mark kept in the image's header back to the storage at open.
+    fn set_initialised_end(&self, _end: u64) {}
 }
 
 /// How [`open_image_storage`] opens an image's storage.
 #[derive(Debug, Clone, Copy)]
 pub struct StorageOptions {
     pub mode: OpenMode,
-    /// Growth step (files: 64 MiB by default; LVs: see [`lv`]).
+    /// Growth step (files: 1 GiB by default, plain block devices: the zeroing step,
+    /// 64 MiB; LVs: see [`lv`]).
     pub grow_unit: Option<u64>,
     /// O_DIRECT for the data path.
     pub direct: bool,
@@ -119,6 +131,8 @@ pub fn open_image_storage(path: &std::path::Path, o: &StorageOptions) -> Result<
             }
             Ok(Box::new(s))
         }
+        // A plain block device holds old bytes: zeroed as the image first uses it.
+        Err(f) if f.is_block_device() => Ok(Box::new(ZeroedDevice::new(f, o.grow_unit, o.format))),
         Err(f) => Ok(Box::new(f)),
     }
 }
@@ -169,5 +183,11 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn sync_punch(&self) -> bool {
         (**self).sync_punch()
+    }
+    fn initialised_end(&self) -> Option<u64> {
+        (**self).initialised_end()
+    }
+    fn set_initialised_end(&self, end: u64) {
+        (**self).set_initialised_end(end)
     }
 }
