@@ -58,6 +58,8 @@ use std::time::{Duration, Instant};
 /// After a growth failed even at its least size, new writes that need space
 /// fail at once for this long; the first one after it tries again.
 pub const HARD_RETRY: Duration = Duration::from_secs(1);
+/// The longest a write waits for a growth that neither finishes nor fails.
+pub const GROWTH_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Background retries after a failure back off from 1 s to this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a growth may take to show in the device's size after lvextend.
@@ -527,7 +529,9 @@ impl Shared {
             // Grown already: an earlier answer got lost, or the administrator did it.
             return self.adopt(size, now).map_err(|m| fail(false, m, used, true));
         }
-        let target = self.policy.target(size, used);
+        // Without growth ahead (`fvd create`), only as far as the need: the
+        // metadata of a new image, not a grow unit past it.
+        let target = if self.grow_ahead { self.policy.target(size, used) } else { self.policy.minimal(used) };
         let asked = match self.vol.extend_to(target) {
             Ok(()) => target,
             Err(ExtendError::NoSpace(m)) => {
@@ -806,7 +810,19 @@ impl Storage for LvStorage {
             if st.stop {
                 break Err(StorageError::NoSpace { path: sh.path.clone(), want: min, have: sh.size() });
             }
-            st = sh.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            if t0.elapsed() >= GROWTH_WAIT_MAX {
+                // The grower is stuck (an lvm command or a zeroing the kernel
+                // does not finish): the write fails instead of hanging.
+                let f = Failure {
+                    no_space: false,
+                    msg: format!("the LV did not grow within {} s", GROWTH_WAIT_MAX.as_secs()),
+                    covered: min,
+                    hard: true,
+                };
+                st.enospc += 1;
+                break Err(sh.error(&f, min));
+            }
+            st = sh.done.wait_timeout(st, GROWTH_WAIT_MAX / 10).unwrap_or_else(|p| p.into_inner()).0;
         };
         let waited = t0.elapsed();
         st.waits += 1;
