@@ -116,6 +116,11 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
     let h = img.header();
     let s = img.storage();
     let map = img.map();
+    // The image opened from the other slot; it has no spare header until repaired.
+    let bad_slots = img.bad_header_slots()?;
+    for b in &bad_slots {
+        eprintln!("fvd: warning: {}: {}", a.image.display(), b.describe());
+    }
     let sum = |k: image::MapKind| map.iter().filter(|r| r.kind == k).map(|r| r.length).sum::<u64>();
     // A daemon serving the image knows more than the header: live prefetch
     // progress, its metadata write counters, and (LV) the growth it drives.
@@ -140,6 +145,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         "copy-on-read": h.compat & crate::format::header::COMPAT_COPY_ON_READ != 0,
         "prefetch": h.compat & crate::format::header::COMPAT_PREFETCH != 0,
         "storage-status": storage_status,
+        "bad-header-slots": bad_slots,
     });
     let obj = v.as_object_mut().ok_or_else(|| fail("internal: info is not an object"))?;
     for (k, val) in geometry_json(g).as_object().into_iter().flatten() {
@@ -240,9 +246,12 @@ fn print_live(l: &crate::image::LiveStatus) {
 }
 
 #[derive(Args, Debug)]
+#[command(after_help = "Exit status: 0 clean; 2 corrupt (layout or table damage, or a damaged header slot, \
+which --repair rewrites from the intact one); 3 leaked chunks only; 1 the check could not run. \
+A dirty image (not closed cleanly) whose journal replays is not an error.")]
 pub struct CheckArgs {
     pub image: PathBuf,
-    /// Replay the journal and reclaim leaked chunks.
+    /// Rewrite a damaged header slot from the intact one, replay the journal and reclaim leaked chunks.
     #[arg(short, long)]
     pub repair: bool,
     #[arg(long, value_parser = ["human", "json"], default_value = "human")]
@@ -253,11 +262,22 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
     let mode = if a.repair { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
     let s = FileStorage::open(&a.image, mode)?;
     let mut r = image::check(&s);
+    let mut repairs = Vec::new();
+    if a.repair && !r.bad_header_slots.is_empty() {
+        // First, so that the header the rest relies on has its spare again.
+        repairs = Image::repair_header_slots(&s)?;
+        if !repairs.is_empty() {
+            r = image::check(&s);
+        }
+    }
     if a.repair && r.corruptions.is_empty() && (!r.leaks.is_empty() || r.dirty) {
         let cb = image::header_of(&s).map(|h| h.chunk_size as u64).unwrap_or(0);
         let data_off = image::header_of(&s).map(|h| h.data_offset).unwrap_or(0);
         for &p in &r.leaked_chunks {
             s.punch(data_off + p as u64 * cb, cb)?;
+        }
+        if !r.leaked_chunks.is_empty() {
+            repairs.push(format!("{} leaked chunk(s) punched", r.leaked_chunks.len()));
         }
         s.sync()?;
         drop(s);
@@ -265,9 +285,15 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
         let img = Image::open(&a.image, &OpenOptions::default())?;
         img.close()?;
         drop(img);
+        if r.dirty {
+            repairs.push(format!("journal replayed ({} record(s)) and checkpointed", r.journal_records_replayed));
+        }
         let s = FileStorage::open(&a.image, OpenMode::ReadOnly)?;
-        let after = image::check(&s);
-        r = image::CheckReport { repaired: true, ..after };
+        r = image::check(&s);
+    }
+    if !repairs.is_empty() {
+        r.repaired = true;
+        r.repairs = repairs;
     }
     if a.output == "json" {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -277,6 +303,9 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
         }
         for l in &r.leaks {
             println!("Leaked: {l}");
+        }
+        for x in &r.repairs {
+            println!("Repaired: {x}");
         }
         if r.dirty {
             println!(

@@ -38,6 +38,17 @@
 //! generation incremented; open uses the valid slot with the highest
 //! generation. A torn header write therefore leaves the previous header intact.
 //!
+//! Create writes both slots (generation 0 in slot 0, generation 1 in slot 1),
+//! so an image always has two valid slots, and a valid header sits in slot
+//! `generation % 2`. A slot that fails to decode (magic, checksum, version,
+//! fields) or holds a generation that belongs in the other slot is not valid:
+//! a header write a crash tore, or damage. The image then opens from the other
+//! slot, and the next header write goes to the bad one and replaces it; until
+//! then `fvd check` reports it as corruption (exit status 2), and `fvd check
+//! --repair` writes the current header into it with the next generation that
+//! belongs in that slot, never over the current one. With neither slot valid
+//! the image does not open.
+//!
 //! | off  | size | field                 | meaning                                              |
 //! |------|------|-----------------------|------------------------------------------------------|
 //! | 0    | 8    | magic                 | `b"FVD\0img\x01"`                                    |

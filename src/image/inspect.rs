@@ -1,6 +1,6 @@
 //! Looking at an image without changing it: info, check, map.
 
-use super::open::{load, read_header};
+use super::open::{load, read_header, read_header_slots, slot_offset, HeaderSlots};
 use super::{Image, ImageError};
 use crate::format::{Geometry, Header};
 use crate::meta::{self, MetaError};
@@ -23,7 +23,53 @@ pub struct CheckReport {
     pub dirty: bool,
     pub allocated_chunks: u64,
     pub total_chunks: u64,
+    /// Header slots that are not valid (each one is also in `corruptions`):
+    /// damage, or what a torn header write left. The image opens from the
+    /// other slot, and `--repair` rewrites the bad one from it.
+    pub bad_header_slots: Vec<BadHeaderSlot>,
     pub repaired: bool,
+    /// What `--repair` did, one line each.
+    pub repairs: Vec<String>,
+}
+
+/// A header slot that is not valid. Every image has two valid slots (create
+/// writes both; see the format docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BadHeaderSlot {
+    /// 0 or 1.
+    pub slot: usize,
+    /// Byte offset of the slot in the image.
+    pub offset: u64,
+    /// Why the slot is not valid.
+    pub error: String,
+    /// The slot the image opens from, and its generation.
+    pub current_slot: usize,
+    pub current_generation: u64,
+}
+
+impl BadHeaderSlot {
+    /// One line for a report, without the image name.
+    pub fn describe(&self) -> String {
+        format!(
+            "header slot {} at {:#x}: {} (the image opens from slot {}, generation {}; \
+             `fvd check --repair` rewrites the bad slot from it)",
+            self.slot, self.offset, self.error, self.current_slot, self.current_generation
+        )
+    }
+}
+
+fn bad_slots(slots: &HeaderSlots) -> Vec<BadHeaderSlot> {
+    slots
+        .bad
+        .iter()
+        .map(|(i, e)| BadHeaderSlot {
+            slot: *i,
+            offset: slot_offset(*i),
+            error: e.to_string(),
+            current_slot: slots.current_slot,
+            current_generation: slots.current.generation,
+        })
+        .collect()
 }
 
 impl CheckReport {
@@ -42,6 +88,14 @@ impl CheckReport {
 /// Checks an image's metadata on `s`. Writes nothing.
 pub fn check(s: &dyn Storage) -> CheckReport {
     let mut r = CheckReport { image: s.name().to_string(), ..Default::default() };
+    match read_header_slots(s) {
+        Ok(slots) => r.bad_header_slots = bad_slots(&slots),
+        Err(e) => {
+            r.corruptions.push(e.to_string());
+            return r;
+        }
+    }
+    r.corruptions.extend(r.bad_header_slots.iter().map(|b| format!("{}: {}", s.name(), b.describe())));
     let loaded = match load(s) {
         Ok(l) => l,
         Err(e) => {
@@ -112,6 +166,48 @@ fn table_problems(geo: &Geometry, table: &[u32], storage_size: u64) -> Vec<MetaE
 /// Reads just the header (for `info` on images that fail to open).
 pub fn header_of(s: &dyn Storage) -> Result<Header, ImageError> {
     read_header(s)
+}
+
+impl Image {
+    /// The header slots of this image's storage that are not valid.
+    pub fn bad_header_slots(&self) -> Result<Vec<BadHeaderSlot>, ImageError> {
+        read_header_slots(self.storage.as_ref()).map(|slots| bad_slots(&slots))
+    }
+
+    /// Rewrites every header slot that is not valid from the current header,
+    /// durably, and returns what it did. Each write goes to the slot the image
+    /// does not open from, with the next generation that belongs in that slot,
+    /// so the current header stays intact until the new one is durable. Does
+    /// nothing when the current header's layout is invalid (there is nothing
+    /// trustworthy to copy). The caller holds the storage exclusively.
+    pub fn repair_header_slots(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
+        let mut done = Vec::new();
+        // A current header in the wrong slot takes two writes: first to the
+        // other slot, which then is current, then back.
+        for _ in 0..2 {
+            let slots = read_header_slots(s)?;
+            if slots.bad.is_empty() || Geometry::from_header(&slots.current, s.size()).is_err() {
+                break;
+            }
+            let target = 1 - slots.current_slot;
+            let mut h = slots.current.clone();
+            h.generation += 1;
+            if h.generation % 2 != target as u64 {
+                h.generation += 1;
+            }
+            let off = slot_offset(target);
+            let io = |what: &'static str| {
+                move |source| ImageError::Io { path: s.name().to_string(), what, offset: off, source }
+            };
+            s.write_at(&h.encode(), off).map_err(io("header slot write"))?;
+            s.sync().map_err(io("header slot sync"))?;
+            done.push(format!(
+                "header slot {target} at {off:#x} rewritten from slot {} (generation {} -> {})",
+                slots.current_slot, slots.current.generation, h.generation
+            ));
+        }
+        Ok(done)
+    }
 }
 
 /// What a range of the guest disk is.
@@ -202,5 +298,123 @@ impl Image {
     /// Physical chunk of a guest chunk (for tests and tools).
     pub fn chunk_mapping(&self, c: ChunkIdx) -> Option<PhysChunk> {
         self.meta.table.get(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::layout::CreateParams;
+    use crate::format::{BaseFormat, META_BLOCK};
+    use crate::storage::SimStorage;
+
+    fn image() -> SimStorage {
+        let s = SimStorage::new("img");
+        let geo = Geometry::new(&CreateParams {
+            virtual_size: 16 << 20,
+            block_size: 64 << 10,
+            chunk_size: Some(1 << 20),
+            base_size: 0,
+            journal_len: 1 << 20,
+        })
+        .unwrap();
+        super::super::create_on(&s, &geo, "", BaseFormat::None).unwrap();
+        s
+    }
+
+    fn slot(s: &SimStorage, i: usize) -> Result<Header, crate::format::HeaderError> {
+        let mut b = vec![0u8; META_BLOCK as usize];
+        s.read_at(&mut b, slot_offset(i)).unwrap();
+        Header::decode(&b)
+    }
+
+    fn put(s: &SimStorage, i: usize, bytes: &[u8]) {
+        s.write_at(bytes, slot_offset(i)).unwrap();
+    }
+
+    #[test]
+    fn create_writes_two_valid_slots() {
+        let s = image();
+        for i in 0..2 {
+            assert_eq!(slot(&s, i).unwrap().generation, i as u64);
+        }
+        let r = check(&s);
+        assert_eq!(r.exit_code(), 0, "{r:?}");
+        assert!(r.bad_header_slots.is_empty());
+        assert!(Image::repair_header_slots(&s).unwrap().is_empty(), "nothing to repair");
+    }
+
+    #[test]
+    fn a_damaged_slot_is_corrupt_and_repaired_from_the_other() {
+        for bad in 0..2 {
+            let s = image();
+            let good = slot(&s, 1 - bad).unwrap();
+            let mut b = good.encode();
+            b[100] ^= 1;
+            put(&s, bad, &b);
+            let r = check(&s);
+            assert_eq!(r.exit_code(), 2, "{r:?}");
+            assert_eq!(r.bad_header_slots.len(), 1);
+            assert_eq!(r.bad_header_slots[0].slot, bad);
+            let want = format!("header slot {bad} at {:#x}: header checksum mismatch", bad as u64 * 4096);
+            assert!(r.corruptions[0].contains(&want), "{:?}", r.corruptions);
+            let done = Image::repair_header_slots(&s).unwrap();
+            assert_eq!(done.len(), 1, "{done:?}");
+            let fixed = slot(&s, bad).unwrap();
+            assert_eq!(fixed.generation, good.generation + 1);
+            assert_eq!(Header { generation: good.generation, ..fixed }, good);
+            assert_eq!(slot(&s, 1 - bad).unwrap(), good);
+            assert_eq!(check(&s).exit_code(), 0);
+        }
+    }
+
+    #[test]
+    fn a_header_in_the_wrong_slot_is_moved_without_touching_the_current_one_first() {
+        // Generation 3 in slot 0 (current, but the next header write would go
+        // over it), generation 1 in slot 1.
+        let s = image();
+        let mut h = slot(&s, 0).unwrap();
+        h.generation = 3;
+        h.journal_seq += 7;
+        put(&s, 0, &h.encode());
+        let r = check(&s);
+        assert_eq!(r.exit_code(), 2, "{r:?}");
+        assert!(
+            r.corruptions[0].contains("header slot 0 at 0x0: holds generation 3, which belongs in slot 1"),
+            "{r:?}"
+        );
+        let done = Image::repair_header_slots(&s).unwrap();
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert!(done[0].contains("slot 1 at 0x1000") && done[0].contains("3 -> 5"), "{done:?}");
+        assert!(done[1].contains("slot 0 at 0x0") && done[1].contains("5 -> 6"), "{done:?}");
+        assert_eq!(slot(&s, 1).unwrap(), Header { generation: 5, ..h.clone() });
+        assert_eq!(slot(&s, 0).unwrap(), Header { generation: 6, ..h });
+        assert_eq!(check(&s).exit_code(), 0);
+    }
+
+    #[test]
+    fn both_slots_damaged_is_an_error_and_not_repaired() {
+        let s = image();
+        put(&s, 0, &[0u8; 4096]);
+        put(&s, 1, &[0xffu8; 4096]);
+        let r = check(&s);
+        assert_eq!(r.exit_code(), 2);
+        assert!(r.corruptions[0].contains("bad magic"), "{r:?}");
+        assert!(Image::repair_header_slots(&s).is_err());
+        assert!(slot(&s, 0).is_err() && slot(&s, 1).is_err());
+    }
+
+    #[test]
+    fn a_bad_slot_beside_an_invalid_layout_is_left_alone() {
+        let s = image();
+        let mut h = slot(&s, 1).unwrap();
+        h.journal_offset = h.table_offset;
+        put(&s, 1, &h.encode());
+        put(&s, 0, &[0u8; 4096]);
+        let r = check(&s);
+        assert_eq!(r.exit_code(), 2);
+        assert_eq!(r.corruptions.len(), 2, "{r:?}");
+        assert!(Image::repair_header_slots(&s).unwrap().is_empty());
+        assert!(slot(&s, 0).is_err());
     }
 }

@@ -45,8 +45,35 @@ fn io_err(s: &dyn Storage, what: &'static str, offset: u64) -> impl FnOnce(std::
     move |source| ImageError::Io { path, what, offset, source }
 }
 
-/// Reads both header slots and returns the valid one with the highest generation.
-pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
+/// Why a header slot is not valid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum SlotError {
+    #[error(transparent)]
+    Decode(#[from] format::HeaderError),
+    #[error("holds generation {generation}, which belongs in slot {} (slot = generation % 2)", generation % 2)]
+    WrongSlot { generation: u64 },
+}
+
+/// Both header slots as found on storage.
+#[derive(Debug)]
+pub(crate) struct HeaderSlots {
+    /// The valid slot with the highest generation: the header the image opens with.
+    pub(crate) current: Header,
+    /// Index (0 or 1) of the slot `current` came from.
+    pub(crate) current_slot: usize,
+    /// Slots that are not valid, by index: every image has two valid slots
+    /// (create writes both), so each one here is damage or a torn header write.
+    pub(crate) bad: Vec<(usize, SlotError)>,
+}
+
+/// Byte offset of header slot `i`.
+pub(crate) fn slot_offset(i: usize) -> u64 {
+    i as u64 * META_BLOCK
+}
+
+/// Reads both header slots: the current header, and which slots are not
+/// valid and why. Fails only when neither slot holds a header.
+pub(crate) fn read_header_slots(s: &dyn Storage) -> Result<HeaderSlots, ImageError> {
     let path = s.name().to_string();
     let size = s.size();
     if size < META_BLOCK {
@@ -55,18 +82,37 @@ pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
     let mut buf = vec![0u8; HEADER_AREA as usize];
     let n = (size.min(HEADER_AREA)) as usize;
     s.read_at(&mut buf[..n], 0).map_err(io_err(s, "header read", 0))?;
-    let first = Header::decode(&buf[..META_BLOCK as usize]);
-    let second = if n as u64 >= HEADER_AREA {
-        Header::decode(&buf[META_BLOCK as usize..])
-    } else {
-        Err(format::HeaderError::BadMagic)
-    };
-    match (first, second) {
-        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
-        (Ok(a), Err(_)) => Ok(a),
-        (Err(_), Ok(b)) => Ok(b),
-        (Err(e), Err(_)) => Err(ImageError::Header { path, source: e }),
+    let block = META_BLOCK as usize;
+    let decoded = [Header::decode(&buf[..block]), Header::decode(&buf[block..n])];
+    let mut bad = Vec::new();
+    let mut valid = Vec::new();
+    for (i, d) in decoded.into_iter().enumerate() {
+        match d {
+            Ok(h) => {
+                if h.generation % 2 != i as u64 {
+                    bad.push((i, SlotError::WrongSlot { generation: h.generation }));
+                }
+                valid.push((i, h));
+            }
+            Err(e) => bad.push((i, SlotError::Decode(e))),
+        }
     }
+    // The highest generation wins; on a tie, slot 0.
+    let newest = valid.into_iter().reduce(|a, b| if b.1.generation > a.1.generation { b } else { a });
+    let Some((current_slot, current)) = newest else {
+        // Neither slot decodes: the error is slot 0's.
+        let source = match bad.into_iter().next() {
+            Some((_, SlotError::Decode(e))) => e,
+            _ => format::HeaderError::BadMagic,
+        };
+        return Err(ImageError::Header { path, source });
+    };
+    Ok(HeaderSlots { current, current_slot, bad })
+}
+
+/// Reads both header slots and returns the valid one with the highest generation.
+pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
+    read_header_slots(s).map(|h| h.current)
 }
 
 /// Loads header, table and bitmap, and replays the journal in memory when the
