@@ -78,6 +78,7 @@
 //! | 152  | ≤1024| base_path             | UTF-8; relative paths are relative to the image's folder |
 //! | 1176 | 8    | prefetch_cursor       | every base block below this index is in the image, whatever the bitmap says |
 //! | 1184 | 8    | session               | the writer whose volatile log (in RAM, see `image::volatile`) may extend the journal; 0 none |
+//! | 1192 | 8    | initialised_end       | plain block devices: every storage byte below this that the image has not written reads as zeros (zeroed as first used, or punched at recovery); bytes at or past it are never read (they read as zeros); 0: not kept (files and LVs read unused space as zeros) |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table

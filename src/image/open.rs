@@ -148,6 +148,19 @@ pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
     Ok(Loaded { header, geo, table, bitmap, replayed_blocks, replayed_records })
 }
 
+/// The initialised end to hand a plain block device at open (see
+/// [`crate::storage::device`]): the header's mark, raised past every chunk a durable
+/// record names (a chunk is zeroed and written, and synced, before its record is
+/// journaled, so such a chunk lies below a mark the header may not show yet). An image
+/// from before the mark existed (0) gets the whole device, as it always had.
+fn initialised_end(l: &Loaded) -> u64 {
+    if l.header.initialised_end == 0 {
+        return u64::MAX;
+    }
+    let used = l.table.iter().max().copied().unwrap_or(0) as u64;
+    l.header.initialised_end.max(l.geo.data_offset.saturating_add(used.saturating_mul(l.geo.chunk_bytes())))
+}
+
 impl Image {
     /// Opens an image file or block device, and its base.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
@@ -194,6 +207,9 @@ impl Image {
             });
         }
         storage.set_size_limit(loaded.geo.max_storage_size());
+        if storage.initialised_end().is_some() {
+            storage.set_initialised_end(initialised_end(&loaded));
+        }
         let hwm = meta::validate_table(&loaded.geo, &loaded.table, storage.size())
             .map_err(|source| ImageError::Meta { path: name.clone(), source })?;
         let recovered = loaded.header.is_dirty();
@@ -276,8 +292,14 @@ impl Image {
     /// After a crash: wipe chunks that no durable record names (a write may
     /// have reached them without its record) and write the replayed state as
     /// a checkpoint. A clean image is not written to until its first change.
+    ///
+    /// A header slot that does not hold a valid header (a header write a crash
+    /// tore, or damage) is rewritten from the current header before anything
+    /// else: the next header write goes to that slot, and this one writes the
+    /// current header there unchanged, with the next generation.
     fn start_writing(&self) -> Result<(), ImageError> {
-        if !self.recovered {
+        let bad_slot = read_header_slots(self.storage.as_ref()).map(|h| !h.bad.is_empty()).unwrap_or(false);
+        if !self.recovered && !bad_slot {
             return Ok(());
         }
         let ring = crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
@@ -287,6 +309,13 @@ impl Image {
             source,
         })?;
         ring.block_on(async {
+            if bad_slot {
+                tracing::info!(image = %self.name(), "a header slot was not valid: rewritten from the current header");
+                self.write_header(&ring, |_| {}).await?;
+            }
+            if !self.recovered {
+                return Ok(());
+            }
             self.wipe_unreferenced(&ring).await?;
             let mut j = self.journal_lock().await;
             self.checkpoint_locked(&ring, &mut j).await
