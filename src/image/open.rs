@@ -298,7 +298,11 @@ impl Image {
     /// else: the next header write goes to that slot, and this one writes the
     /// current header there unchanged, with the next generation.
     fn start_writing(&self) -> Result<(), ImageError> {
-        let bad_slot = read_header_slots(self.storage.as_ref()).map(|h| !h.bad.is_empty()).unwrap_or(false);
+        // Only the slot the next header write goes to: a current header found in
+        // the wrong slot is left to `fvd check --repair`, never written over here.
+        let bad_slot = read_header_slots(self.storage.as_ref())
+            .map(|h| h.bad.iter().any(|(i, _)| *i as u64 == (h.current.generation + 1) % 2))
+            .unwrap_or(false);
         if !self.recovered && !bad_slot {
             return Ok(());
         }
