@@ -102,7 +102,12 @@ fn run(tree: &Tree, mode: &str, scenario: &str) -> Run {
 
 fn have_tools() -> bool {
     ["timeout", "flock"].iter().all(|t| {
-        Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().map(|o| o.status.success()).unwrap_or(false)
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
     })
 }
 

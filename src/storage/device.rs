@@ -80,9 +80,11 @@ impl Storage for ZeroedDevice {
             .min(self.limit.load(Ordering::Acquire))
             .min(self.device)
             .max(min);
-        self.inner
-            .punch(have, want - have)
-            .map_err(|source| StorageError::Grow { path: self.name().to_string(), want, source })?;
+        self.inner.punch(have, want - have).map_err(|source| StorageError::Grow {
+            path: self.name().to_string(),
+            want,
+            source,
+        })?;
         self.end.store(want, Ordering::Release);
         Ok(())
     }

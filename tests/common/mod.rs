@@ -117,6 +117,11 @@ pub enum Op {
     Drain,
     /// Copy the whole base into the image.
     Prefetch,
+    /// A power cut: the disk keeps a random subset (from this seed) of what was not
+    /// synced, the image is dropped without a close and recovered.
+    Crash {
+        seed: u64,
+    },
 }
 
 /// A random op generator shaped to hit block and chunk edges often.
@@ -136,5 +141,6 @@ pub fn op_strategy(size: u64) -> impl proptest::strategy::Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => Just(Op::Drain),
         1 => (0..8u8).prop_map(|x| if x == 0 { Op::Prefetch } else { Op::Drain }),
+        1 => any::<u64>().prop_map(|seed| Op::Crash { seed }),
     ]
 }
