@@ -49,7 +49,8 @@ pub struct SimStorage {
 struct Capture {
     rng: rand::rngs::StdRng,
     probability: f64,
-    images: Vec<Vec<u8>>,
+    /// Each with the number of events before it (see [`SimStorage::events`]).
+    images: Vec<(u64, Vec<u8>)>,
 }
 
 impl SimStorage {
@@ -91,6 +92,13 @@ impl SimStorage {
 
     /// The crash images captured since the last call.
     pub fn take_captured(&self) -> Vec<Vec<u8>> {
+        self.take_captured_at().into_iter().map(|(_, img)| img).collect()
+    }
+
+    /// The crash images captured since the last call, each with [`SimStorage::events`]
+    /// as it was when the image was taken: every event counted by then may be in the
+    /// image (or lost, if unsynced), and a sync counted by then is in it.
+    pub fn take_captured_at(&self) -> Vec<(u64, Vec<u8>)> {
         let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
         c.as_mut().map(|c| std::mem::take(&mut c.images)).unwrap_or_default()
     }
@@ -99,8 +107,9 @@ impl SimStorage {
         let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = c.as_mut() {
             if c.rng.gen_bool(c.probability) {
+                let at = self.events();
                 let img = self.crash(&mut c.rng);
-                c.images.push(img);
+                c.images.push((at, img));
             }
         }
     }
