@@ -270,6 +270,14 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
             r = image::check(&s);
         }
     }
+    if a.repair && !r.corruptions.is_empty() {
+        // Table entries out of range or shared, a journal that replays only part-way.
+        let fixed = image::repair_metadata(&s)?;
+        if !fixed.is_empty() {
+            repairs.extend(fixed);
+            r = image::check(&s);
+        }
+    }
     if a.repair && r.corruptions.is_empty() && (!r.leaks.is_empty() || r.dirty) {
         let cb = image::header_of(&s).map(|h| h.chunk_size as u64).unwrap_or(0);
         let data_off = image::header_of(&s).map(|h| h.data_offset).unwrap_or(0);

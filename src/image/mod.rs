@@ -15,6 +15,7 @@ mod error;
 mod inspect;
 mod live;
 mod open;
+mod repair;
 pub mod volatile;
 mod zero_scan;
 
@@ -25,6 +26,7 @@ pub use error::ImageError;
 pub use inspect::{check, header_of, CheckReport, MapKind, MapRange};
 pub use live::{LivePrefetch, LiveStatus, DEFAULT_COMMIT_INTERVAL};
 pub use open::OpenOptions;
+pub use repair::repair_metadata;
 
 use crate::format::{Geometry, Header};
 use crate::meta::Meta;

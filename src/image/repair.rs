@@ -1,0 +1,132 @@
+//! `fvd check --repair` for metadata that does not open: table entries out of range
+//! or naming a chunk another entry names, and a journal whose replay fails part-way.
+//!
+//! The repair never leaves an image worse, and never unopenable when a consistent
+//! state can be recovered:
+//! - the journal is replayed as far as its records apply; a record that does not
+//!   (and every one after it) is dropped and reported;
+//! - of two entries that name one chunk, the one the newest durable record set is
+//!   kept (a journal record is newer than the checkpointed table, a later record newer
+//!   than an earlier one; between two checkpointed entries, the lower guest chunk),
+//!   and the other entry's guest range is reported lost: it reads as zeros (or the
+//!   base) afterwards;
+//! - an entry past the storage's end is dropped, its range reported lost.
+//!
+//! The result is written as a checkpoint: the table, then the bitmap, a data sync,
+//! then a clean header whose journal sequence is past every block in the region.
+
+use super::open::{read_header, Loaded};
+use super::ImageError;
+use crate::format::{self, header::FLAG_DIRTY, Geometry, JournalBlock, Record, META_BLOCK};
+use crate::meta;
+use crate::storage::Storage;
+
+/// Replays the journal of a dirty image as far as its records apply, noting for
+/// every table entry how new the record that set it is (0: the checkpointed table).
+/// Returns the loaded state, the ages, and why the replay stopped early, if it did.
+fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Option<String>), ImageError> {
+    let path = s.name().to_string();
+    let io = |what: &'static str, offset: u64| {
+        let path = path.clone();
+        move |source| ImageError::Io { path, what, offset, source }
+    };
+    let header = read_header(s)?;
+    let geo =
+        Geometry::from_header(&header, s.size()).map_err(|source| ImageError::Layout { path: path.clone(), source })?;
+    let mut tbytes = vec![0u8; geo.table_len as usize];
+    s.read_at(&mut tbytes, geo.table_offset).map_err(io("table read", geo.table_offset))?;
+    let mut table = format::decode_table(&tbytes, geo.chunks() as usize);
+    let mut bbytes = vec![0u8; geo.bitmap_len as usize];
+    s.read_at(&mut bbytes, geo.bitmap_offset).map_err(io("bitmap read", geo.bitmap_offset))?;
+    let mut bitmap = format::decode_bitmap(&bbytes, geo.base_blocks());
+    let mut ages = vec![0u64; table.len()];
+    let (mut blocks, mut records, mut stopped) = (0, 0, None);
+    if header.is_dirty() {
+        let mut jbytes = vec![0u8; geo.journal_len as usize];
+        s.read_at(&mut jbytes, geo.journal_offset).map_err(io("journal read", geo.journal_offset))?;
+        'blocks: for (i, blk) in jbytes.chunks(META_BLOCK as usize).enumerate() {
+            let Ok(block) = JournalBlock::decode(blk, header.journal_seq + i as u64) else {
+                break;
+            };
+            for (k, r) in block.records.iter().enumerate() {
+                if let Err(e) = meta::apply_record(&geo, &mut table, &mut bitmap, r) {
+                    let at = geo.journal_offset + i as u64 * META_BLOCK;
+                    stopped = Some(format!("journal replay stopped at block {i} (at {at:#x}), record {k}: {e}"));
+                    break 'blocks;
+                }
+                records += 1;
+                if let Record::TableSet { vchunk, .. } = *r {
+                    ages[vchunk as usize] = records;
+                }
+            }
+            blocks += 1;
+        }
+    }
+    let loaded = Loaded { header, geo, table, bitmap, replayed_blocks: blocks, replayed_records: records };
+    Ok((loaded, ages, stopped))
+}
+
+/// Repairs what [`load_lenient`] and the table checks find, writing nothing when
+/// there is nothing to repair. Returns one line per repair.
+pub fn repair_metadata(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
+    let (mut l, ages, stopped) = load_lenient(s)?;
+    let mut done: Vec<String> = stopped.into_iter().collect();
+    let geo = l.geo.clone();
+    let cb = geo.chunk_bytes();
+    let limit = geo.chunks().min(s.size().saturating_sub(geo.data_offset) / cb.max(1));
+    // Newest first: the entry a newer record set wins its chunk.
+    let mut order: Vec<usize> = (0..l.table.len()).filter(|&v| l.table[v] != 0).collect();
+    order.sort_by_key(|&v| (std::cmp::Reverse(ages[v]), v));
+    let mut owner = vec![usize::MAX; limit as usize];
+    let lost = |v: usize| format!("guest range {:#x}..{:#x} (table entry {v:#x})", v as u64 * cb, (v as u64 + 1) * cb);
+    for v in order {
+        let p = (l.table[v] - 1) as usize;
+        if p as u64 >= limit {
+            done.push(format!("{} lost: it named chunk {p:#x}, past the storage's end", lost(v)));
+            l.table[v] = 0;
+        } else if owner[p] != usize::MAX {
+            done.push(format!(
+                "{} lost: chunk {p:#x} is also named by entry {:#x}, set by a newer record, which keeps it",
+                lost(v),
+                owner[p]
+            ));
+            l.table[v] = 0;
+        } else {
+            owner[p] = v;
+        }
+    }
+    if done.is_empty() {
+        return Ok(done);
+    }
+    let hwm = meta::validate_table(&geo, &l.table, s.size())
+        .map_err(|source| ImageError::Meta { path: s.name().to_string(), source })?;
+    write_checkpoint(s, &l, hwm)?;
+    Ok(done)
+}
+
+/// Writes table and bitmap, syncs, then a clean header (next generation, its own
+/// slot) with the journal sequence past every block in the region, and syncs.
+fn write_checkpoint(s: &dyn Storage, l: &Loaded, hwm: u32) -> Result<(), ImageError> {
+    let io = |what: &'static str, offset: u64| {
+        let path = s.name().to_string();
+        move |source| ImageError::Io { path, what, offset, source }
+    };
+    let geo = &l.geo;
+    if geo.table_len > 0 {
+        let t = format::encode_table(&l.table, geo.table_len as usize);
+        s.write_at(&t, geo.table_offset).map_err(io("table write", geo.table_offset))?;
+    }
+    if geo.bitmap_len > 0 {
+        let b = format::encode_bitmap(&l.bitmap, geo.bitmap_len as usize);
+        s.write_at(&b, geo.bitmap_offset).map_err(io("bitmap write", geo.bitmap_offset))?;
+    }
+    s.sync().map_err(io("fdatasync", 0))?;
+    let mut h = l.header.clone();
+    h.journal_seq += geo.journal_len / META_BLOCK;
+    h.flags &= !FLAG_DIRTY;
+    h.used_chunks = hwm;
+    h.generation += 1;
+    let off = (h.generation % 2) * META_BLOCK;
+    s.write_at(&h.encode(), off).map_err(io("header write", off))?;
+    s.sync().map_err(io("fdatasync", 0))
+}
