@@ -18,14 +18,38 @@ use io_uring::{opcode, squeue, types};
 use std::future::Future;
 use std::io;
 
+mod sealed {
+    /// Only this crate's engines implement [`super::IoEngine`]: each of them keeps
+    /// the promise that makes the image's I/O futures safe to drop (see there).
+    pub trait Sealed {}
+    impl Sealed for super::SyncOnly {}
+    impl Sealed for super::uring::Uring {}
+    impl Sealed for crate::ublk::engine::QueueEngine {}
+}
+
 /// Submits io_uring operations.
-pub trait IoEngine {
+///
+/// The image's public async functions (`Image::read`, `Image::write`, ...) lend
+/// the kernel borrowed buffers, and a caller may drop their futures at any
+/// point: safe code can do that. What keeps the kernel from writing into freed
+/// memory is a promise every engine keeps by construction, which is why the
+/// trait is sealed (no engine from outside the crate):
+/// - [`uring::Uring`] (host tools, tests): a dropped operation's future waits in
+///   its `Drop` for the completion before the buffers can go;
+/// - [`SyncOnly`]: nothing is ever in flight (every helper here takes the
+///   storage's synchronous path);
+/// - the ublk queue engine: only the queue threads can make one (it is private
+///   to the crate), and they run every future to completion (a per-tag task
+///   awaits its request before committing it; a queue thread leaves its loop
+///   only after all of its tasks, the background ones included, have finished).
+pub trait IoEngine: sealed::Sealed {
     /// Submits `sqe` and resolves to the CQE's result (negative errno on failure).
     ///
     /// # Safety
     /// Every buffer the entry points to must stay valid and unaliased until the
-    /// returned future has completed, and the future must be polled to
-    /// completion (never dropped while the operation is in flight).
+    /// operation completes. The callers in this crate borrow the buffers across
+    /// the await of the returned future; that the future is never abandoned while
+    /// the operation is in flight is the engine's promise (see the trait).
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32>;
 }
 

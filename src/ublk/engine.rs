@@ -24,8 +24,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::ThreadId;
 
-/// Submits the engine's operations on the calling queue thread's ring.
-pub struct QueueEngine;
+/// Submits the engine's operations on the calling queue thread's ring. Private to
+/// the crate: only the queue threads, which run every future to completion, make one
+/// (see [`crate::io::IoEngine`]).
+pub(crate) struct QueueEngine;
 
 impl IoEngine for QueueEngine {
     // SAFETY (contract of `IoEngine::submit`, upheld by the callers in the
