@@ -176,13 +176,16 @@ impl Image {
     }
 
     async fn checkpoint_inner<E: IoEngine>(&self, e: &E, j: &mut JournalPos, carried: Batch) -> Result<(), ImageError> {
-        let (mut batch, snap) = self.meta.persist.take_snapshot();
+        // The snapshot, and the volatile log position it covers, in one step
+        // (see `VolatileLog`): the log then holds every update the snapshot
+        // does, and the truncation below drops only those.
+        let (mut batch, snap, vlog_covered) = super::volatile::snapshot(self.volatile.as_ref(), &self.meta.persist)
+            .map_err(self.io_error("volatile log append", 0))?;
         batch.freed.extend(carried.freed);
         let geo = &self.meta.geo;
         // Prefetch progress, read before the data sync that makes the copies
         // below it durable.
         let cursor = self.meta.prefetch_cursor.load(Ordering::Acquire);
-        let vlog_seen = self.volatile.as_ref().map(|v| v.appends.load(Ordering::Acquire));
         let prefetched = geo.base_blocks() > 0 && cursor >= geo.base_blocks();
         let mark = self.storage.initialised_end();
         self.sync_data(e).await?;
@@ -222,8 +225,8 @@ impl Image {
         })
         .await?;
         j.next = 0;
-        if let (Some(v), Some(seen)) = (&self.volatile, vlog_seen) {
-            v.truncate_if_unchanged(seen);
+        if let (Some(v), Some(covered)) = (&self.volatile, vlog_covered) {
+            v.drop_covered(covered);
         }
         if prefetched && !self.meta.all_present() {
             // Durable now: from here on the bitmap is neither read nor written.

@@ -36,10 +36,11 @@ impl Image {
         Ok(())
     }
 
-    /// Appends this request's metadata updates to the volatile log.
+    /// Appends this request's metadata updates to the volatile log (with
+    /// every update made before them, in order: see `VolatileLog`).
     pub(crate) fn sync_volatile(&self) -> Result<(), ImageError> {
         if let Some(v) = &self.volatile {
-            v.append(&self.meta.persist.take_volatile()).map_err(|source| ImageError::Io {
+            v.sync(&self.meta.persist).map_err(|source| ImageError::Io {
                 path: self.name(),
                 what: "volatile log append",
                 offset: 0,

@@ -19,7 +19,9 @@ struct Inner {
     /// Chunks freed since the last commit: reusable once that commit is
     /// durable and no request is in flight in their old guest chunk.
     freed: Vec<FreedChunk>,
-    /// Every update in order, for the volatile log (None when it is off).
+    /// Every update in order, for the volatile log (None when it is off),
+    /// until the log takes them: only under its own lock, which it holds
+    /// until they are written (see [`crate::image::volatile::VolatileLog`]).
     volatile: Option<Vec<Record>>,
     /// When the oldest update not yet taken by a commit was made.
     pending_since: Option<std::time::Instant>,
@@ -146,6 +148,26 @@ impl Persist {
         (batch, snap)
     }
 
+    /// [`Persist::take_snapshot`] and [`Persist::take_volatile`] at the same
+    /// instant: the records are the updates made before the snapshot that the
+    /// volatile log has not taken yet, and every later update comes after it.
+    pub(crate) fn take_snapshot_and_volatile(&self) -> (Batch, Snapshot, Vec<Record>) {
+        let mut s = self.lock();
+        let batch = take_batch_locked(&mut s);
+        let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone(), hwm: s.hwm };
+        let recs = s.volatile.as_mut().map(std::mem::take).unwrap_or_default();
+        (batch, snap, recs)
+    }
+
+    /// [`Persist::take_batch`] and [`Persist::take_volatile`] at the same
+    /// instant (a journal commit with a volatile log).
+    pub(crate) fn take_batch_and_volatile(&self) -> (Batch, Vec<Record>) {
+        let mut s = self.lock();
+        let batch = take_batch_locked(&mut s);
+        let recs = s.volatile.as_mut().map(std::mem::take).unwrap_or_default();
+        (batch, recs)
+    }
+
     /// Gives back freed chunks a commit could not release yet (a request was
     /// still in flight in their old guest chunk): the next commit tries again.
     pub fn carry_freed(&self, chunks: Vec<FreedChunk>) {
@@ -162,9 +184,21 @@ impl Persist {
         self.lock().volatile.get_or_insert_with(Vec::new);
     }
 
-    /// The updates since the last call, in order.
-    pub fn take_volatile(&self) -> Vec<Record> {
+    /// The updates the volatile log has not taken yet, in order. Only the log
+    /// calls this, under its lock (see its rules).
+    pub(crate) fn take_volatile(&self) -> Vec<Record> {
         self.lock().volatile.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Puts back records taken for the volatile log that it could not write,
+    /// in front of the updates made since: the next take returns them first,
+    /// in the order they were made.
+    pub(crate) fn give_back_volatile(&self, mut recs: Vec<Record>) {
+        let mut s = self.lock();
+        if let Some(vl) = s.volatile.as_mut() {
+            recs.append(vl);
+            *vl = recs;
+        }
     }
 
     /// Bitmap bits newly recorded since open.
@@ -253,6 +287,23 @@ mod tests {
             vec![Record::BitmapSet { first: 60, count: 12 }, Record::BitmapSet { first: 100, count: 1 }]
         );
         assert!(p.take_batch().is_empty());
+    }
+
+    #[test]
+    fn volatile_records_given_back_come_first() {
+        let p = Persist::new(vec![0; 4], vec![0; 1], 0);
+        p.enable_volatile();
+        p.set_entry(1, Some(PhysChunk(0)), 1);
+        let taken = p.take_volatile();
+        p.set_bits(3, 1);
+        p.give_back_volatile(taken);
+        let (_, snap, recs) = p.take_snapshot_and_volatile();
+        assert_eq!(
+            recs,
+            vec![Record::TableSet { vchunk: 1, entry: 1, used: 1 }, Record::BitmapSet { first: 3, count: 1 }]
+        );
+        assert_eq!((snap.table[1], snap.bitmap[0]), (1, 1 << 3));
+        assert!(p.take_volatile().is_empty());
     }
 
     #[test]
