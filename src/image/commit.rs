@@ -82,7 +82,11 @@ impl Image {
     }
 
     async fn commit_inner<E: IoEngine>(&self, e: &E, j: &mut JournalPos) -> Result<(), ImageError> {
-        let batch = self.meta.persist.take_batch();
+        // Through the volatile log: every update this commit makes durable reaches
+        // the log first, so a replay of the log after the journal never brings
+        // back a record older than one the journal holds.
+        let batch = super::volatile::batch(self.volatile.as_ref(), &self.meta.persist)
+            .map_err(self.io_error("volatile log append", 0))?;
         // Read before the data sync, which makes the zeroing below it durable.
         let mark = self.storage.initialised_end();
         if batch.records.is_empty() {
