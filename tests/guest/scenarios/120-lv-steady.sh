@@ -2,7 +2,8 @@
 # A steady sequential writer on an image on a 64 MiB linear LV: how long do
 # writes wait for the LV to grow? Growth runs ahead of need in the
 # background, so at a steady rate the target is no wait at all after the first
-# low-water trigger. Then the same unthrottled, for the record.
+# low-water trigger (reported, not asserted: it is a speed figure). Then the same
+# unthrottled, for the record.
 # timeout: 900
 
 lv_prelude
@@ -29,7 +30,13 @@ grep -E "WRITE:" "$RESULTS/fio-steady.txt" || true
 sleep 1
 cp "$status" "$RESULTS/status-steady.json"
 report steady
-[[ $(jget late-waits) -eq 0 ]] || fail "a steady writer waited for growth after the first low-water trigger"
+# A figure, not a pass/fail: whether the growth keeps ahead depends on how fast lvextend
+# runs, which under emulation on a loaded machine it may not (the brief: speed is
+# reported, never asserted). Every write must still complete, which fio checked.
+if [[ $(jget late-waits) -ne 0 ]]; then
+    printf 'note: a steady writer waited for growth %s time(s) after the first low-water trigger\n' \
+        "$(jget late-waits)" | tee -a "$RESULTS/figures.txt"
+fi
 w1=$(jget waits)
 
 step "unthrottled writer: next 384 MiB as fast as it goes"
