@@ -188,5 +188,6 @@ fn both_slots_damaged_is_still_an_error() {
     let before = std::fs::read(&img).unwrap();
     let (code, out, _) = fvd(&["check", "--repair", s(&img)]);
     assert_eq!(code, 2, "{out}");
+    assert!(out.contains("Not repaired: neither header slot is valid"), "{out}");
     assert!(std::fs::read(&img).unwrap() == before, "repair wrote to an image with no valid header");
 }

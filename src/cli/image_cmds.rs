@@ -270,7 +270,9 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
             r = image::check(&s);
         }
     }
-    if a.repair && !r.corruptions.is_empty() {
+    // With no valid header there is nothing to rebuild from; the image is
+    // left exactly as it was.
+    if a.repair && !r.no_valid_header && !r.corruptions.is_empty() {
         // Table entries out of range or shared, a journal that replays only part-way.
         let fixed = image::repair_metadata(&s)?;
         if !fixed.is_empty() {
@@ -314,6 +316,9 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
         }
         for x in &r.repairs {
             println!("Repaired: {x}");
+        }
+        if a.repair && r.no_valid_header {
+            println!("Not repaired: neither header slot is valid, so there is no geometry to rebuild from.");
         }
         if r.dirty {
             println!(

@@ -27,6 +27,9 @@ pub struct CheckReport {
     /// damage, or what a torn header write left. The image opens from the
     /// other slot, and `--repair` rewrites the bad one from it.
     pub bad_header_slots: Vec<BadHeaderSlot>,
+    /// Neither header slot is valid: nothing else could be read, and
+    /// `--repair` has no header to rebuild the rest from.
+    pub no_valid_header: bool,
     pub repaired: bool,
     /// What `--repair` did, one line each.
     pub repairs: Vec<String>,
@@ -92,6 +95,7 @@ pub fn check(s: &dyn Storage) -> CheckReport {
         Ok(slots) => r.bad_header_slots = bad_slots(&slots),
         Err(e) => {
             r.corruptions.push(e.to_string());
+            r.no_valid_header = true;
             return r;
         }
     }
