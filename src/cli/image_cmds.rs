@@ -248,7 +248,8 @@ fn print_live(l: &crate::image::LiveStatus) {
 #[derive(Args, Debug)]
 #[command(after_help = "Exit status: 0 clean; 2 corrupt (layout or table damage, or a damaged header slot, \
 which --repair rewrites from the intact one); 3 leaked chunks only; 1 the check could not run. \
-A dirty image (not closed cleanly) whose journal replays is not an error.")]
+A dirty image (not closed cleanly) whose journal replays is not an error, nor are its chunks that hold \
+data no durable record names (a note: the recovery at the next read-write open wipes them).")]
 pub struct CheckArgs {
     pub image: PathBuf,
     /// Rewrite a damaged header slot from the intact one, replay the journal and reclaim leaked chunks.
@@ -313,6 +314,9 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
         }
         for l in &r.leaks {
             println!("Leaked: {l}");
+        }
+        for n in &r.notes {
+            println!("Note: {n}");
         }
         for x in &r.repairs {
             println!("Repaired: {x}");

@@ -18,6 +18,9 @@ pub struct CheckReport {
     /// Space that nothing references (harmless, reclaimable).
     pub leaks: Vec<String>,
     pub leaked_chunks: Vec<u32>,
+    /// What is neither damage nor a leak, but worth saying (a dirty image's
+    /// chunks that recovery wipes).
+    pub notes: Vec<String>,
     pub journal_blocks_replayed: u64,
     pub journal_records_replayed: u64,
     pub dirty: bool,
@@ -132,7 +135,18 @@ pub fn check(s: &dyn Storage) -> CheckReport {
                     r.leaked_chunks.push(p as u32);
                 }
             }
-            if !r.leaked_chunks.is_empty() {
+            if !r.leaked_chunks.is_empty() && r.dirty {
+                // What a crash leaves: data written before its record was
+                // durable. The recovery at the next read-write open wipes
+                // every such chunk, so it is not a leak of a closed image.
+                r.notes.push(format!(
+                    "{}: {} chunk(s) hold data that no durable record names ({} bytes); \
+                     the recovery at the next read-write open wipes them",
+                    s.name(),
+                    r.leaked_chunks.len(),
+                    r.leaked_chunks.len() as u64 * cb
+                ));
+            } else if !r.leaked_chunks.is_empty() {
                 r.leaks.push(format!(
                     "{}: {} unreferenced chunk(s) still occupy storage ({} bytes)",
                     s.name(),
