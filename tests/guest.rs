@@ -1,6 +1,6 @@
-//! Real-kernel tests: the scenarios in tests/guest/scenarios/, each run by tests/guest/run
-//! in a freshly booted Debian 6.12 guest (virtme-ng, software emulation), where ublk and
-//! device-mapper exist. They take minutes, so they run only when asked:
+//! Real-kernel tests: the scenarios in tests/guest/scenarios/, run by tests/guest/run in
+//! freshly booted Debian 6.12 guests (virtme-ng, software emulation; several scenarios per
+//! boot, the guest reset between them), where ublk and device-mapper exist. They take minutes, so they run only when asked:
 //!
 //!     scripts/setup-guest                      # once per machine, as root
 //!     FVD_GUEST_TESTS=1 cargo test --test guest -- --nocapture

@@ -33,7 +33,8 @@ case $FAKE_VNG_MODE in
         fi ;;
     die-after-start)
         bash -c "$exec_cmd" >/dev/null 2>&1
-        rm -f "$(dirname "${exec_cmd#bash }")/status"
+        # The entry script sits in target/guest-results/.boot; every status goes.
+        find "$(dirname "$(dirname "${exec_cmd#bash }")")" -name status -delete
         echo "qemu-system-x86_64: aborted after the scenario started" >&2
         exit 255 ;;
 esac
@@ -61,6 +62,8 @@ fn tree() -> Tree {
     fs::copy(src.join("tests/guest/run"), root.join("tests/guest/run")).unwrap();
     fs::copy(src.join("tests/guest/lib.sh"), root.join("tests/guest/lib.sh")).unwrap();
     fs::write(scen.join("pass.sh"), "step 'scenario ran'\necho ran >\"$RESULTS/ran\"\n").unwrap();
+    fs::write(scen.join("pass2.sh"), "step 'scenario ran'\necho ran >\"$RESULTS/ran\"\n").unwrap();
+    fs::write(scen.join("four-cpus.sh"), "# cpus: 4\nstep 'scenario ran'\necho ran >\"$RESULTS/ran\"\n").unwrap();
     fs::write(scen.join("fails.sh"), "step 'scenario ran'\nfail 'the scenario failed on purpose'\n").unwrap();
     let kdir = root.join("target/guest-kernel");
     fs::create_dir_all(kdir.join("boot")).unwrap();
@@ -83,12 +86,16 @@ struct Run {
 }
 
 fn run(tree: &Tree, mode: &str, scenario: &str) -> Run {
+    run_args(tree, mode, &[scenario])
+}
+
+fn run_args(tree: &Tree, mode: &str, args: &[&str]) -> Run {
     let log = tree.root.join("vng.log");
     let _ = fs::remove_file(&log);
     fs::write(&log, "").unwrap();
     let out = Command::new("bash")
         .arg(tree.root.join("tests/guest/run"))
-        .arg(scenario)
+        .args(args)
         .env("FAKE_VNG_MODE", mode)
         .env("FAKE_VNG_LOG", &log)
         .env("FVD", "/bin/true")
@@ -171,4 +178,40 @@ fn a_guest_that_dies_after_the_scenario_started_is_not_retried() {
     assert_eq!(r.boots, 1, "{}", r.out);
     assert!(!r.out.contains("RETRY"), "{}", r.out);
     assert!(r.out.contains("FAIL pass"), "{}", r.out);
+}
+
+#[test]
+fn scenarios_share_a_boot_and_a_failure_ends_it() {
+    if !have_tools() {
+        eprintln!("SKIP: timeout or flock missing on this host");
+        return;
+    }
+    let t = tree();
+    // Two passing scenarios: one boot.
+    let r = run_args(&t, "ok", &["pass", "pass2"]);
+    assert!(r.ok, "{}", r.out);
+    assert_eq!(r.boots, 1, "{}", r.out);
+    assert!(r.out.contains("PASS pass ") && r.out.contains("PASS pass2 "), "{}", r.out);
+    assert!(r.out.contains("guest: 2 passed, 0 failed"), "{}", r.out);
+    // A failure ends its boot; with --keep-going the rest run in a new one.
+    let r = run_args(&t, "ok", &["--keep-going", "fails", "pass", "pass2"]);
+    assert!(!r.ok, "{}", r.out);
+    assert_eq!(r.boots, 2, "{}", r.out);
+    assert!(r.out.contains("FAIL fails") && r.out.contains("PASS pass ") && r.out.contains("PASS pass2 "), "{}", r.out);
+    assert!(r.out.contains("guest: 2 passed, 1 failed"), "{}", r.out);
+    // Without --keep-going nothing runs after the failure.
+    let r = run_args(&t, "ok", &["fails", "pass"]);
+    assert_eq!(r.boots, 1, "{}", r.out);
+    assert!(r.out.contains("1 scenario(s) not run after the first failure"), "{}", r.out);
+    // A scenario that asks for other CPUs gets a boot of its own.
+    let r = run_args(&t, "ok", &["pass", "four-cpus", "pass2"]);
+    assert!(r.ok, "{}", r.out);
+    assert_eq!(r.boots, 2, "{}", r.out);
+    // Each scenario keeps its own console log and results.
+    for name in ["pass", "pass2", "four-cpus"] {
+        let res = t.root.join("target/guest-results").join(name);
+        assert!(res.join("ran").exists(), "{name}");
+        let log = fs::read_to_string(res.join("console.log")).unwrap();
+        assert!(log.contains(&format!("guest: {name} exited 0")), "{name}: {log}");
+    }
 }
