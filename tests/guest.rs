@@ -6,6 +6,8 @@
 //!     FVD_GUEST_TESTS=1 cargo test --test guest -- --nocapture
 //!
 //! FVD_GUEST_SCENARIOS="00-kernel 10-foo" picks scenarios (default: all of them).
+//! Then a subset (NEW_KERNEL_SCENARIOS, or FVD_GUEST_NEW_SCENARIOS) runs again on the
+//! second kernel, the newest of trixie-backports (FVD_GUEST_NEW_KERNEL=0 skips it).
 //! FVD=/path/to/fvd uses that binary instead of building target/release/fvd.
 
 use std::env;
@@ -21,7 +23,11 @@ fn say(msg: &str) {
 }
 
 fn has_kernel(root: &Path) -> bool {
-    std::fs::read_dir(root.join("target/guest-kernel/boot"))
+    has_kernel_in(root, "target/guest-kernel")
+}
+
+fn has_kernel_in(root: &Path, dir: &str) -> bool {
+    std::fs::read_dir(root.join(dir).join("boot"))
         .map(|dir| dir.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
         .unwrap_or(false)
 }
@@ -73,21 +79,62 @@ fn guest_scenarios() {
     assert!(fvd.is_file(), "fvd binary not found at {}", fvd.display());
     let fvd = fvd.canonicalize().expect("canonicalize the fvd path");
 
-    let scenarios: Vec<String> = env::var("FVD_GUEST_SCENARIOS")
-        .unwrap_or_default()
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let scenarios = list(env::var("FVD_GUEST_SCENARIOS").unwrap_or_default());
+    let default_ok = run_guest(&root, &fvd, &[], &scenarios);
 
+    // The second kernel (the newest of trixie-backports, 7.x): the scenarios that cover
+    // the daemon's own paths (ublk set-up, requests, recovery, errors, a base), not the
+    // long LVM ones, which exercise lvm2 and device-mapper more than the kernel's ublk.
+    let new_ok = if env::var("FVD_GUEST_NEW_KERNEL").as_deref() == Ok("0") {
+        say("guest_scenarios: second kernel skipped (FVD_GUEST_NEW_KERNEL=0)");
+        true
+    } else if !has_kernel_in(&root, "target/guest-kernel-new") {
+        say("SKIP guest_scenarios on the second kernel: none in target/guest-kernel-new (scripts/setup-guest)");
+        true
+    } else {
+        // A subset asked for with FVD_GUEST_SCENARIOS narrows the default list too.
+        let new = list(env::var("FVD_GUEST_NEW_SCENARIOS").unwrap_or_else(|_| {
+            NEW_KERNEL_SCENARIOS
+                .iter()
+                .filter(|s| scenarios.is_empty() || scenarios.iter().any(|a| a.trim_end_matches(".sh") == **s))
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ")
+        }));
+        if new.is_empty() {
+            say("guest_scenarios: none of the chosen scenarios runs on the second kernel");
+            true
+        } else {
+            say(&format!("guest_scenarios: on the second kernel: {}", new.join(" ")));
+            run_guest(&root, &fvd, &["--kernel", "new"], &new)
+        }
+    };
+    assert!(default_ok, "tests/guest/run failed; logs in target/guest-results/<scenario>/");
+    assert!(new_ok, "tests/guest/run --kernel new failed; logs in target/guest-results-new/<scenario>/");
+}
+
+/// What runs on the second kernel too (FVD_GUEST_NEW_SCENARIOS overrides).
+/// Chosen for what differs between kernels (ublk's feature set, user recovery, error
+/// paths, udev) at a few minutes in all: CI runs both kernels in one job.
+const NEW_KERNEL_SCENARIOS: &[&str] = &["00-kernel", "10-fs", "40-recover", "70-errors", "80-udev"];
+
+fn list(s: String) -> Vec<String> {
+    s.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+fn run_guest(root: &Path, fvd: &Path, opts: &[&str], scenarios: &[String]) -> bool {
     // Inherited stdout/stderr: the runner's lines stream as they come.
     let status = Command::new("bash")
         .arg(root.join("tests/guest/run"))
         .arg("--keep-going")
-        .args(&scenarios)
-        .env("FVD", &fvd)
-        .current_dir(&root)
+        .args(opts)
+        .args(scenarios)
+        .env("FVD", fvd)
+        .current_dir(root)
         .status()
         .expect("could not run tests/guest/run");
-    assert!(status.success(), "tests/guest/run failed ({status}); logs in target/guest-results/<scenario>/");
+    if !status.success() {
+        say(&format!("tests/guest/run {} failed: {status}", opts.join(" ")));
+    }
+    status.success()
 }
