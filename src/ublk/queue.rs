@@ -77,6 +77,8 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
 
 /// One tag: fetch a request, carry it out, commit the result, repeat.
 async fn tag_task(q: &UblkQueue<'_>, tag: u16, img: &Image, pol: Policy) -> Result<(), UblkError> {
+    // libublk's own buffer type, which its prep command requires (see
+    // crate::io::aligned for why it is not the io layer's AlignedBuf).
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
