@@ -140,7 +140,7 @@ fn prefetch_resumes_and_frees_the_base() {
         let ring_ref = &ring;
         let work = exe.spawn(async move { img_ref.prefetch(ring_ref, &opts).await });
         ring.run(&exe, async move {
-            fvd::image::sleep(ring_ref, std::time::Duration::from_millis(1200)).await;
+            fvd::io::sleep(ring_ref, std::time::Duration::from_millis(1200)).await;
             drop(work);
         })
         .unwrap();

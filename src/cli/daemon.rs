@@ -2,7 +2,9 @@
 
 use super::{fail, CliError};
 use crate::ublk::control::{self, Stopped};
-use crate::ublk::serve::{serve, Mode, Reporter, ServeOptions};
+use crate::ublk::options::{Mode, ServeOptions};
+use crate::ublk::report::Reporter;
+use crate::ublk::serve::serve;
 use crate::ublk::spawn::{detach, startup_log};
 use crate::ublk::state::RunDir;
 use crate::ublk::{kernel, DaemonError};

@@ -42,7 +42,7 @@ pub fn run(a: PrefetchArgs) -> Result<i32, CliError> {
             if c >= t {
                 break;
             }
-            crate::image::sleep(ring_ref, Duration::from_millis(200)).await;
+            crate::io::sleep(ring_ref, Duration::from_millis(200)).await;
         }
     });
     ring.run(&exe, async move {

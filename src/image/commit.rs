@@ -17,7 +17,7 @@ impl Image {
 
     /// The commit lock; its holder may run on another queue's thread.
     pub(crate) async fn journal_lock(&self) -> async_lock::MutexGuard<'_, JournalPos> {
-        crate::io::wake::CrossThread(Box::pin(self.journal.lock())).await
+        io::wake::CrossThread::new(self.journal.lock()).await
     }
 
     pub(crate) fn check_not_failed(&self) -> Result<(), ImageError> {

@@ -191,6 +191,16 @@ impl Image {
         }
     }
 
+    /// Holds blocks `first..first+count`, in order. A holder may run on
+    /// another queue's thread, so the waits wake this thread's ring.
+    pub(super) async fn lock_blocks(&self, first: BlockIdx, count: u64) -> Vec<crate::meta::locks::BlockGuard<'_>> {
+        let mut g = Vec::with_capacity(count as usize);
+        for b in first.0..first.0 + count {
+            g.push(io::wake::CrossThread::new(self.meta.locks.lock(BlockIdx(b))).await);
+        }
+        g
+    }
+
     /// Copy-on-write of the blocks under `[goff, goff+len)`, which are still in
     /// the base: either whole blocks (written as they are), or part of one
     /// block (the rest of the block is read from the base and written with it).
@@ -200,10 +210,7 @@ impl Image {
         let bs = geo.block_size as u64;
         let first = goff / bs;
         let last = (goff + len as u64 - 1) / bs;
-        let mut guards = Vec::with_capacity((last - first + 1) as usize);
-        for b in first..=last {
-            guards.push(self.meta.locks.lock(BlockIdx(b)).await);
-        }
+        let guards = self.lock_blocks(BlockIdx(first), last - first + 1).await;
         let so = |g: u64| {
             self.meta.storage_offset(Bytes(g)).ok_or_else(|| ImageError::Invalid {
                 path: self.name(),
@@ -275,7 +282,7 @@ impl Image {
                     // under way and commits the rest; then wait a moment for
                     // requests in flight.
                     if tries > 0 {
-                        super::sleep(e, std::time::Duration::from_millis(1)).await;
+                        io::sleep(e, std::time::Duration::from_millis(1)).await;
                     }
                     self.flush(e).await?;
                     tries += 1;

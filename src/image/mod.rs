@@ -6,26 +6,30 @@
 //! allocated, already-copied data take no lock; allocation, copy-on-write and
 //! journal commits take short locks of their own.
 
-mod background;
 mod base;
+mod base_copy;
 mod commit;
+mod copy_on_read;
 mod create;
 mod data;
 mod error;
 mod inspect;
 mod live;
 mod open;
+mod pacing;
+mod prefetch;
 mod repair;
 pub mod volatile;
 mod zero_scan;
 
-pub use background::{sleep, CorQueue, PrefetchOptions, PrefetchProgress, PrefetchState};
 pub use base::Base;
+pub use copy_on_read::CorQueue;
 pub use create::{create, create_on, CreateOptions};
 pub use error::ImageError;
 pub use inspect::{check, header_of, CheckReport, MapKind, MapRange};
 pub use live::{LivePrefetch, LiveStatus, DEFAULT_COMMIT_INTERVAL};
 pub use open::OpenOptions;
+pub use prefetch::{PrefetchOptions, PrefetchProgress, PrefetchState};
 pub use repair::repair_metadata;
 
 use crate::format::{Geometry, Header};
@@ -117,8 +121,8 @@ pub struct Image {
     /// The volatile log of metadata updates (see [`volatile`]).
     volatile: Option<volatile::VolatileLog>,
     /// Copy-on-read queue (None when copy-on-read is off).
-    cor: Option<background::CorQueue>,
-    pub prefetch: background::PrefetchProgress,
+    cor: Option<CorQueue>,
+    pub prefetch: PrefetchProgress,
     pub stats: Stats,
 }
 

@@ -246,7 +246,7 @@ impl Image {
             && !loaded.header.is_prefetched();
         let mut img = Image {
             volatile: None,
-            cor: cor_on.then(|| super::background::CorQueue::new(COR_QUEUE_LIMIT)),
+            cor: cor_on.then(|| super::CorQueue::new(COR_QUEUE_LIMIT)),
             prefetch: Default::default(),
             path: path.to_path_buf(),
             meta: Meta::with_progress(

@@ -1,5 +1,18 @@
 //! Page-aligned buffers: O_DIRECT needs buffer addresses aligned to the
 //! logical block size, and a page covers every device.
+//!
+//! The ublk queues' per-tag buffers are libublk's `IoBuf`, also page-aligned,
+//! and the two cannot be one type:
+//! - the queues need `IoBuf`: libublk's `submit_io_prep_cmd` takes the tag's
+//!   buffer as `Option<&IoBuf<u8>>` and, for a copying device (ours), refuses
+//!   a non-empty slice without the `IoBuf` it came from (EINVAL); it records
+//!   that buffer for the tag (idle page release, optional mlock);
+//! - this layer cannot use `IoBuf`: it would make `io` depend on the ublk
+//!   library, and `IoBuf` does not give what the image relies on here: its
+//!   memory is not zeroed (reads short of the buffer's end, at the base's
+//!   end, rely on the zeros of [`AlignedBuf::zeroed`]), a zero length
+//!   panics (an empty [`AlignedBuf`] is valid), and it is `Send + Sync`
+//!   whatever its element type.
 
 use std::alloc::{self, Layout};
 use std::ops::{Deref, DerefMut};

@@ -18,13 +18,14 @@ use io_uring::{opcode, squeue, types};
 use std::future::Future;
 use std::io;
 
-mod sealed {
-    /// Only this crate's engines implement [`super::IoEngine`]: each of them keeps
-    /// the promise that makes the image's I/O futures safe to drop (see there).
+pub(crate) mod sealed {
+    /// Only this crate's engines implement [`super::IoEngine`]: each of them
+    /// keeps the promise that makes the image's I/O futures safe to drop (see
+    /// there). The ublk queue engine implements it where it is defined, so
+    /// that this layer names nothing above it.
     pub trait Sealed {}
     impl Sealed for super::SyncOnly {}
     impl Sealed for super::uring::Uring {}
-    impl Sealed for crate::ublk::engine::QueueEngine {}
 }
 
 /// Submits io_uring operations.
@@ -126,6 +127,16 @@ pub async fn punch<E: IoEngine>(e: &E, s: &dyn Storage, off: u64, len: u64) -> i
     let sqe = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();
     // SAFETY: fallocate points at no memory.
     check(unsafe { e.submit(sqe) }.await).map(|_| ())
+}
+
+/// Sleeps on the engine's ring (a timeout operation), so that a queue thread
+/// keeps serving requests meanwhile.
+pub async fn sleep<E: IoEngine>(e: &E, d: std::time::Duration) {
+    let ts = types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
+    let sqe = opcode::Timeout::new(&ts).build();
+    // SAFETY: `ts` lives on this future's frame until the operation completes,
+    // which we await at once.
+    let _ = unsafe { e.submit(sqe) }.await;
 }
 
 /// An engine for storage without a descriptor: every helper above takes the

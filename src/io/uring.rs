@@ -1,6 +1,7 @@
 //! A thread-local io_uring with a small single-threaded executor, for host
 //! tools, tests and the benchmark.
 
+use super::wake::Bell;
 use super::IoEngine;
 use io_uring::{squeue, IoUring};
 use std::cell::{Cell, RefCell};
@@ -8,8 +9,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-/// user_data of the kick read (never a slab key).
-const KICK_DATA: u64 = u64::MAX;
+/// user_data of the bell's poll (never a slab key).
+const BELL_DATA: u64 = u64::MAX;
 
 enum Slot {
     Waiting(Option<Waker>),
@@ -19,9 +20,8 @@ enum Slot {
 /// One io_uring and the completion slots of its operations in flight.
 pub struct Uring {
     ring: RefCell<IoUring>,
-    kick: std::sync::Arc<super::wake::Kick>,
-    kick_buf: Box<std::cell::UnsafeCell<u64>>,
-    kick_armed: Cell<bool>,
+    bell: std::sync::Arc<Bell>,
+    bell_armed: Cell<bool>,
     slots: RefCell<slab::Slab<Slot>>,
     in_flight: Cell<usize>,
     unsubmitted: Cell<usize>,
@@ -31,9 +31,8 @@ impl Uring {
     pub fn new(entries: u32) -> std::io::Result<Uring> {
         Ok(Uring {
             ring: RefCell::new(IoUring::new(entries)?),
-            kick: std::sync::Arc::new(super::wake::Kick::new()?),
-            kick_buf: Box::new(std::cell::UnsafeCell::new(0)),
-            kick_armed: Cell::new(false),
+            bell: Bell::new()?,
+            bell_armed: Cell::new(false),
             slots: RefCell::new(slab::Slab::new()),
             in_flight: Cell::new(0),
             unsubmitted: Cell::new(0),
@@ -46,7 +45,7 @@ impl Uring {
         exe: &smol::LocalExecutor<'a>,
         fut: impl Future<Output = T> + 'a,
     ) -> std::io::Result<T> {
-        super::wake::set_thread_kick(Some(self.kick.clone()));
+        let registered = self.bell.register();
         let task = exe.spawn(fut);
         let r = loop {
             while exe.try_tick() {}
@@ -54,13 +53,13 @@ impl Uring {
                 break Ok(());
             }
             // Tasks wait for I/O or for another thread: sleep until either
-            // a completion or a kick arrives.
-            self.arm_kick();
+            // a completion or the bell arrives.
+            self.arm_bell();
             if let Err(e) = self.submit_and_reap(1) {
                 break Err(e);
             }
         };
-        super::wake::set_thread_kick(None);
+        drop(registered);
         r?;
         Ok(futures::executor::block_on(task))
     }
@@ -88,19 +87,16 @@ impl Uring {
         Ok(())
     }
 
-    /// Keeps one read of the kick eventfd in flight.
-    fn arm_kick(&self) {
-        if self.kick_armed.get() {
+    /// Keeps the bell's poll in flight.
+    fn arm_bell(&self) {
+        if self.bell_armed.get() {
             return;
         }
-        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(self.kick.raw_fd()), self.kick_buf.get().cast(), 8)
-            .build()
-            .user_data(KICK_DATA);
+        let sqe = self.bell.poll_entry().user_data(BELL_DATA);
         let mut ring = self.ring.borrow_mut();
-        // SAFETY: the 8-byte target lives in a Box owned by this ring, which
-        // outlives every operation on it (the ring is dropped first: field order).
+        // SAFETY: a poll points at no memory (see Bell::poll_entry).
         if unsafe { ring.submission().push(&sqe) }.is_ok() {
-            self.kick_armed.set(true);
+            self.bell_armed.set(true);
         }
     }
 
@@ -108,8 +104,9 @@ impl Uring {
         let mut ring = self.ring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
-            if cqe.user_data() == KICK_DATA {
-                self.kick_armed.set(false);
+            if cqe.user_data() == BELL_DATA {
+                self.bell.drain();
+                self.bell_armed.set(false);
                 continue;
             }
             let key = cqe.user_data() as usize;
@@ -205,5 +202,39 @@ impl IoEngine for Uring {
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         let key = self.push(sqe);
         UringOp { ring: self, key, done: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::wake::CrossThread;
+    use std::sync::{Arc, Mutex};
+
+    /// A task woken from another thread while the ring sleeps is run: the
+    /// ring's bell wakes it.
+    #[test]
+    fn a_foreign_wake_wakes_the_sleeping_ring() {
+        let ring = Uring::new(8).unwrap();
+        let slot: Arc<Mutex<(bool, Option<Waker>)>> = Arc::default();
+        let s2 = slot.clone();
+        let waiter = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut g = s2.lock().unwrap();
+            g.0 = true;
+            if let Some(w) = g.1.take() {
+                w.wake();
+            }
+        });
+        let done = ring.block_on(CrossThread::new(std::future::poll_fn(|cx| {
+            let mut g = slot.lock().unwrap();
+            if g.0 {
+                return Poll::Ready(true);
+            }
+            g.1 = Some(cx.waker().clone());
+            Poll::Pending
+        })));
+        assert!(done.unwrap());
+        waiter.join().unwrap();
     }
 }

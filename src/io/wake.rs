@@ -1,90 +1,228 @@
-//! Cross-thread wake-ups for rings that sleep in the kernel.
+//! Waking a ring's thread from another thread: one mechanism for every ring
+//! (the host tools' [`super::uring::Uring`] and the ublk queue rings).
 //!
-//! A queue thread sleeps in `io_uring_enter` until a completion arrives. When
-//! one of its tasks waits for something another thread holds (a block being
-//! copied, the journal's commit lock), the other thread's wake-up only puts
-//! the task back in the executor's queue: the sleeping thread would not
-//! notice. So each ring keeps a read on an eventfd in flight, registers that
-//! eventfd for its thread here, and the waits that can cross threads wrap
-//! their wakers with [`cross_thread_waker`] to write to it.
+//! A ring's thread sleeps in `io_uring_enter` until a completion arrives.
+//! When one of its tasks waits for something another thread holds (a block
+//! being copied, the journal's commit lock), the other thread's wake-up only
+//! puts the task back in the executor's queue: the sleeping thread would not
+//! notice. So each ring owns a [`Bell`], an eventfd it keeps a poll armed on
+//! ([`Bell::poll_entry`], then [`Bell::drain`] when it completes), and
+//! registers the bell for its thread while it runs ([`Bell::register`]).
+//! Futures whose wakes may come from other threads are wrapped in
+//! [`CrossThread`]: a wake from any thread but the one that polled them
+//! rings the thread's bell, after queueing the task, so the task is runnable
+//! when the ring's thread wakes up. Wakes from the ring's own thread do not
+//! ring: that thread is awake already and runs its executor before it sleeps.
+//!
+//! The image wraps its waits that can cross threads (the journal lock, the
+//! block locks); the ublk queues also wrap every task, so that nothing a task
+//! awaits can leave a queue asleep. A foreign wake through nested wrappers
+//! rings once per wrapper, and repeated rings coalesce: the eventfd is a
+//! counter, one drain empties it, and a full counter (a write that would
+//! block) already means "readable".
 
+use io_uring::{opcode, squeue, types};
 use std::cell::RefCell;
+use std::fs::File;
 use std::future::Future;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+use std::thread::ThreadId;
 
-/// An eventfd that wakes one ring's thread.
-pub struct Kick {
-    fd: OwnedFd,
+/// An eventfd that wakes the thread of the ring that polls it.
+pub struct Bell {
+    fd: File,
 }
 
-impl Kick {
-    pub fn new() -> std::io::Result<Kick> {
+impl Bell {
+    pub fn new() -> std::io::Result<Arc<Bell>> {
         // SAFETY: eventfd takes no pointers; a negative result is an error.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        Ok(Kick { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        // SAFETY: `fd` was just returned by eventfd, so it is open and owned
+        // by nothing else.
+        let fd = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Arc::new(Bell { fd }))
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// Makes the bell's poll complete.
+    pub fn ring(&self) {
+        // A full counter (EAGAIN) still means "readable", which is all we need.
+        let _ = (&self.fd).write(&1u64.to_ne_bytes());
     }
 
-    pub fn kick(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to a descriptor we own.
-        // A full counter (EAGAIN) already means a wake-up is pending.
-        let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    /// Empties the counter, so that the next poll waits for the next ring.
+    pub fn drain(&self) {
+        let mut b = [0u8; 8];
+        let _ = (&self.fd).read(&mut b);
+    }
+
+    /// The poll the ring keeps armed: it completes once the bell rings. It
+    /// points at no memory, so it may be left in flight or abandoned freely.
+    pub fn poll_entry(&self) -> squeue::Entry {
+        opcode::PollAdd::new(types::Fd(self.fd.as_raw_fd()), libc::POLLIN as u32).build()
+    }
+
+    /// Makes this the calling thread's bell until the guard is dropped (the
+    /// previous one, if any, then comes back).
+    pub fn register(self: &Arc<Self>) -> Registered {
+        let prev = THREAD_BELL.with(|t| t.borrow_mut().replace(self.clone()));
+        Registered { prev }
     }
 }
 
 thread_local! {
-    static THREAD_KICK: RefCell<Option<Arc<Kick>>> = const { RefCell::new(None) };
+    static THREAD_BELL: RefCell<Option<Arc<Bell>>> = const { RefCell::new(None) };
 }
 
-/// Registers the kick of the ring that runs on this thread.
-pub fn set_thread_kick(k: Option<Arc<Kick>>) {
-    THREAD_KICK.with(|t| *t.borrow_mut() = k);
+/// The registration of a thread's bell; see [`Bell::register`].
+#[must_use = "the bell is registered only while the guard lives"]
+pub struct Registered {
+    prev: Option<Arc<Bell>>,
 }
 
-struct KickingWaker {
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let prev = self.prev.take();
+        THREAD_BELL.with(|t| *t.borrow_mut() = prev);
+    }
+}
+
+/// Wakes `inner`, and rings `bell` when the wake comes from another thread
+/// than `owner`, the thread that polled the future and may be asleep.
+struct BellWaker {
     inner: Waker,
-    kick: Arc<Kick>,
+    bell: Arc<Bell>,
+    owner: ThreadId,
 }
 
-impl Wake for KickingWaker {
+impl Wake for BellWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        // Queue the task first, then ring: when the owner wakes up, the task
+        // is already runnable.
         self.inner.wake_by_ref();
-        self.kick.kick();
+        if std::thread::current().id() != self.owner {
+            self.bell.ring();
+        }
     }
 }
 
-/// A waker that also wakes this thread's ring, when it has one.
-pub fn cross_thread_waker(w: &Waker) -> Waker {
-    THREAD_KICK.with(|t| match t.borrow().as_ref() {
-        Some(k) => Waker::from(Arc::new(KickingWaker { inner: w.clone(), kick: k.clone() })),
-        None => w.clone(),
-    })
+/// A future whose wakes from other threads ring the bell registered for the
+/// thread that polls it (without a registered bell, it is the bare future).
+pub struct CrossThread<F> {
+    fut: Pin<Box<F>>,
+    /// The executor's waker and our wrapper around it (with the bell it
+    /// rings), reused while the executor hands out the same waker.
+    cached: Option<(Waker, Arc<Bell>, Waker)>,
 }
 
-/// Wraps a future whose wake-up may come from another thread.
-pub struct CrossThread<F>(pub F);
+impl<F: Future> CrossThread<F> {
+    pub fn new(fut: F) -> CrossThread<F> {
+        CrossThread { fut: Box::pin(fut), cached: None }
+    }
+}
 
-impl<F: Future + Unpin> Future for CrossThread<F> {
+impl<F: Future> Future for CrossThread<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let w = cross_thread_waker(cx.waker());
-        let mut cx2 = Context::from_waker(&w);
-        Pin::new(&mut self.0).poll(&mut cx2)
+        let this = &mut *self;
+        let Some(bell) = THREAD_BELL.with(|t| t.borrow().clone()) else {
+            return this.fut.as_mut().poll(cx);
+        };
+        let reuse = matches!(&this.cached, Some((inner, b, _)) if inner.will_wake(cx.waker()) && Arc::ptr_eq(b, &bell));
+        if !reuse {
+            let owner = std::thread::current().id();
+            let w = Waker::from(Arc::new(BellWaker { inner: cx.waker().clone(), bell: bell.clone(), owner }));
+            this.cached = Some((cx.waker().clone(), bell, w));
+        }
+        match &this.cached {
+            Some((_, _, w)) => {
+                let w = w.clone();
+                this.fut.as_mut().poll(&mut Context::from_waker(&w))
+            }
+            None => this.fut.as_mut().poll(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn pending_with_stash() -> (impl Future<Output = ()>, Arc<std::sync::Mutex<Option<Waker>>>) {
+        let stash: Arc<std::sync::Mutex<Option<Waker>>> = Arc::default();
+        let s2 = stash.clone();
+        let fut = std::future::poll_fn(move |cx| {
+            *s2.lock().unwrap() = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        });
+        (fut, stash)
+    }
+
+    /// A wake from another thread reaches the inner waker and rings the bell
+    /// once however often it comes; a wake from the polling thread does not ring.
+    #[test]
+    fn foreign_wakes_ring_the_bell() {
+        let bell = Bell::new().unwrap();
+        let _reg = bell.register();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let inner = Waker::from(count.clone());
+        let (fut, stash) = pending_with_stash();
+        let mut fut = CrossThread::new(fut);
+        let mut cx = Context::from_waker(&inner);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        let w = stash.lock().unwrap().take().unwrap();
+
+        w.wake_by_ref();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        let mut b = [0u8; 8];
+        assert!((&bell.fd).read(&mut b).is_err(), "owner-thread wake rang the bell");
+
+        let w2 = w.clone();
+        std::thread::spawn(move || {
+            w2.wake_by_ref();
+            w2.wake();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 3);
+        assert_eq!((&bell.fd).read(&mut b).unwrap(), 8);
+        assert_eq!(u64::from_ne_bytes(b), 2);
+        bell.ring();
+        bell.drain();
+        assert!((&bell.fd).read(&mut b).is_err(), "drain left the counter set");
+    }
+
+    /// Without a registered bell the future gets the executor's waker as is;
+    /// the registration ends with its guard.
+    #[test]
+    fn no_bell_no_wrapper() {
+        let bell = Bell::new().unwrap();
+        drop(bell.register());
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let inner = Waker::from(count.clone());
+        let (fut, stash) = pending_with_stash();
+        let mut fut = CrossThread::new(fut);
+        assert!(Pin::new(&mut fut).poll(&mut Context::from_waker(&inner)).is_pending());
+        let w = stash.lock().unwrap().take().unwrap();
+        assert!(w.will_wake(&inner));
     }
 }

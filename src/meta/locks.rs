@@ -1,6 +1,8 @@
 //! Per-block locks that order requests to the same block while its data moves
 //! from the base into the image. Requests to other blocks, even in the same
-//! chunk, never wait here.
+//! chunk, never wait here. The holder may run on another thread than a
+//! waiter: the image wraps its waits so that the release wakes the waiter's
+//! ring (see `crate::io::wake`).
 
 use crate::units::BlockIdx;
 use std::collections::HashMap;
@@ -55,7 +57,7 @@ impl<'a> Future for LockFuture<'a> {
         let mut m = self.locks.shard(self.block);
         match m.get_mut(&self.block) {
             Some(waiters) => {
-                waiters.push(crate::io::wake::cross_thread_waker(cx.waker()));
+                waiters.push(cx.waker().clone());
                 Poll::Pending
             }
             None => {

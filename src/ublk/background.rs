@@ -6,7 +6,8 @@
 
 use super::engine::QueueEngine;
 use super::state::RunDir;
-use crate::image::{sleep, Image, PrefetchOptions};
+use crate::image::{Image, PrefetchOptions};
+use crate::io::sleep;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};

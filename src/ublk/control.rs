@@ -1,7 +1,8 @@
 //! The commands that act on running devices: stop, recover, list.
 
 use super::kernel::{self, KernelState};
-use super::serve::{serve, Mode, ServeOptions};
+use super::options::{Mode, ServeOptions};
+use super::serve::serve;
 use super::spawn::detach;
 use super::state::{DeviceState, RunDir};
 use super::DaemonError;

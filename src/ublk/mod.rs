@@ -5,7 +5,10 @@
 //!   per tag; [`engine`] plugs the image engine into the queue's ring.
 //! - [`request`]: a ublk I/O descriptor → an image operation → a result.
 //! - [`params`]: the device parameters (block sizes, cache, discard).
-//! - [`serve`]: the daemon's life: open, add or recover, serve, stop, close.
+//! - [`serve`]: the daemon's life: open, add or recover, serve, stop, close;
+//!   [`options`]: what it is asked; [`setup`]: adding or taking back the
+//!   device; [`signals`]: the stop signals; [`report`]: telling the starter
+//!   that the device is live, or why not.
 //! - [`spawn`]: detaching the daemon; [`control`]: stop, recover, list;
 //!   [`state`]: the run dir (/run/fvd); [`kernel`]: driver and process checks.
 //! - [`background`]: copy-on-read and prefetch on a queue's ring.
@@ -15,10 +18,14 @@ pub mod control;
 pub mod engine;
 pub mod error;
 pub mod kernel;
+pub mod options;
 pub mod params;
 pub mod queue;
+pub mod report;
 pub mod request;
 pub mod serve;
+pub mod setup;
+pub mod signals;
 pub mod spawn;
 pub mod state;
 

@@ -1,9 +1,10 @@
 //! One queue: a thread with its own io_uring and executor, one task per tag.
 
 use super::background::{self, Background};
-use super::engine::{Doorbell, QueueEngine};
+use super::engine::{keep_bell_armed, QueueEngine};
 use super::request::{decode, execute, Policy};
 use crate::image::Image;
+use crate::io::wake::{Bell, CrossThread};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError};
@@ -24,20 +25,23 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
             return;
         }
     };
-    let bell = match Doorbell::new() {
+    let bell = match Bell::new() {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(queue = qid, error = %e, "eventfd for the queue failed");
             return;
         }
     };
+    // Every task is wrapped, so that no wake from another queue's thread,
+    // whatever it waited for, can leave this one asleep.
+    let _registered = bell.register();
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
     let tags_live = Rc::new(Cell::new(0usize));
     for tag in q.tags() {
         let (q, img, live) = (q.clone(), img.clone(), tags_live.clone());
         live.set(live.get() + 1);
-        tasks.push(exe.spawn(bell.wrap(async move {
+        tasks.push(exe.spawn(CrossThread::new(async move {
             match tag_task(&q, tag, &img, pol).await {
                 Err(UblkError::QueueIsDown) | Ok(()) => {}
                 Err(e) => tracing::error!(queue = qid, tag, error = %super::error::ublk_why(&e), "tag task failed"),
@@ -49,15 +53,15 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
     let cancel = Arc::new(AtomicBool::new(false));
     if img.copy_on_read_queue().is_some() || bg.prefetch {
         let (img, live, c) = (img.clone(), tags_live.clone(), cancel.clone());
-        tasks.push(exe.spawn(bell.wrap(background::copy_on_read_loop(img, live, c))));
+        tasks.push(exe.spawn(CrossThread::new(background::copy_on_read_loop(img, live, c))));
     }
     if let Some(hk) = bg.housekeeping.clone() {
-        tasks.push(exe.spawn(bell.wrap(background::housekeeping(img.clone(), tags_live.clone(), hk))));
+        tasks.push(exe.spawn(CrossThread::new(background::housekeeping(img.clone(), tags_live.clone(), hk))));
     }
     if bg.prefetch {
-        tasks.push(exe.spawn(bell.wrap(background::prefetch(img.clone(), bg, cancel.clone()))));
+        tasks.push(exe.spawn(CrossThread::new(background::prefetch(img.clone(), bg, cancel.clone()))));
     }
-    let bell_task = exe.spawn(bell.clone().serve());
+    let bell_task = exe.spawn(keep_bell_armed(bell));
     let ticker = exe.clone();
     smol::block_on(exe.run(async {
         let run_ops = || while ticker.try_tick() {};
@@ -67,13 +71,14 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
         }
     }));
     // The bell's poll points at no memory: dropping it in flight is harmless.
-    bell.stop();
     drop(bell_task);
     tracing::debug!(queue = qid, "queue done");
 }
 
 /// One tag: fetch a request, carry it out, commit the result, repeat.
 async fn tag_task(q: &UblkQueue<'_>, tag: u16, img: &Image, pol: Policy) -> Result<(), UblkError> {
+    // libublk's own buffer type, which its prep command requires (see
+    // crate::io::aligned for why it is not the io layer's AlignedBuf).
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {

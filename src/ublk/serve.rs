@@ -4,96 +4,21 @@
 
 use super::background::{Background, Housekeeping};
 use super::error::{ublk, ublk_errno};
+use super::options::{Mode, ServeOptions};
 use super::params::{device_params, ParamsInput};
 use super::queue::serve_queue;
+use super::report::{take, Reporter, Slot};
 use super::request::Policy;
-use super::state::{DeviceState, RunDir};
-use super::{kernel, DaemonError};
+use super::setup::make_ctrl;
+use super::signals::{block_stop_signals, spawn_signal_thread, stop_device};
+use super::state::DeviceState;
+use super::DaemonError;
 use crate::image::{Image, OpenOptions};
-use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::ctrl::UblkCtrl;
 use libublk::io::UblkDev;
-use libublk::{sys, UblkFlags};
-use nix::sys::signal::{SigSet, Signal};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// Largest request, and each tag's buffer.
-pub const IO_BUF_BYTES: u32 = 512 << 10;
-
-/// A new device (`fvd start`) or taking back one whose daemon died (`fvd recover`).
-#[derive(Debug, Clone, Copy)]
-pub enum Mode {
-    Add { id: Option<u32> },
-    Recover { id: u32 },
-}
-
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Absolute path of the image.
-    pub image: PathBuf,
-    pub mode: Mode,
-    pub queues: u16,
-    pub depth: u16,
-    pub writethrough: bool,
-    pub read_only: bool,
-    pub logical_block: u32,
-    pub lazy_metadata: bool,
-    /// Copy-on-read (None: the image's default).
-    pub copy_on_read: Option<bool>,
-    /// Prefetch the base in the background (also when the image asks by default).
-    pub prefetch: bool,
-    /// Upper bound on the prefetch rate, bytes per second.
-    pub prefetch_rate: Option<u64>,
-    /// Writeback mode: commit metadata at least this often (None: only on
-    /// flush and under pressure).
-    pub commit_interval: Option<std::time::Duration>,
-    /// Growth step of the image's storage (None: the storage's default).
-    pub grow_unit: Option<u64>,
-    /// Add the device as an unprivileged one (the caller lacks CAP_SYS_ADMIN).
-    pub unprivileged: bool,
-    pub run_dir: RunDir,
-    /// The daemon's log file when detached (renamed to `<id>.log` once the ID is known).
-    pub log: Option<PathBuf>,
-    /// Recoveries so far (kept in the state file).
-    pub recoveries: u32,
-}
-
-/// Tells whoever started the daemon that the device is live, or why not.
-pub enum Reporter {
-    /// `--foreground`: print the device path on stdout.
-    Stdout,
-    /// Detached: one line on the pipe the waiting `fvd start` reads.
-    Pipe(std::fs::File),
-}
-
-impl Reporter {
-    fn live(self, dev: &str) {
-        let r = match self {
-            Reporter::Stdout => {
-                let mut out = std::io::stdout();
-                writeln!(out, "{dev}").and_then(|_| out.flush())
-            }
-            Reporter::Pipe(mut f) => writeln!(f, "live {dev}"),
-        };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not report the device as live");
-        }
-    }
-
-    fn failed(self, msg: &str) {
-        if let Reporter::Pipe(mut f) = self {
-            let _ = writeln!(f, "error {msg}");
-        }
-    }
-}
-
-type Slot = Arc<Mutex<Option<Reporter>>>;
-
-fn take(slot: &Slot) -> Option<Reporter> {
-    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
-}
 
 /// Runs the daemon until the device is stopped. Start-up failures are
 /// reported through `rep` as well as returned.
@@ -109,18 +34,9 @@ pub fn serve(o: ServeOptions, rep: Reporter) -> Result<(), DaemonError> {
     r
 }
 
-fn stop_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set
-}
-
 fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
-    // Before any thread exists, so that every thread inherits the mask and
-    // the stop signals reach only the signal thread's sigwait.
-    stop_signals().thread_block().map_err(|e| DaemonError::Sys { what: "blocking signals", source: e.into() })?;
+    // Before any thread exists (see there).
+    block_stop_signals()?;
     let vlog = o.run_dir.volatile_log(&o.image);
     let img = Arc::new(Image::open(
         &o.image,
@@ -274,62 +190,6 @@ fn finish(
     Ok(closed?)
 }
 
-fn make_ctrl(o: &ServeOptions) -> Result<UblkCtrl, DaemonError> {
-    // The kernel gives unprivileged devices no user recovery.
-    let flags = if o.unprivileged {
-        u64::from(sys::UBLK_F_UNPRIVILEGED_DEV)
-    } else {
-        u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE)
-    };
-    match o.mode {
-        Mode::Add { id } => {
-            // Checked here because libublk, when adding with an ID that is
-            // taken, deletes the device that has it while cleaning up.
-            if let Some(id) = id.filter(|&i| kernel::device_exists(i)) {
-                return Err(DaemonError::IdInUse(id as i32));
-            }
-            let want = id.map(|i| i as i32).unwrap_or(-1);
-            UblkCtrlBuilder::default()
-                .name("fvd")
-                .id(want)
-                .nr_queues(o.queues)
-                .depth(o.depth)
-                .io_buf_bytes(IO_BUF_BYTES)
-                .ctrl_flags(flags)
-                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-                .build()
-                .map_err(|e| match ublk_errno(&e) {
-                    Some(libc::EEXIST) => DaemonError::IdInUse(want),
-                    Some(libc::EACCES) | Some(libc::EPERM) => DaemonError::Control(super::error::ublk_why(&e)),
-                    _ => ublk("adding the ublk device")(e),
-                })
-        }
-        Mode::Recover { id } => {
-            let old = kernel::open_device(id)?;
-            let info = old.dev_info();
-            // Waits (up to 30 s) for the driver to notice the old daemon's exit.
-            match old.start_user_recover() {
-                Ok(r) if r >= 0 => {}
-                Ok(r) => {
-                    let why = std::io::Error::from_raw_os_error(-r).to_string();
-                    return Err(DaemonError::NotRecoverable { id, why });
-                }
-                Err(e) => return Err(DaemonError::NotRecoverable { id, why: super::error::ublk_why(&e) }),
-            }
-            drop(old);
-            UblkCtrlBuilder::default()
-                .name("fvd")
-                .id(id as i32)
-                .nr_queues(info.nr_hw_queues)
-                .depth(info.queue_depth)
-                .io_buf_bytes(info.max_io_buf_bytes)
-                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-                .build()
-                .map_err(ublk(format!("taking back device {id}")))
-        }
-    }
-}
-
 /// Moves a detached daemon's log to `<run dir>/<id>.log`; returns where it is.
 fn place_log(o: &ServeOptions, id: u32) -> Option<PathBuf> {
     let cur = o.log.clone()?;
@@ -343,37 +203,5 @@ fn place_log(o: &ServeOptions, id: u32) -> Option<PathBuf> {
             tracing::warn!(log = %cur.display(), error = %e, "could not rename the log");
             Some(cur)
         }
-    }
-}
-
-/// SIGTERM, SIGINT, SIGHUP: stop the device. The queues then see their
-/// commands aborted and end, and `run_target` returns to [`finish`].
-fn spawn_signal_thread(id: u32, stop_asked: Arc<AtomicBool>) -> Result<(), DaemonError> {
-    std::thread::Builder::new()
-        .name("fvd-signals".into())
-        .spawn(move || {
-            let set = stop_signals();
-            while let Ok(sig) = set.wait() {
-                tracing::info!(signal = %sig, id, "stopping the device");
-                // Set first: if the device is not live yet, the live callback
-                // sees it after the start and stops the device then.
-                stop_asked.store(true, Ordering::SeqCst);
-                stop_device(id);
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| DaemonError::Sys { what: "spawning the signal thread", source: e })
-}
-
-/// Asks the driver to stop the device; the queues then end and the daemon
-/// closes the image. Before the device is live the driver has nothing to stop.
-fn stop_device(id: u32) {
-    match kernel::open_device(id) {
-        Ok(ctrl) => {
-            if let Err(e) = ctrl.kill_dev() {
-                tracing::error!(id, error = %super::error::ublk_why(&e), "stopping the device failed");
-            }
-        }
-        Err(e) => tracing::error!(id, error = %e, "stopping the device failed"),
     }
 }

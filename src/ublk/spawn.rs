@@ -1,7 +1,7 @@
 //! Detaching the daemon: fork, and let the parent wait on a pipe until the
 //! child says the device is live (or why it is not).
 
-use super::serve::Reporter;
+use super::report::Reporter;
 use super::state::RunDir;
 use super::DaemonError;
 use nix::unistd::{fork, ForkResult};

@@ -1,0 +1,75 @@
+//! Pacing the prefetch: an optional upper bound on its rate, and backing off
+//! (randomized, doubling pauses) while its throughput stays under a floor,
+//! taken as a sign that it competes with the guest or with other hosts for
+//! the base.
+
+use super::prefetch::{PrefetchOptions, PrefetchState};
+use super::Image;
+use crate::io::{sleep, IoEngine};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The longest back-off pause.
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// Throughput is judged over windows of at least this long.
+const WINDOW: Duration = Duration::from_secs(1);
+
+pub(super) struct Pacing<'o> {
+    o: &'o PrefetchOptions,
+    started: Instant,
+    /// Bytes copied since the start.
+    total: u64,
+    /// Start of the current window and the bytes copied in it.
+    window: (Instant, u64),
+    /// The next back-off's base pause.
+    pause: Duration,
+}
+
+impl<'o> Pacing<'o> {
+    pub(super) fn new(o: &'o PrefetchOptions) -> Pacing<'o> {
+        Pacing { o, started: Instant::now(), total: 0, window: (Instant::now(), 0), pause: o.pause }
+    }
+
+    /// Counts `n` copied bytes.
+    pub(super) fn copied(&mut self, n: u64) {
+        self.window.1 += n;
+        self.total += n;
+    }
+
+    /// Between two pieces: waits while ahead of the rate limit, and backs off
+    /// when the last window's throughput was under the floor. Both waits end
+    /// early on cancel.
+    pub(super) async fn pace<E: IoEngine>(&mut self, e: &E, img: &Image) {
+        let o = self.o;
+        if let Some(limit) = o.rate_limit {
+            loop {
+                let ahead = self.total as f64 / limit.max(1) as f64 - self.started.elapsed().as_secs_f64();
+                if ahead <= 0.0 || o.cancelled() {
+                    break;
+                }
+                sleep(e, Duration::from_secs_f64(ahead.min(0.1))).await;
+            }
+        }
+        let elapsed = self.window.0.elapsed();
+        if elapsed < WINDOW {
+            return;
+        }
+        let rate = self.window.1 as f64 / elapsed.as_secs_f64();
+        if self.window.1 > 0 && rate < o.floor as f64 {
+            let p = &img.prefetch;
+            p.set(PrefetchState::BackingOff);
+            p.backoffs.fetch_add(1, Ordering::Relaxed);
+            let jitter = 0.5 + rand::random::<f64>();
+            tracing::info!(image = %img.name(), rate_mib = rate / 1048576.0, "prefetch slower than its floor: backing off");
+            let until = Instant::now() + self.pause.mul_f64(jitter);
+            while Instant::now() < until && !o.cancelled() {
+                sleep(e, Duration::from_millis(100).min(until - Instant::now())).await;
+            }
+            self.pause = (self.pause * 2).min(MAX_PAUSE);
+            p.set(PrefetchState::Running);
+        } else {
+            self.pause = o.pause;
+        }
+        self.window = (Instant::now(), 0);
+    }
+}
