@@ -286,6 +286,18 @@ mod tests {
     }
 
     #[test]
+    fn reserved_bytes_are_written_zero_and_ignored() {
+        let b = sample().encode();
+        assert_eq!(b[134..144], [0u8; 10]);
+        // Writers before the rule stored the chunk high-water mark at 136.
+        let mut old = b.clone();
+        put32(&mut old, 136, 0x1234);
+        let crc = crc32fast::hash(&old[..CRC_OFF]);
+        put32(&mut old, CRC_OFF, crc);
+        assert_eq!(Header::decode(&old).unwrap(), sample());
+    }
+
+    #[test]
     fn header_rejects_unknown_incompat_features() {
         let mut h = sample();
         h.incompat |= 1 << 9;

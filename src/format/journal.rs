@@ -170,6 +170,16 @@ mod tests {
     }
 
     #[test]
+    fn table_record_reserved_word_is_written_zero_and_ignored() {
+        let mut b = Vec::new();
+        Record::TableSet { vchunk: 3, entry: 9 }.encode_into(&mut b);
+        assert_eq!(b[9..], [0u8; 4]);
+        // Writers before the rule stored the chunk high-water mark there.
+        b[9..].copy_from_slice(&77u32.to_le_bytes());
+        assert_eq!(Record::decode(&b, 0), Ok(Record::TableSet { vchunk: 3, entry: 9 }));
+    }
+
+    #[test]
     fn stale_and_torn_blocks_are_rejected() {
         let b = JournalBlock { seq: 5, records: vec![Record::BitmapSet { first: 0, count: 1 }] };
         let enc = b.encode();
