@@ -1,16 +1,18 @@
 //! fvd: the Fast Virtual Disk image format and a ublk daemon that serves it.
 //!
 //! Layers, each using only the ones before it:
-//! [`format`] (bytes ↔ structs) → [`meta`] (in-memory metadata and plans) →
-//! [`io`] (io_uring engine) → [`storage`] (file, device) → [`image`] (carries
-//! out plans) → `ublk` (the block device front end) → `cli`.
+//! [`units`] (unit newtypes, used by all) → [`format`] (bytes ↔ structs) →
+//! [`meta`] (in-memory metadata and plans) → [`io`] (io_uring engine) →
+//! [`storage`] (file, device) → [`image`] (carries out plans) → [`ublk`] (the
+//! block device front end and the daemon).
+//!
+//! The `fvd` binary (`src/main.rs`) adds the command line (`src/cli/`), the
+//! benchmarks (`src/bench/`) and the logging setup (`src/logging.rs`) on top;
+//! they are not part of the library.
 
-pub mod bench;
-pub mod cli;
 pub mod format;
 pub mod image;
 pub mod io;
-pub mod logging;
 pub mod meta;
 pub mod storage;
 pub mod ublk;

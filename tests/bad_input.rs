@@ -1,21 +1,10 @@
 //! Bad input of every kind: one clear error line naming the file and the
 //! problem, a non-zero exit, no panic, and the image's bytes untouched.
 
+mod common;
+
+use common::bin::{fvd, s};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fvd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fvd")).args(args).output().expect("run fvd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Runs `fvd args`, expects failure with one stderr line containing all of
 /// `needles`, and the file at `image` unchanged.

@@ -3,22 +3,13 @@
 //! several times in a row. The first test is issue 9's reproduction: a second crash
 //! after a recovery used to replay journal blocks the recovery had already applied.
 
+mod common;
+
+use common::bin::{fvd_merged, ok};
 use std::fs::File;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn fvd(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fvd")).args(args).output().expect("run fvd");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn ok(args: &[&str]) -> String {
-    let (code, out) = fvd(args);
-    assert_eq!(code, 0, "fvd {args:?} failed: {out}");
-    out
-}
 
 /// Runs `fvd io IMAGE -c ... -c 'write -s FIFO OFF'`, waits until the commands before the
 /// pipe have printed `done` lines, then kills it with SIGKILL: a crash with every
@@ -75,7 +66,7 @@ fn second_crash_after_recovery_keeps_the_image_openable() {
     );
     crash_after(d.path(), img, &["discard 2M 1M", "flush", "write -P 4 5M 1M", "flush"], 2);
     ok(&["io", img, "-c", "read -P 4 5M 1M", "-c", "read -P 1 0 1M", "-c", "read -P 2 1M 1M", "-c", "read -P 0 2M 1M"]);
-    let (code, out) = fvd(&["check", img]);
+    let (code, out) = fvd_merged(&["check", img]);
     assert_eq!(code, 0, "{out}");
 }
 
@@ -119,7 +110,7 @@ fn flushed_writes_survive_five_crash_rounds_over_a_base() {
             ok(&refs);
         }
     }
-    let (code, out) = fvd(&["check", img]);
+    let (code, out) = fvd_merged(&["check", img]);
     assert_eq!(code, 0, "{out}");
 }
 
@@ -153,19 +144,19 @@ fn check_of_a_dirty_image_notes_chunks_recovery_wipes() {
     after[cur * 4096..(cur + 1) * 4096].copy_from_slice(&h.encode());
     std::fs::write(img, after).unwrap();
 
-    let (code, out) = fvd(&["check", img]);
+    let (code, out) = fvd_merged(&["check", img]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Note:") && out.contains("1 chunk(s) hold data that no durable record names"), "{out}");
     assert!(!out.contains("Leaked"), "{out}");
-    let (code, out) = fvd(&["check", "--output", "json", img]);
+    let (code, out) = fvd_merged(&["check", "--output", "json", img]);
     assert_eq!(code, 0, "{out}");
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["leaks"].as_array().map(Vec::len), Some(0), "{out}");
     assert_eq!(j["leaked_chunks"].as_array().map(Vec::len), Some(1), "{out}");
 
-    let (code, out) = fvd(&["check", "--repair", img]);
+    let (code, out) = fvd_merged(&["check", "--repair", img]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = fvd(&["check", img]);
+    let (code, out) = fvd_merged(&["check", img]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("Note:") && !out.contains("not closed cleanly"), "{out}");
     ok(&["io", img, "-c", "read -P 1 0 1M", "-c", "read -P 0 4M 1M", "-c", "read -P 3 8M 1M", "-c", "read -P 0 20M 1M"]);

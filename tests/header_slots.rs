@@ -3,27 +3,10 @@
 //! warns, `fvd check --repair` rewrites it from the intact slot, after which
 //! check is clean and the data reads back. Both slots damaged stays an error.
 
+mod common;
+
+use common::bin::{fvd, ok, s};
 use std::path::Path;
-use std::process::Command;
-
-fn fvd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fvd")).args(args).output().expect("run fvd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (code, out, err) = fvd(args);
-    assert_eq!(code, 0, "fvd {args:?} failed: {out}{err}");
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8")
-}
 
 fn flip(p: &Path, off: u64) {
     let mut b = std::fs::read(p).unwrap();

@@ -4,22 +4,12 @@
 //! replay fails part-way. Each is reported by `check` (exit 2), repaired, and the image
 //! then opens, checks clean and reads what the repair kept.
 
+mod common;
+
+use common::bin::{fvd_merged, ok};
 use fvd::format::{Header, JournalBlock, Record};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
-
-fn fvd(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fvd")).args(args).output().expect("run fvd");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn ok(args: &[&str]) -> String {
-    let (code, out) = fvd(args);
-    assert_eq!(code, 0, "fvd {args:?} failed: {out}");
-    out
-}
 
 /// The current header and its slot offset.
 fn header(p: &Path) -> (Header, u64) {
@@ -61,23 +51,44 @@ fn dirty_with(img: &Path, records: Vec<Record>) {
     write_at(img, &h.encode(), slot);
 }
 
+/// Table entry `vchunk` as stored in the checkpointed table.
+fn table_entry(img: &Path, h: &Header, vchunk: u64) -> u32 {
+    let mut e = [0u8; 4];
+    std::fs::File::open(img).unwrap().read_exact_at(&mut e, h.table_offset + 4 * vchunk).unwrap();
+    u32::from_le_bytes(e)
+}
+
+/// `check` finds the damage (exit 2, its report containing `found`), `check
+/// --repair` repairs it (exit 0, its report containing `repaired`), after which
+/// `check` is clean and every `-c` command of `reads` succeeds.
+fn check_repair_read(s: &str, found: &str, repaired: &str, reads: &[&str]) {
+    let (code, out) = fvd_merged(&["check", s]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(found), "{out}");
+    let (code, out) = fvd_merged(&["check", "--repair", s]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(repaired), "{out}");
+    ok(&["check", s]);
+    let mut args = vec!["io", s];
+    for r in reads {
+        args.extend(["-c", r]);
+    }
+    ok(&args);
+}
+
 #[test]
 fn duplicate_entries_in_the_table_keep_one_and_report_the_other() {
     let d = tempfile::tempdir().unwrap();
     let (img, h) = image(d.path());
     let s = img.to_str().unwrap();
     // Entry 1 now names entry 0's chunk.
-    let mut e = [0u8; 4];
-    std::fs::File::open(&img).unwrap().read_exact_at(&mut e, h.table_offset).unwrap();
-    write_at(&img, &e, h.table_offset + 4);
-    let (code, out) = fvd(&["check", s]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("both point at chunk"), "{out}");
-    let (code, out) = fvd(&["check", "--repair", s]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("guest range 0x100000..0x200000 (table entry 0x1) lost"), "{out}");
-    ok(&["check", s]);
-    ok(&["io", s, "-c", "read -P 1 0 1M", "-c", "read -P 0 1M 1M", "-c", "read -P 3 2M 1M"]);
+    write_at(&img, &table_entry(&img, &h, 0).to_le_bytes(), h.table_offset + 4);
+    check_repair_read(
+        s,
+        "both point at chunk",
+        "guest range 0x100000..0x200000 (table entry 0x1) lost",
+        &["read -P 1 0 1M", "read -P 0 1M 1M", "read -P 3 2M 1M"],
+    );
 }
 
 #[test]
@@ -86,19 +97,15 @@ fn a_journal_record_over_the_table_wins_its_chunk() {
     let (img, h) = image(d.path());
     let s = img.to_str().unwrap();
     // The table has entry 2 -> the chunk holding pattern 3; a durable record moves it to entry 5.
-    let mut e = [0u8; 4];
-    std::fs::File::open(&img).unwrap().read_exact_at(&mut e, h.table_offset + 8).unwrap();
-    let entry = u32::from_le_bytes(e);
-    dirty_with(&img, vec![Record::TableSet { vchunk: 5, entry, used: 3 }]);
-    let (code, out) = fvd(&["io", s, "-c", "read -P 3 5M 1M"]);
+    dirty_with(&img, vec![Record::TableSet { vchunk: 5, entry: table_entry(&img, &h, 2) }]);
+    let (code, out) = fvd_merged(&["io", s, "-c", "read -P 3 5M 1M"]);
     assert_ne!(code, 0, "such an image does not open: {out}");
-    let (code, out) = fvd(&["check", s]);
-    assert_eq!(code, 2, "{out}");
-    let (code, out) = fvd(&["check", "--repair", s]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("(table entry 0x2) lost"), "{out}");
-    ok(&["check", s]);
-    ok(&["io", s, "-c", "read -P 1 0 1M", "-c", "read -P 2 1M 1M", "-c", "read -P 0 2M 1M", "-c", "read -P 3 5M 1M"]);
+    check_repair_read(
+        s,
+        "",
+        "(table entry 0x2) lost",
+        &["read -P 1 0 1M", "read -P 2 1M 1M", "read -P 0 2M 1M", "read -P 3 5M 1M"],
+    );
 }
 
 #[test]
@@ -107,15 +114,11 @@ fn a_journal_that_replays_part_way_is_kept_up_to_the_bad_record() {
     let (img, _) = image(d.path());
     let s = img.to_str().unwrap();
     // First record frees entry 1; the second names a guest chunk past the disk's end.
-    dirty_with(
-        &img,
-        vec![Record::TableSet { vchunk: 1, entry: 0, used: 3 }, Record::TableSet { vchunk: 10_000, entry: 2, used: 3 }],
+    dirty_with(&img, vec![Record::TableSet { vchunk: 1, entry: 0 }, Record::TableSet { vchunk: 10_000, entry: 2 }]);
+    check_repair_read(
+        s,
+        "",
+        "journal replay stopped at block 0",
+        &["read -P 1 0 1M", "read -P 0 1M 1M", "read -P 3 2M 1M"],
     );
-    let (code, out) = fvd(&["check", s]);
-    assert_eq!(code, 2, "{out}");
-    let (code, out) = fvd(&["check", "--repair", s]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("journal replay stopped at block 0"), "{out}");
-    ok(&["check", s]);
-    ok(&["io", s, "-c", "read -P 1 0 1M", "-c", "read -P 0 1M 1M", "-c", "read -P 3 2M 1M"]);
 }

@@ -177,7 +177,7 @@ fn a_checkpoint_empties_the_log_and_what_follows_it_is_replayed() {
     };
     // One record: the second write's chunk (the first one's is checkpointed).
     let recs = fvd::image::volatile::read(&log, &p, session);
-    assert_eq!(recs, vec![fvd::format::Record::TableSet { vchunk: 3, entry: 2, used: 2 }]);
+    assert_eq!(recs, vec![fvd::format::Record::TableSet { vchunk: 3, entry: 2 }]);
     let img = Image::open(&p, &OpenOptions { volatile_log: Some(log), ..Default::default() }).unwrap();
     let ring = Uring::new(8).unwrap();
     for (i, off) in [0, 3 << 20].into_iter().enumerate() {
@@ -218,7 +218,7 @@ mod races {
     }
 
     fn fresh() -> (Table, Persist) {
-        let p = Persist::new(vec![0; CHUNKS], vec![], 0);
+        let p = Persist::new(vec![0; CHUNKS], fvd::format::BitmapBits::new());
         p.enable_volatile();
         (Table::new(&[0; CHUNKS]), p)
     }
@@ -250,8 +250,8 @@ mod races {
     /// if not, then syncs the log as a request does before it completes.
     fn request(table: &Table, persist: &Persist, v: &VolatileLog, c: ChunkIdx, p: PhysChunk) {
         let changed = match table.get(c) {
-            Some(old) => persist.unmap(table, c, old, 0),
-            None => persist.install(table, c, p, 0).is_ok(),
+            Some(old) => persist.unmap(table, c, old),
+            None => persist.install(table, c, p).is_ok(),
         };
         if changed {
             v.sync(persist).unwrap();
@@ -402,20 +402,20 @@ mod races {
         let v = VolatileLog::create(&s.log, &s.image, SESSION).unwrap();
         let (table, persist) = fresh();
         let read = || volatile::read(&s.log, &s.image, SESSION);
-        let set = |vchunk, entry| Record::TableSet { vchunk, entry, used: 0 };
-        persist.install(&table, ChunkIdx(1), PhysChunk(0), 0).unwrap();
+        let set = |vchunk, entry| Record::TableSet { vchunk, entry };
+        persist.install(&table, ChunkIdx(1), PhysChunk(0)).unwrap();
         v.sync(&persist).unwrap();
-        assert!(persist.unmap(&table, ChunkIdx(1), PhysChunk(0), 0)); // not synced
+        assert!(persist.unmap(&table, ChunkIdx(1), PhysChunk(0))); // not synced
         let b = volatile::batch(Some(&v), &persist).unwrap();
         assert_eq!(b.records, vec![set(1, 0)]);
         assert_eq!(read(), vec![set(1, 1), set(1, 0)]);
-        persist.install(&table, ChunkIdx(2), PhysChunk(0), 0).unwrap(); // not synced
+        persist.install(&table, ChunkIdx(2), PhysChunk(0)).unwrap(); // not synced
         let (_b, snap, covered) = volatile::snapshot(Some(&v), &persist).unwrap();
         assert_eq!(read(), vec![set(1, 1), set(1, 0), set(2, 1)]);
         assert_eq!(snap.table[2], 1);
         assert_eq!(covered, Some(3));
         // After the checkpoint: what came after its snapshot stays, alone.
-        persist.install(&table, ChunkIdx(3), PhysChunk(1), 0).unwrap();
+        persist.install(&table, ChunkIdx(3), PhysChunk(1)).unwrap();
         v.sync(&persist).unwrap();
         v.drop_covered(3);
         assert_eq!(read(), vec![set(3, 2)]);
@@ -427,7 +427,7 @@ mod races {
         assert_eq!(std::fs::metadata(&s.log).unwrap().len(), 32);
         assert_eq!(snap.table, live(&table));
         // Appends go on after a truncation and a compaction alike.
-        assert!(persist.unmap(&table, ChunkIdx(3), PhysChunk(1), 0));
+        assert!(persist.unmap(&table, ChunkIdx(3), PhysChunk(1)));
         v.sync(&persist).unwrap();
         assert_eq!(read(), vec![set(3, 0)]);
         assert_eq!(v.written(), 5);

@@ -3,9 +3,9 @@
 //! writes after prefetch finished (with copy-on-write before prefetch as the
 //! contrast).
 
-use crate::image::{self, CreateOptions, Image, OpenOptions, PrefetchOptions};
-use crate::io::uring::Uring;
-use crate::io::AlignedBuf;
+use fvd::image::{self, CreateOptions, Image, OpenOptions, PrefetchOptions};
+use fvd::io::uring::Uring;
+use fvd::io::AlignedBuf;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 

@@ -1,10 +1,10 @@
 //! An fio-like load generator on one io_uring: `qd` workers, each with one
 //! request in flight, random or sequential offsets, latency per request.
 
-use crate::image::Image;
-use crate::io::uring::Uring;
-use crate::io::{self, AlignedBuf};
-use crate::storage::FileStorage;
+use fvd::image::Image;
+use fvd::io::uring::Uring;
+use fvd::io::{self, AlignedBuf};
+use fvd::storage::FileStorage;
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 

@@ -1,10 +1,10 @@
 //! Metadata figures: size for 1 TiB over a 1 TiB base, and the time to open
 //! and replay a 1 TiB image whose journal is full.
 
-use crate::format::layout::CreateParams;
-use crate::format::{journal, Geometry, Header, JournalBlock, Record, META_BLOCK};
-use crate::image::{Image, OpenOptions};
-use crate::units::human;
+use fvd::format::layout::CreateParams;
+use fvd::format::{journal, Geometry, Header, JournalBlock, Record, META_BLOCK};
+use fvd::image::{Image, OpenOptions};
+use fvd::units::human;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
@@ -30,8 +30,8 @@ fn make_full_journal_image(p: &Path) -> Result<(u64, u64), String> {
     let f = std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?;
     // Storage big enough for every chunk the records name (sparse).
     f.set_len(g.data_offset + g.chunks() * g.chunk_bytes()).map_err(|e| e.to_string())?;
-    let mut h: Header = g.header(crate::format::BaseFormat::None, "");
-    h.flags |= crate::format::header::FLAG_DIRTY;
+    let mut h: Header = g.header(fvd::format::BaseFormat::None, "");
+    h.flags |= fvd::format::header::FLAG_DIRTY;
     h.generation = 1;
     h.journal_seq = 1000;
     let blocks = g.journal_len / META_BLOCK;
@@ -42,7 +42,7 @@ fn make_full_journal_image(p: &Path) -> Result<(u64, u64), String> {
         let recs: Vec<Record> = (0..per as u64)
             .map(|i| {
                 let v = ((b * per as u64 + i) % g.chunks()) as u32;
-                Record::TableSet { vchunk: v, entry: v + 1, used: v + 1 }
+                Record::TableSet { vchunk: v, entry: v + 1 }
             })
             .collect();
         records += recs.len() as u64;
@@ -73,7 +73,7 @@ pub fn print(dir: &Path) -> Result<(), String> {
     // The table scan alone: validation + high-water mark over 1 Mi entries.
     let table: Vec<u32> = (0..img.geometry().chunks() as u32).map(|v| v + 1).collect();
     let t1 = Instant::now();
-    let hwm = crate::meta::validate_table(img.geometry(), &table, u64::MAX).map_err(|e| e.to_string())?;
+    let hwm = fvd::meta::validate_table(img.geometry(), &table, u64::MAX).map_err(|e| e.to_string())?;
     let scan_ms = t1.elapsed().as_secs_f64() * 1e3;
     drop(img);
     println!(

@@ -6,11 +6,11 @@ mod base_cost;
 mod load;
 mod meta_cost;
 
-use crate::image::{self, CreateOptions, Image, OpenOptions};
-use crate::io::uring::Uring;
-use crate::storage::{FileStorage, OpenMode};
-use crate::units::parse_size;
 use clap::Args;
+use fvd::image::{self, CreateOptions, Image, OpenOptions};
+use fvd::io::uring::Uring;
+use fvd::storage::{FileStorage, OpenMode};
+use fvd::units::parse_size;
 use load::{Job, JobResult, Pattern, Target};
 use std::path::{Path, PathBuf};
 
@@ -273,7 +273,7 @@ fn print_table(c: &Ctx) {
     println!();
     println!(
         "load: {} per disk, {:.1} s per job, {}, one io_uring, same harness for fvd and raw",
-        crate::units::human(c.size),
+        fvd::units::human(c.size),
         c.runtime,
         if c.direct { "O_DIRECT" } else { "buffered" }
     );

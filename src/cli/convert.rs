@@ -1,10 +1,10 @@
 //! `fvd convert`: raw ↔ fvd, sparse-aware.
 
 use super::{fail, CliError};
-use crate::image::{self, CreateOptions, Image, MapKind, OpenOptions};
-use crate::io::uring::Uring;
-use crate::storage::{FileStorage, OpenMode, Storage};
 use clap::Args;
+use fvd::image::{self, CreateOptions, Image, MapKind, OpenOptions};
+use fvd::io::uring::Uring;
+use fvd::storage::{FileStorage, OpenMode, Storage};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -32,7 +32,7 @@ fn open_src(p: &std::path::Path) -> Result<Src, CliError> {
     if s.size() >= 8 {
         s.read_at(&mut magic, 0)?;
     }
-    if magic == crate::format::header::MAGIC {
+    if magic == fvd::format::header::MAGIC {
         drop(s);
         Ok(Src::Fvd(Box::new(Image::open(p, &OpenOptions { read_only: true, ..Default::default() })?)))
     } else {

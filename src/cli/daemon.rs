@@ -1,15 +1,15 @@
 //! Daemon commands: start, stop, list, recover (rublk / ublksrv conventions).
 
 use super::{fail, CliError};
-use crate::ublk::control::{self, Stopped};
-use crate::ublk::options::{Mode, ServeOptions};
-use crate::ublk::report::Reporter;
-use crate::ublk::serve::serve;
-use crate::ublk::spawn::{detach, startup_log};
-use crate::ublk::state::RunDir;
-use crate::ublk::{kernel, DaemonError};
-use crate::units::human;
 use clap::Args;
+use fvd::ublk::control::{self, Stopped};
+use fvd::ublk::options::{Mode, ServeOptions};
+use fvd::ublk::report::Reporter;
+use fvd::ublk::serve::serve;
+use fvd::ublk::spawn::{detach, startup_log};
+use fvd::ublk::state::RunDir;
+use fvd::ublk::{kernel, DaemonError};
+use fvd::units::human;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ pub struct StartArgs {
     #[arg(long)]
     pub prefetch: bool,
     /// Upper bound on the prefetch rate, bytes per second (k/M/G suffixes).
-    #[arg(long, value_parser = |s: &str| crate::units::parse_size(s).map(|b| b.0))]
+    #[arg(long, value_parser = |s: &str| fvd::units::parse_size(s).map(|b| b.0))]
     pub prefetch_rate: Option<u64>,
     /// Stay in the foreground instead of detaching.
     #[arg(long)]
@@ -60,7 +60,7 @@ pub struct StartArgs {
     pub commit_interval: Duration,
     /// Growth step of the image's storage: the file, or the logical volume
     /// (default: 1 GiB, or an LV's fvd-grow-unit=SIZE tag; k/M/G suffixes).
-    #[arg(long, value_parser = |s: &str| crate::units::parse_size(s).map(|b| b.0))]
+    #[arg(long, value_parser = |s: &str| fvd::units::parse_size(s).map(|b| b.0))]
     pub grow_unit: Option<u64>,
 }
 
@@ -230,8 +230,8 @@ pub fn list(a: ListArgs) -> Result<i32, CliError> {
 }
 
 /// "done", "42.0%", "42.0%~" (backing off), "failed", "off" (not running).
-pub fn prefetch_cell(p: &crate::image::LivePrefetch) -> String {
-    use crate::image::PrefetchState as S;
+pub fn prefetch_cell(p: &fvd::image::LivePrefetch) -> String {
+    use fvd::image::PrefetchState as S;
     match p.state {
         S::Done => "done".into(),
         S::Failed => "failed".into(),

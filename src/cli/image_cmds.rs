@@ -1,11 +1,11 @@
 //! create, info, check, map.
 
 use super::{fail, CliError};
-use crate::format::Geometry;
-use crate::image::{self, CreateOptions, Image, OpenOptions};
-use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::units::{human, parse_size};
 use clap::Args;
+use fvd::format::Geometry;
+use fvd::image::{self, CreateOptions, Image, OpenOptions};
+use fvd::storage::{FileStorage, OpenMode, Storage};
+use fvd::units::{human, parse_size};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -126,7 +126,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
     // progress, its metadata write counters, and (LV) the growth it drives.
     let served = std::fs::canonicalize(&a.image)
         .ok()
-        .and_then(|p| crate::ublk::control::serving(&crate::ublk::state::RunDir::system(), &p));
+        .and_then(|p| fvd::ublk::control::serving(&fvd::ublk::state::RunDir::system(), &p));
     let storage_status = served.as_ref().and_then(|d| d.storage.clone()).or_else(|| img.storage().status());
     let mut v = json!({
         "filename": a.image.display().to_string(),
@@ -142,8 +142,8 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         "journal-seq": h.journal_seq,
         "prefetched": h.is_prefetched(),
         "prefetch-cursor": h.prefetch_cursor,
-        "copy-on-read": h.compat & crate::format::header::COMPAT_COPY_ON_READ != 0,
-        "prefetch": h.compat & crate::format::header::COMPAT_PREFETCH != 0,
+        "copy-on-read": h.compat & fvd::format::header::COMPAT_COPY_ON_READ != 0,
+        "prefetch": h.compat & fvd::format::header::COMPAT_PREFETCH != 0,
         "storage-status": storage_status,
         "bad-header-slots": bad_slots,
     });
@@ -219,7 +219,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
 }
 
 /// The serving daemon's counters, under `fvd info`.
-fn print_live(l: &crate::image::LiveStatus) {
+fn print_live(l: &fvd::image::LiveStatus) {
     if let Some(p) = &l.prefetch {
         let cell = super::daemon::prefetch_cell(p);
         println!(

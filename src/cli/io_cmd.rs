@@ -1,10 +1,10 @@
 //! `fvd io`: qemu-io style commands against an image.
 
 use super::{fail, CliError};
-use crate::image::{Image, ImageError, OpenOptions};
-use crate::io::uring::Uring;
-use crate::units::parse_size;
 use clap::Args;
+use fvd::image::{Image, ImageError, OpenOptions};
+use fvd::io::uring::Uring;
+use fvd::units::parse_size;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]

@@ -2,10 +2,10 @@
 //! the base is no longer needed.
 
 use super::CliError;
-use crate::image::{Image, OpenOptions, PrefetchOptions};
-use crate::io::uring::Uring;
-use crate::units::parse_size;
 use clap::Args;
+use fvd::image::{Image, OpenOptions, PrefetchOptions};
+use fvd::io::uring::Uring;
+use fvd::units::parse_size;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ pub fn run(a: PrefetchArgs) -> Result<i32, CliError> {
             if c >= t {
                 break;
             }
-            crate::io::sleep(ring_ref, Duration::from_millis(200)).await;
+            fvd::io::sleep(ring_ref, Duration::from_millis(200)).await;
         }
     });
     ring.run(&exe, async move {
@@ -56,7 +56,7 @@ pub fn run(a: PrefetchArgs) -> Result<i32, CliError> {
     println!(
         "{}: prefetch done, {} copied from the base; the base is no longer needed",
         a.image.display(),
-        crate::units::human(copied)
+        fvd::units::human(copied)
     );
     Ok(0)
 }

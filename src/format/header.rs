@@ -94,7 +94,6 @@ pub struct Header {
     pub base_size: u64,
     pub base_format: BaseFormat,
     pub base_path: String,
-    pub used_chunks: u32,
     /// Incremented on every header write; the slot with the highest valid
     /// generation is current.
     pub generation: u64,
@@ -125,7 +124,7 @@ impl Header {
 
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
-    //           path_len rsvd used rsvd generation path[1024] prefetch_cursor session
+    //           path_len rsvd rsvd(0, was used_chunks) rsvd generation path[1024] prefetch_cursor session
     //           initialised_end pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
@@ -151,7 +150,6 @@ impl Header {
         let path = self.base_path.as_bytes();
         let n = path.len().min(MAX_BASE_PATH);
         b[132..134].copy_from_slice(&(n as u16).to_le_bytes());
-        put32(&mut b, 136, self.used_chunks);
         put64(&mut b, 144, self.generation);
         put64(&mut b, CURSOR_OFF, self.prefetch_cursor);
         put64(&mut b, SESSION_OFF, self.session);
@@ -218,7 +216,6 @@ impl Header {
             base_size: le_u64(b, 120),
             base_format,
             base_path,
-            used_chunks: le_u32(b, 136),
             generation: le_u64(b, 144),
             prefetch_cursor: le_u64(b, CURSOR_OFF),
             session: le_u64(b, SESSION_OFF),
@@ -259,7 +256,6 @@ pub(crate) fn sample() -> Header {
         base_size: 1 << 29,
         base_format: BaseFormat::Raw,
         base_path: "base.img".into(),
-        used_chunks: 3,
         generation: 9,
         prefetch_cursor: 5,
         session: 0xfeed,
@@ -287,6 +283,18 @@ mod tests {
         assert_eq!(Header::decode(&b), Err(HeaderError::BadMagic));
         let b = sample().encode();
         assert_eq!(Header::decode(&b[..100]), Err(HeaderError::Truncated(100)));
+    }
+
+    #[test]
+    fn reserved_bytes_are_written_zero_and_ignored() {
+        let b = sample().encode();
+        assert_eq!(b[134..144], [0u8; 10]);
+        // Writers before the rule stored the chunk high-water mark at 136.
+        let mut old = b.clone();
+        put32(&mut old, 136, 0x1234);
+        let crc = crc32fast::hash(&old[..CRC_OFF]);
+        put32(&mut old, CRC_OFF, crc);
+        assert_eq!(Header::decode(&old).unwrap(), sample());
     }
 
     #[test]

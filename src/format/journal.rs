@@ -14,7 +14,7 @@
 //!
 //! | tag  | name      | body (after the 1-byte tag)                             | size |
 //! |------|-----------|---------------------------------------------------------|------|
-//! | 0x01 | TableSet  | vchunk u32, entry u32 (0 free, p+1 allocated), used u32 (chunk high-water mark after this record) | 13 |
+//! | 0x01 | TableSet  | vchunk u32, entry u32 (0 free, p+1 allocated), reserved u32 (written 0, ignored; writers before this rule stored a chunk high-water mark there) | 13 |
 //! | 0x02 | BitmapSet | first block u64, count u32: set bits first..first+count  | 13 |
 //!
 //! Records are absolute (set an entry, set bits), so replaying a record twice
@@ -50,22 +50,21 @@ pub enum JournalError {
 /// One metadata update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
-    /// Table slot `vchunk` now holds `entry` (0 free, p+1 physical chunk p);
-    /// `used` is the physical high-water mark (chunks in use or once used).
-    TableSet { vchunk: u32, entry: u32, used: u32 },
+    /// Table slot `vchunk` now holds `entry` (0 free, p+1 physical chunk p).
+    TableSet { vchunk: u32, entry: u32 },
     /// Bits `first .. first+count` of the bitmap are now set.
     BitmapSet { first: u64, count: u32 },
 }
 
 impl Record {
-    // record := 0x01 vchunk:u32 entry:u32 used:u32 | 0x02 first:u64 count:u32
+    // record := 0x01 vchunk:u32 entry:u32 reserved:u32(0) | 0x02 first:u64 count:u32
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         match *self {
-            Record::TableSet { vchunk, entry, used } => {
+            Record::TableSet { vchunk, entry } => {
                 out.push(TAG_TABLE);
                 out.extend_from_slice(&vchunk.to_le_bytes());
                 out.extend_from_slice(&entry.to_le_bytes());
-                out.extend_from_slice(&used.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
             }
             Record::BitmapSet { first, count } => {
                 out.push(TAG_BITMAP);
@@ -80,7 +79,7 @@ impl Record {
             return Err(JournalError::BadRecord { offset, why: "truncated record" });
         }
         match b[0] {
-            TAG_TABLE => Ok(Record::TableSet { vchunk: le_u32(b, 1), entry: le_u32(b, 5), used: le_u32(b, 9) }),
+            TAG_TABLE => Ok(Record::TableSet { vchunk: le_u32(b, 1), entry: le_u32(b, 5) }),
             TAG_BITMAP => Ok(Record::BitmapSet { first: le_u64(b, 1), count: le_u32(b, 9) }),
             _ => Err(JournalError::BadRecord { offset, why: "unknown record tag" }),
         }
@@ -165,12 +164,19 @@ mod tests {
     fn block_round_trips() {
         let b = JournalBlock {
             seq: 42,
-            records: vec![
-                Record::TableSet { vchunk: 3, entry: 9, used: 9 },
-                Record::BitmapSet { first: 1 << 40, count: 17 },
-            ],
+            records: vec![Record::TableSet { vchunk: 3, entry: 9 }, Record::BitmapSet { first: 1 << 40, count: 17 }],
         };
         assert_eq!(JournalBlock::decode(&b.encode(), 42).unwrap(), b);
+    }
+
+    #[test]
+    fn table_record_reserved_word_is_written_zero_and_ignored() {
+        let mut b = Vec::new();
+        Record::TableSet { vchunk: 3, entry: 9 }.encode_into(&mut b);
+        assert_eq!(b[9..], [0u8; 4]);
+        // Writers before the rule stored the chunk high-water mark there.
+        b[9..].copy_from_slice(&77u32.to_le_bytes());
+        assert_eq!(Record::decode(&b, 0), Ok(Record::TableSet { vchunk: 3, entry: 9 }));
     }
 
     #[test]

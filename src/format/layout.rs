@@ -263,7 +263,6 @@ impl Geometry {
             base_size: self.base_size.0,
             base_format,
             base_path: base_path.to_string(),
-            used_chunks: 0,
             generation: 0,
             prefetch_cursor: 0,
             session: 0,

@@ -72,7 +72,7 @@
 //! | 128  | 4    | base_format           | 0 none, 1 raw, 2 fvd                                 |
 //! | 132  | 2    | base_path_len         | ≤ 1024                                               |
 //! | 134  | 2    | reserved              | 0                                                    |
-//! | 136  | 4    | used_chunks           | high-water mark of physical chunks at the last checkpoint |
+//! | 136  | 4    | reserved              | written 0, ignored on read (writers before this rule stored the chunk high-water mark of the last checkpoint; it is recomputed from the table at open) |
 //! | 140  | 4    | reserved              | 0                                                    |
 //! | 144  | 8    | generation            | header write counter; slot = generation % 2           |
 //! | 152  | ≤1024| base_path             | UTF-8; relative paths are relative to the image's folder |
@@ -118,6 +118,9 @@ pub mod header;
 pub mod journal;
 pub mod layout;
 
+use bitvec::order::Lsb0;
+use bitvec::vec::BitVec;
+
 pub use header::{BaseFormat, Header, HeaderError};
 pub use journal::{JournalBlock, JournalError, Record};
 pub use layout::{Geometry, LayoutError};
@@ -157,8 +160,16 @@ pub fn encode_table(entries: &[u32], len: usize) -> Vec<u8> {
     out
 }
 
-/// Decodes a bitmap region into 64-bit words (bit i of the region is bit i%64 of word i/64).
-pub fn decode_bitmap(bytes: &[u8], bits: u64) -> Vec<u64> {
+/// The persisted bitmap, one bit per base block (bit i is block i). Held in
+/// `u64` words, least significant bit first, so that word w written little
+/// endian is bytes `8w..8w+8` of the region: bit i is byte i/8, bit i%8.
+/// Bits past the length are kept zero in the last word.
+pub type BitmapBits = BitVec<u64, Lsb0>;
+
+/// Decodes a bitmap region holding `bits` bits. Bytes missing from the region
+/// read as zeros; bits stored past `bits` are not part of the bitmap and are
+/// ignored.
+pub fn decode_bitmap(bytes: &[u8], bits: u64) -> BitmapBits {
     let words = bits.div_ceil(64) as usize;
     let mut out = vec![0u64; words];
     for (i, w) in out.iter_mut().enumerate() {
@@ -170,19 +181,18 @@ pub fn decode_bitmap(bytes: &[u8], bits: u64) -> Vec<u64> {
         }
         *w = u64::from_le_bytes(a);
     }
-    // Bits past the end are not part of the bitmap: ignore whatever is stored there.
-    if bits % 64 != 0 {
-        if let Some(last) = out.last_mut() {
-            *last &= (1u64 << (bits % 64)) - 1;
-        }
-    }
+    let mut out = BitmapBits::from_vec(out);
+    out.truncate(bits as usize);
+    // Whatever is stored past the end is not part of the bitmap.
+    out.set_uninitialized(false);
     out
 }
 
-/// Encodes bitmap words, padded with zeros to `len` bytes.
-pub fn encode_bitmap(words: &[u64], len: usize) -> Vec<u8> {
+// bitmap := word:u64{⌈bits/64⌉} zero-pad (word w holds bits 64w.., least significant first)
+/// Encodes a bitmap, padded with zeros to `len` bytes (cut at `len`).
+pub fn encode_bitmap(bits: &BitmapBits, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    for (i, w) in words.iter().enumerate() {
+    for (i, w) in bits.as_raw_slice().iter().enumerate() {
         let b = w.to_le_bytes();
         let start = i * 8;
         let n = 8.min(len.saturating_sub(start));
@@ -205,11 +215,40 @@ mod tests {
 
     #[test]
     fn bitmap_round_trips_and_masks_tail() {
-        let w = vec![u64::MAX, 0x5];
+        let w = BitmapBits::from_vec(vec![u64::MAX, 0x5]);
         let b = encode_bitmap(&w, 16);
         assert_eq!(decode_bitmap(&b, 128), w);
-        assert_eq!(decode_bitmap(&b, 66), vec![u64::MAX, 0x1]);
+        let cut = decode_bitmap(&b, 66);
+        assert_eq!((cut.len(), cut.as_raw_slice()), (66, &[u64::MAX, 0x1][..]));
         // bit i is byte i/8, bit i%8
         assert_eq!(b[8], 0x5);
+        // Too short a region reads as zeros past its end.
+        assert_eq!(decode_bitmap(&b[..4], 100), {
+            let mut v = BitmapBits::repeat(false, 100);
+            v[..32].fill(true);
+            v
+        });
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bitmap_encode_decode_round_trips(
+            set in proptest::collection::vec(0usize..5000, 0..64),
+            bits in 0usize..5000,
+            pad in 0usize..64,
+        ) {
+            let mut b = BitmapBits::repeat(false, bits);
+            for i in set.into_iter().filter(|&i| i < bits) {
+                b.set(i, true);
+            }
+            let len = bits.div_ceil(8) + pad;
+            let bytes = encode_bitmap(&b, len);
+            proptest::prop_assert_eq!(bytes.len(), len);
+            for i in 0..bits {
+                proptest::prop_assert_eq!(bytes[i / 8] >> (i % 8) & 1 == 1, b[i]);
+            }
+            proptest::prop_assert!(bytes[bits.div_ceil(8)..].iter().all(|&x| x == 0));
+            proptest::prop_assert_eq!(decode_bitmap(&bytes, bits as u64), b);
+        }
     }
 }

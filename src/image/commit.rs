@@ -218,7 +218,6 @@ impl Image {
         let next_seq = self.header_seq() + geo.journal_len / META_BLOCK;
         self.write_header(e, |h| {
             h.journal_seq = next_seq;
-            h.used_chunks = snap.hwm;
             h.prefetch_cursor = cursor;
             if let Some(m) = mark {
                 h.initialised_end = h.initialised_end.max(m);

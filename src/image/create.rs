@@ -98,7 +98,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
     } else {
         None
     };
-    let r = create_on_with(storage.as_ref(), &geo, &base_str, base_format, compat, preset.as_deref());
+    let r = create_on_with(storage.as_ref(), &geo, &base_str, base_format, compat, preset.as_ref());
     if r.is_err() && mode == OpenMode::Create {
         let _ = std::fs::remove_file(path);
     }
@@ -110,14 +110,14 @@ pub fn create_on(s: &dyn Storage, geo: &Geometry, base: &str, fmt: BaseFormat) -
     create_on_with(s, geo, base, fmt, 0, None)
 }
 
-/// [`create_on`] with compatible feature bits and preset bitmap words.
+/// [`create_on`] with compatible feature bits and a preset bitmap.
 pub fn create_on_with(
     s: &dyn Storage,
     geo: &Geometry,
     base: &str,
     fmt: BaseFormat,
     compat: u64,
-    preset: Option<&[u64]>,
+    preset: Option<&crate::format::BitmapBits>,
 ) -> Result<(), ImageError> {
     let name = s.name().to_string();
     let io = |what: &'static str, offset: u64| {
@@ -139,8 +139,8 @@ pub fn create_on_with(
         s.write_at(&zeros[..n], off).map_err(io("metadata zeroing", off))?;
         off += n as u64;
     }
-    if let Some(words) = preset {
-        let b = crate::format::encode_bitmap(words, geo.bitmap_len as usize);
+    if let Some(bits) = preset {
+        let b = crate::format::encode_bitmap(bits, geo.bitmap_len as usize);
         s.write_at(&b, geo.bitmap_offset).map_err(io("bitmap write", geo.bitmap_offset))?;
     }
     let mut h: Header = geo.header(fmt, base);

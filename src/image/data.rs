@@ -264,13 +264,14 @@ impl Image {
         }
     }
 
-    /// Makes sure every chunk under `[off, off+len)` for which `want` says yes
-    /// is allocated, asking the storage to grow first when needed.
+    /// Makes sure every chunk under `[off, off+len)` is allocated, asking the
+    /// storage to grow first when needed. When no chunk is free, commits (so
+    /// chunks freed by discards come back) and tries again, a few times.
     pub(crate) async fn allocate_range<E: IoEngine>(&self, e: &E, off: u64, len: u64) -> Result<(), ImageError> {
         let mut tries = 0;
         loop {
             match self.try_allocate_range(off, len) {
-                Err(ImageError::Invalid { .. } | ImageError::Storage(StorageError::NoSpace { .. }))
+                Err(ImageError::NoFreeChunk { .. } | ImageError::Storage(StorageError::NoSpace { .. }))
                     if tries < FREED_RETRIES
                         && (tries == 0 || self.meta.persist.has_freed() || self.committing.load(Ordering::Acquire)) =>
                 {
@@ -305,10 +306,10 @@ impl Image {
                 continue;
             }
             let grow = |hwm: u32| s.ensure_size(geo.data_offset + hwm as u64 * cb);
-            let Some((p, hwm)) = self.meta.alloc.allocate(geo.chunks(), grow)? else {
-                return Err(ImageError::Invalid { path: self.name(), why: "no free chunk left".into() });
+            let Some(p) = self.meta.alloc.allocate(geo.chunks(), grow)? else {
+                return Err(ImageError::NoFreeChunk { path: self.name() });
             };
-            match self.meta.persist.install(&self.meta.table, c, p, hwm) {
+            match self.meta.persist.install(&self.meta.table, c, p) {
                 Ok(()) => {
                     self.stats.chunks_allocated.fetch_add(1, Ordering::Relaxed);
                 }
@@ -362,7 +363,7 @@ impl Image {
         io::punch(e, self.storage.as_ref(), off, self.meta.geo.chunk_bytes())
             .await
             .map_err(self.data_err("punch chunk", off))?;
-        self.meta.persist.unmap(&self.meta.table, c, p, self.meta.alloc.hwm());
+        self.meta.persist.unmap(&self.meta.table, c, p);
         Ok(())
     }
 

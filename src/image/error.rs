@@ -26,6 +26,11 @@ pub enum ImageError {
     Failed { path: String },
     #[error("{path}: {why}")]
     Invalid { path: String, why: String },
+    /// Every physical chunk is in use. Chunks freed by a discard come back
+    /// once its record is durable, so the allocator commits and tries again
+    /// on this error (and only on this one).
+    #[error("{path}: no free chunk left")]
+    NoFreeChunk { path: String },
 }
 
 impl ImageError {

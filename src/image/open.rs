@@ -34,7 +34,7 @@ pub(crate) struct Loaded {
     pub header: Header,
     pub geo: Geometry,
     pub table: Vec<u32>,
-    pub bitmap: Vec<u64>,
+    pub bitmap: format::BitmapBits,
     /// Journal blocks replayed (0 when the image was clean).
     pub replayed_blocks: u64,
     pub replayed_records: u64,

@@ -98,15 +98,15 @@ pub fn repair_metadata(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
     if done.is_empty() {
         return Ok(done);
     }
-    let hwm = meta::validate_table(&geo, &l.table, s.size())
+    meta::validate_table(&geo, &l.table, s.size())
         .map_err(|source| ImageError::Meta { path: s.name().to_string(), source })?;
-    write_checkpoint(s, &l, hwm)?;
+    write_checkpoint(s, &l)?;
     Ok(done)
 }
 
 /// Writes table and bitmap, syncs, then a clean header (next generation, its own
 /// slot) with the journal sequence past every block in the region, and syncs.
-fn write_checkpoint(s: &dyn Storage, l: &Loaded, hwm: u32) -> Result<(), ImageError> {
+fn write_checkpoint(s: &dyn Storage, l: &Loaded) -> Result<(), ImageError> {
     let io = |what: &'static str, offset: u64| {
         let path = s.name().to_string();
         move |source| ImageError::Io { path, what, offset, source }
@@ -124,7 +124,6 @@ fn write_checkpoint(s: &dyn Storage, l: &Loaded, hwm: u32) -> Result<(), ImageEr
     let mut h = l.header.clone();
     h.journal_seq += geo.journal_len / META_BLOCK;
     h.flags &= !FLAG_DIRTY;
-    h.used_chunks = hwm;
     h.generation += 1;
     let off = (h.generation % 2) * META_BLOCK;
     s.write_at(&h.encode(), off).map_err(io("header write", off))?;

@@ -3,7 +3,7 @@
 //! reads nor writes ever touch the base or the bitmap for them.
 
 use super::{Image, ImageError, MapKind, OpenOptions};
-use crate::format::{BaseFormat, Geometry};
+use crate::format::{BaseFormat, BitmapBits, Geometry};
 use crate::io::uring::Uring;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -39,23 +39,18 @@ fn data_extents(f: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-fn mark(words: &mut [u64], b: u64) {
-    words[(b / 64) as usize] |= 1 << (b % 64);
-}
-
 /// Reads `[start, start+len)` through `read` and marks all-zero blocks;
 /// blocks outside every scanned range are holes and marked as well.
 fn scan(
     geo: &Geometry,
     extents: &[(u64, u64)],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), ImageError>,
-) -> Result<(Vec<u64>, u64), ImageError> {
+) -> Result<(BitmapBits, u64), ImageError> {
     let bs = geo.block_size as u64;
     let blocks = geo.base_blocks();
     let base_size = geo.base_size.0;
-    let mut words = vec![0u64; blocks.div_ceil(64) as usize];
     // Start from "everything is a hole", then clear what has data.
-    let mut has_data = vec![false; blocks as usize];
+    let mut zeros = BitmapBits::repeat(true, blocks as usize);
     let mut buf = vec![0u8; (1 << 20).max(bs as usize)];
     for &(start, len) in extents {
         let first = start / bs;
@@ -70,31 +65,25 @@ fn scan(
             for i in 0..n {
                 let blk = &buf[i * bs as usize..(i + 1) * bs as usize];
                 if blk.iter().any(|&x| x != 0) {
-                    has_data[(b + i as u64) as usize] = true;
+                    zeros.set((b + i as u64) as usize, false);
                 }
             }
             b += n as u64;
         }
     }
-    let mut zero = 0;
-    for (b, d) in has_data.iter().enumerate() {
-        if !d {
-            mark(&mut words, b as u64);
-            zero += 1;
-        }
-    }
-    Ok((words, zero))
+    let zero = zeros.count_ones() as u64;
+    Ok((zeros, zero))
 }
 
-/// Bitmap words with the zero blocks of the base set, and their count.
-pub fn zero_blocks(base: &Path, fmt: BaseFormat, geo: &Geometry) -> Result<(Vec<u64>, u64), ImageError> {
+/// A bitmap with the zero blocks of the base set, and their count.
+pub fn zero_blocks(base: &Path, fmt: BaseFormat, geo: &Geometry) -> Result<(BitmapBits, u64), ImageError> {
     let name = base.display().to_string();
     let ioerr = |off: u64| {
         let name = name.clone();
         move |source| ImageError::Io { path: name, what: "zero scan", offset: off, source }
     };
     match fmt {
-        BaseFormat::None => Ok((Vec::new(), 0)),
+        BaseFormat::None => Ok((BitmapBits::new(), 0)),
         BaseFormat::Raw => {
             let f = File::open(base).map_err(ioerr(0))?;
             let extents = data_extents(&f, geo.base_size.0);

@@ -23,16 +23,11 @@ impl Allocator {
     }
 
     /// Takes a free chunk, or the next one past the high-water mark after
-    /// `grow(new_hwm)` confirmed the storage can hold it. Returns the chunk and
-    /// the high-water mark after the allocation.
-    pub fn allocate<E>(
-        &self,
-        limit: u64,
-        grow: impl FnOnce(u32) -> Result<(), E>,
-    ) -> Result<Option<(PhysChunk, u32)>, E> {
+    /// `grow(new_hwm)` confirmed the storage can hold it.
+    pub fn allocate<E>(&self, limit: u64, grow: impl FnOnce(u32) -> Result<(), E>) -> Result<Option<PhysChunk>, E> {
         let mut s = self.lock();
         if let Some(p) = s.free.pop_first() {
-            return Ok(Some((PhysChunk(p), s.hwm)));
+            return Ok(Some(PhysChunk(p)));
         }
         if s.hwm as u64 >= limit {
             return Ok(None);
@@ -40,7 +35,7 @@ impl Allocator {
         let p = s.hwm;
         grow(p + 1)?;
         s.hwm = p + 1;
-        Ok(Some((PhysChunk(p), s.hwm)))
+        Ok(Some(PhysChunk(p)))
     }
 
     /// Returns chunks that are free for reuse (their free record is durable, or
@@ -69,7 +64,7 @@ mod tests {
     fn freed_chunks_are_reused_before_growing() {
         let a = Allocator::new(3, vec![1]);
         let mut grown = Vec::new();
-        let (p, _) = a
+        let p = a
             .allocate::<()>(10, |n| {
                 grown.push(n);
                 Ok(())
@@ -78,14 +73,14 @@ mod tests {
             .unwrap();
         assert_eq!(p, PhysChunk(1));
         assert!(grown.is_empty());
-        let (p, hwm) = a
+        let p = a
             .allocate::<()>(10, |n| {
                 grown.push(n);
                 Ok(())
             })
             .unwrap()
             .unwrap();
-        assert_eq!((p, hwm), (PhysChunk(3), 4));
+        assert_eq!((p, a.hwm()), (PhysChunk(3), 4));
         assert_eq!(grown, vec![4]);
         assert!(a.allocate::<()>(4, |_| Ok(())).unwrap().is_none());
         assert_eq!(a.allocate(10, |_| Err("full")), Err("full"));

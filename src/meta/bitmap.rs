@@ -1,8 +1,20 @@
 //! The live copy-on-write bitmap: atomic words, read without locks.
 
 use crate::units::BlockIdx;
+use bitvec::order::Lsb0;
+use bitvec::slice::BitSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The bitmap the data path tests and sets concurrently, through `&self`.
+///
+/// Plain `AtomicU64` words rather than bitvec's atomic storage
+/// (`BitSlice<AtomicU64>`): a set bit publishes the block's data (a reader
+/// that sees it reads the image, so it must also see the completed write),
+/// which needs Release on set and Acquire on test, and bitvec performs every
+/// atomic access with `Ordering::Relaxed`. Its shared-reference writes are
+/// also one bit at a time (`set_aliased`), where a range here is one
+/// `fetch_or` per word. The persisted copy ([`crate::format::BitmapBits`]),
+/// only ever changed under a lock, is a bitvec.
 pub struct Bitmap {
     words: Vec<AtomicU64>,
     bits: u64,
@@ -57,17 +69,15 @@ pub fn word_masks(first: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
     })
 }
 
-/// Sets bits `first..first+count` of plain bitmap words holding `bits` bits
-/// (bit i is bit i%64 of word i/64). A range that does not end within `bits`
-/// (or within `words`) is refused before anything is set: Err carries the
+/// Sets bits `first..first+count` of a persisted bitmap, a word at a time
+/// (bitvec fills whole words). A range that does not end within `bits` (or
+/// within the bitmap) is refused before anything is set: Err carries the
 /// number of bits the range was checked against.
-pub fn set_range_in(words: &mut [u64], bits: u64, first: u64, count: u64) -> Result<(), u64> {
-    let limit = bits.min(words.len() as u64 * 64);
+pub fn set_range_in(map: &mut BitSlice<u64, Lsb0>, bits: u64, first: u64, count: u64) -> Result<(), u64> {
+    let limit = bits.min(map.len() as u64);
     match first.checked_add(count) {
         Some(end) if end <= limit => {
-            for (w, mask) in word_masks(first, end) {
-                words[w] |= mask;
-            }
+            map[first as usize..end as usize].fill(true);
             Ok(())
         }
         _ => Err(limit),
@@ -107,7 +117,8 @@ mod tests {
     }
 
     #[test]
-    fn plain_ranges_set_word_at_a_time_and_refuse_the_end() {
+    fn persisted_ranges_set_and_refuse_the_end() {
+        use crate::format::BitmapBits;
         let naive = |first: u64, count: u64, words: usize| {
             let mut v = vec![0u64; words];
             for b in first..first + count {
@@ -117,23 +128,24 @@ mod tests {
         };
         let bits = 200;
         for (first, count) in [(0, 0), (3, 4), (0, 64), (64, 64), (10, 54), (60, 70), (1, 198), (0, 200), (150, 50)] {
-            let mut v = vec![0u64; 4];
+            let mut v = BitmapBits::repeat(false, 200);
             assert_eq!(set_range_in(&mut v, bits, first, count), Ok(()), "{first}+{count}");
-            assert_eq!(v, naive(first, count, 4), "{first}+{count}");
+            assert_eq!(v.as_raw_slice(), naive(first, count, 4), "{first}+{count}");
         }
         // Ending exactly at the bit count is fine, one past is refused and
         // sets nothing; so is a range whose end overflows.
-        let mut v = vec![0u64; 4];
+        let mut v = BitmapBits::repeat(false, 200);
         assert_eq!(set_range_in(&mut v, bits, 199, 1), Ok(()));
-        assert_eq!(v[3], 1 << 7);
-        let mut v = vec![0u64; 4];
+        assert_eq!(v.as_raw_slice()[3], 1 << 7);
+        let mut v = BitmapBits::repeat(false, 200);
         assert_eq!(set_range_in(&mut v, bits, 150, 51), Err(200));
         assert_eq!(set_range_in(&mut v, bits, 200, 1), Err(200));
         assert_eq!(set_range_in(&mut v, bits, u64::MAX, 2), Err(200));
-        assert_eq!(v, vec![0; 4]);
-        // Fewer words than bits: bounded by the words, never indexed past them.
-        let mut v = vec![0u64; 1];
+        assert!(v.not_any());
+        // A shorter bitmap than the bit count: bounded by the bitmap, never
+        // indexed past it.
+        let mut v = BitmapBits::repeat(false, 64);
         assert_eq!(set_range_in(&mut v, bits, 60, 10), Err(64));
-        assert_eq!(v, vec![0]);
+        assert!(v.not_any());
     }
 }

@@ -25,7 +25,7 @@ pub use persist::{Batch, FreedChunk, Persist, Snapshot};
 pub use plan::{Piece, Source};
 pub use table::Table;
 
-use crate::format::{Geometry, Record};
+use crate::format::{BitmapBits, Geometry, Record};
 use crate::units::{BlockIdx, Bytes, ChunkIdx, PhysChunk};
 use thiserror::Error;
 
@@ -70,7 +70,7 @@ pub struct Meta {
 
 /// Applies journal records to plain vectors (used by replay before the live
 /// structures exist).
-pub fn apply_record(geo: &Geometry, table: &mut [u32], bitmap: &mut [u64], r: &Record) -> Result<(), MetaError> {
+pub fn apply_record(geo: &Geometry, table: &mut [u32], bitmap: &mut BitmapBits, r: &Record) -> Result<(), MetaError> {
     match *r {
         Record::TableSet { vchunk, entry, .. } => {
             let slot = table.get_mut(vchunk as usize).ok_or(MetaError::RecordOutOfRange(vchunk as u64))?;
@@ -112,7 +112,7 @@ pub fn validate_table(geo: &Geometry, table: &[u32], storage_size: u64) -> Resul
 
 impl Meta {
     /// Builds the in-memory metadata from validated table and bitmap contents.
-    pub fn new(geo: Geometry, table: Vec<u32>, bitmap: Vec<u64>, hwm: u32) -> Meta {
+    pub fn new(geo: Geometry, table: Vec<u32>, bitmap: BitmapBits, hwm: u32) -> Meta {
         Meta::with_progress(geo, table, bitmap, hwm, 0, false)
     }
 
@@ -120,7 +120,7 @@ impl Meta {
     pub fn with_progress(
         geo: Geometry,
         table: Vec<u32>,
-        bitmap: Vec<u64>,
+        bitmap: BitmapBits,
         hwm: u32,
         cursor: u64,
         prefetched: bool,
@@ -135,16 +135,16 @@ impl Meta {
             u
         };
         let free = used.iter().enumerate().filter(|(_, &u)| !u).map(|(i, _)| i as u32).collect();
-        let live = Bitmap::new(&bitmap, geo.base_blocks());
+        let live = Bitmap::new(bitmap.as_raw_slice(), geo.base_blocks());
         let cursor = cursor.min(geo.base_blocks());
         live.set_range(BlockIdx(0), cursor);
         Meta {
             table: Table::new(&table),
-            recorded: Bitmap::new(&bitmap, geo.base_blocks()),
+            recorded: Bitmap::new(bitmap.as_raw_slice(), geo.base_blocks()),
             bitmap: live,
             prefetch_cursor: std::sync::atomic::AtomicU64::new(cursor),
             all_present: std::sync::atomic::AtomicBool::new(prefetched),
-            persist: Persist::new(table, bitmap, hwm),
+            persist: Persist::new(table, bitmap),
             alloc: Allocator::new(hwm, free),
             locks: BlockLocks::default(),
             inflight: Inflight::default(),
@@ -270,13 +270,13 @@ mod tests {
         let geo = Geometry::new(&p).unwrap();
         assert_eq!(geo.base_blocks(), 200);
         let mut table = vec![0u32; geo.chunks() as usize];
-        let mut bitmap = vec![0u64; 4];
+        let mut bitmap = BitmapBits::repeat(false, 200);
         let set = |first, count| Record::BitmapSet { first, count };
         apply_record(&geo, &mut table, &mut bitmap, &set(60, 70)).unwrap();
-        assert_eq!(bitmap, vec![0xf << 60, u64::MAX, 0x3, 0]);
+        assert_eq!(bitmap.as_raw_slice(), [0xf << 60, u64::MAX, 0x3, 0]);
         apply_record(&geo, &mut table, &mut bitmap, &set(150, 50)).unwrap();
-        assert_eq!(bitmap[3], 0xff);
-        assert_eq!(bitmap[2], 0x3 | (u64::MAX << 22));
+        assert_eq!(bitmap.as_raw_slice()[3], 0xff);
+        assert_eq!(bitmap.as_raw_slice()[2], 0x3 | (u64::MAX << 22));
         let before = bitmap.clone();
         for (first, count) in [(150, 51), (200, 1), (u64::MAX, u32::MAX), (0, u32::MAX)] {
             assert_eq!(

@@ -4,15 +4,14 @@
 //! table record, neighbouring copied blocks give one bitmap run.
 
 use super::Table;
-use crate::format::Record;
+use crate::format::{BitmapBits, Record};
 use crate::units::{ChunkIdx, PhysChunk};
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 struct Inner {
     table: Vec<u32>,
-    bitmap: Vec<u64>,
-    hwm: u32,
+    bitmap: BitmapBits,
     dirty_chunks: BTreeMap<u32, ()>,
     /// Bitmap word index -> bits newly set since the last commit.
     new_bits: BTreeMap<u64, u64>,
@@ -56,17 +55,15 @@ impl Batch {
 /// The whole persist view, for a checkpoint.
 pub struct Snapshot {
     pub table: Vec<u32>,
-    pub bitmap: Vec<u64>,
-    pub hwm: u32,
+    pub bitmap: BitmapBits,
 }
 
 impl Persist {
-    pub fn new(table: Vec<u32>, bitmap: Vec<u64>, hwm: u32) -> Persist {
+    pub fn new(table: Vec<u32>, bitmap: BitmapBits) -> Persist {
         Persist {
             inner: Mutex::new(Inner {
                 table,
                 bitmap,
-                hwm,
                 dirty_chunks: BTreeMap::new(),
                 new_bits: BTreeMap::new(),
                 freed: Vec::new(),
@@ -85,28 +82,28 @@ impl Persist {
     /// records it here, both under this view's lock: the two change in the
     /// same order for every chunk, whatever the threads. Returns the chunk
     /// that won when another request mapped `c` first.
-    pub fn install(&self, table: &Table, c: ChunkIdx, p: PhysChunk, hwm: u32) -> Result<(), PhysChunk> {
+    pub fn install(&self, table: &Table, c: ChunkIdx, p: PhysChunk) -> Result<(), PhysChunk> {
         let mut s = self.lock();
         table.install(c, p)?;
-        set_entry_locked(&mut s, c.0, Some(p), hwm);
+        set_entry_locked(&mut s, c.0, Some(p));
         Ok(())
     }
 
     /// Unmaps guest chunk `c` in the live table if it still maps to `p`, and
     /// records the free (see [`Persist::install`]). Returns whether it did.
-    pub fn unmap(&self, table: &Table, c: ChunkIdx, p: PhysChunk, hwm: u32) -> bool {
+    pub fn unmap(&self, table: &Table, c: ChunkIdx, p: PhysChunk) -> bool {
         let mut s = self.lock();
         if !table.clear_if(c, p) {
             return false;
         }
-        set_entry_locked(&mut s, c.0, None, hwm);
+        set_entry_locked(&mut s, c.0, None);
         true
     }
 
     /// Records that guest chunk `vchunk` now maps to `p` (None: freed).
     #[cfg(test)]
-    fn set_entry(&self, vchunk: u64, p: Option<PhysChunk>, hwm: u32) {
-        set_entry_locked(&mut self.lock(), vchunk, p, hwm);
+    fn set_entry(&self, vchunk: u64, p: Option<PhysChunk>) {
+        set_entry_locked(&mut self.lock(), vchunk, p);
     }
 
     /// Records that bits `first..first+count` are set.
@@ -120,9 +117,10 @@ impl Persist {
                 f += n;
             }
         }
-        let end = first.saturating_add(count).min(s.bitmap.len() as u64 * 64);
+        // Word by word, to note which bits are new (the next batch's runs).
+        let end = first.saturating_add(count).min(s.bitmap.len() as u64);
         for (w, mask) in super::bitmap::word_masks(first, end) {
-            if let Some(word) = s.bitmap.get_mut(w) {
+            if let Some(word) = s.bitmap.as_raw_mut_slice().get_mut(w) {
                 let fresh = mask & !*word;
                 *word |= mask;
                 self.bits_recorded.fetch_add(fresh.count_ones() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -144,7 +142,7 @@ impl Persist {
     pub fn take_snapshot(&self) -> (Batch, Snapshot) {
         let mut s = self.lock();
         let batch = take_batch_locked(&mut s);
-        let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone(), hwm: s.hwm };
+        let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone() };
         (batch, snap)
     }
 
@@ -154,7 +152,7 @@ impl Persist {
     pub(crate) fn take_snapshot_and_volatile(&self) -> (Batch, Snapshot, Vec<Record>) {
         let mut s = self.lock();
         let batch = take_batch_locked(&mut s);
-        let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone(), hwm: s.hwm };
+        let snap = Snapshot { table: s.table.clone(), bitmap: s.bitmap.clone() };
         let recs = s.volatile.as_mut().map(std::mem::take).unwrap_or_default();
         (batch, snap, recs)
     }
@@ -221,7 +219,7 @@ impl Persist {
 }
 
 /// Records that guest chunk `vchunk` now maps to `p` (None: freed).
-fn set_entry_locked(s: &mut Inner, vchunk: u64, p: Option<PhysChunk>, hwm: u32) {
+fn set_entry_locked(s: &mut Inner, vchunk: u64, p: Option<PhysChunk>) {
     let v = vchunk as usize;
     let Some(old) = s.table.get(v).copied() else { return };
     if old != 0 && p.is_none() {
@@ -231,19 +229,16 @@ fn set_entry_locked(s: &mut Inner, vchunk: u64, p: Option<PhysChunk>, hwm: u32) 
     s.table[v] = entry;
     s.dirty_chunks.insert(vchunk as u32, ());
     s.pending_since.get_or_insert_with(std::time::Instant::now);
-    s.hwm = s.hwm.max(hwm);
-    let used = s.hwm;
     if let Some(vl) = s.volatile.as_mut() {
-        vl.push(Record::TableSet { vchunk: vchunk as u32, entry, used });
+        vl.push(Record::TableSet { vchunk: vchunk as u32, entry });
     }
 }
 
 fn take_batch_locked(s: &mut Inner) -> Batch {
     s.pending_since = None;
     let mut records = Vec::new();
-    let hwm = s.hwm;
     for (&v, _) in std::mem::take(&mut s.dirty_chunks).iter() {
-        records.push(Record::TableSet { vchunk: v, entry: s.table[v as usize], used: hwm });
+        records.push(Record::TableSet { vchunk: v, entry: s.table[v as usize] });
     }
     // Turn new bits into runs, merging across word boundaries.
     let mut run: Option<(u64, u64)> = None;
@@ -276,7 +271,7 @@ mod tests {
 
     #[test]
     fn bits_merge_into_runs() {
-        let p = Persist::new(vec![0; 4], vec![0; 4], 0);
+        let p = Persist::new(vec![0; 4], BitmapBits::repeat(false, 256));
         p.set_bits(60, 10);
         p.set_bits(70, 2);
         p.set_bits(100, 1);
@@ -291,32 +286,29 @@ mod tests {
 
     #[test]
     fn volatile_records_given_back_come_first() {
-        let p = Persist::new(vec![0; 4], vec![0; 1], 0);
+        let p = Persist::new(vec![0; 4], BitmapBits::repeat(false, 64));
         p.enable_volatile();
-        p.set_entry(1, Some(PhysChunk(0)), 1);
+        p.set_entry(1, Some(PhysChunk(0)));
         let taken = p.take_volatile();
         p.set_bits(3, 1);
         p.give_back_volatile(taken);
         let (_, snap, recs) = p.take_snapshot_and_volatile();
-        assert_eq!(
-            recs,
-            vec![Record::TableSet { vchunk: 1, entry: 1, used: 1 }, Record::BitmapSet { first: 3, count: 1 }]
-        );
-        assert_eq!((snap.table[1], snap.bitmap[0]), (1, 1 << 3));
+        assert_eq!(recs, vec![Record::TableSet { vchunk: 1, entry: 1 }, Record::BitmapSet { first: 3, count: 1 }]);
+        assert_eq!((snap.table[1], snap.bitmap.as_raw_slice()[0]), (1, 1 << 3));
         assert!(p.take_volatile().is_empty());
     }
 
     #[test]
     fn table_updates_merge_and_free_is_tracked() {
-        let p = Persist::new(vec![0; 4], vec![], 0);
-        p.set_entry(2, Some(PhysChunk(0)), 1);
-        p.set_entry(2, Some(PhysChunk(0)), 1);
-        p.set_entry(1, Some(PhysChunk(1)), 2);
+        let p = Persist::new(vec![0; 4], BitmapBits::new());
+        p.set_entry(2, Some(PhysChunk(0)));
+        p.set_entry(2, Some(PhysChunk(0)));
+        p.set_entry(1, Some(PhysChunk(1)));
         let b = p.take_batch();
         assert_eq!(b.records.len(), 2);
-        p.set_entry(2, None, 2);
+        p.set_entry(2, None);
         let b = p.take_batch();
-        assert_eq!(b.records, vec![Record::TableSet { vchunk: 2, entry: 0, used: 2 }]);
+        assert_eq!(b.records, vec![Record::TableSet { vchunk: 2, entry: 0 }]);
         assert_eq!(b.freed, vec![FreedChunk { phys: PhysChunk(0), vchunk: ChunkIdx(2) }]);
     }
 }

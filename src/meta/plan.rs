@@ -124,8 +124,8 @@ mod tests {
         })
         .unwrap();
         let chunks = g.chunks() as usize;
-        let words = g.base_blocks().div_ceil(64) as usize;
-        Meta::new(g, vec![0; chunks], vec![0; words], 0)
+        let bits = crate::format::BitmapBits::repeat(false, g.base_blocks() as usize);
+        Meta::new(g, vec![0; chunks], bits, 0)
     }
 
     #[test]

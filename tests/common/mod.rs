@@ -2,6 +2,8 @@
 //! deterministic data, and a flat model of the disk.
 #![allow(dead_code)]
 
+pub mod bin;
+
 use fvd::format::layout::CreateParams;
 use fvd::format::{BaseFormat, Geometry};
 use fvd::image::{create_on, Base, Image, OpenOptions};
