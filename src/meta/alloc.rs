@@ -64,22 +64,17 @@ mod tests {
     fn freed_chunks_are_reused_before_growing() {
         let a = Allocator::new(3, vec![1]);
         let mut grown = Vec::new();
-        let p = a
-            .allocate::<()>(10, |n| {
+        let mut take = |grown: &mut Vec<u32>| {
+            a.allocate::<()>(10, |n| {
                 grown.push(n);
                 Ok(())
             })
             .unwrap()
-            .unwrap();
-        assert_eq!(p, PhysChunk(1));
+            .unwrap()
+        };
+        assert_eq!(take(&mut grown), PhysChunk(1));
         assert!(grown.is_empty());
-        let p = a
-            .allocate::<()>(10, |n| {
-                grown.push(n);
-                Ok(())
-            })
-            .unwrap()
-            .unwrap();
+        let p = take(&mut grown);
         assert_eq!((p, a.hwm()), (PhysChunk(3), 4));
         assert_eq!(grown, vec![4]);
         assert!(a.allocate::<()>(4, |_| Ok(())).unwrap().is_none());

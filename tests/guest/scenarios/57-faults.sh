@@ -73,13 +73,20 @@ cmp <(dd if="$dev" bs=1M count=2 iflag=direct status=none) <(head -c $((2 * M)) 
 cmp <(dd if="$dev" bs=1M skip=3 count=5 iflag=direct status=none) <(tail -c $((5 * M)) "$WORK/a") ||
     fail "acknowledged data does not read back during the fault"
 
+# restart_checked IMAGE: stops device $id (its daemon may be dead), checks IMAGE,
+# starts it again; sets dev and id.
+restart_checked() {
+    local out
+    out=$("$FVD" stop -n "$id" --force 2>&1) || true
+    printf '%s\n' "$out"
+    run "$FVD" check "$1"
+    dev=$("$FVD" start "$1")
+    id=${dev#/dev/ublkb}
+}
+
 step "the fault is gone: stop, check, and every acknowledged write reads back"
 set_table "$healthy"
-out=$("$FVD" stop -n "$id" --force 2>&1) || true
-printf '%s\n' "$out"
-run "$FVD" check "$dm"
-dev=$("$FVD" start "$dm")
-id=${dev#/dev/ublkb}
+restart_checked "$dm"
 # Block 2 MiB may hold the old or the new 1 MiB (its overwrite failed); the rest is old.
 cmp <(dd if="$dev" bs=1M count=2 iflag=direct status=none) <(head -c $((2 * M)) "$WORK/a") ||
     fail "acknowledged data lost"
@@ -113,11 +120,7 @@ set_table "$healthy"
 blockdev --flushbufs "$dm"
 echo 3 >/proc/sys/vm/drop_caches
 rm -f /run/fvd/*.vlog
-out=$("$FVD" stop -n "$id" --force 2>&1) || true
-printf '%s\n' "$out"
-run "$FVD" check "$dm"
-dev=$("$FVD" start "$dm")
-id=${dev#/dev/ublkb}
+restart_checked "$dm"
 cmp <(dd if="$dev" bs=1M count=2 iflag=direct status=none) <(head -c $((2 * M)) "$WORK/a") ||
     fail "data acknowledged before the drop lost"
 cmp <(dd if="$dev" bs=1M skip=17 count=3 iflag=direct status=none) <(tail -c $((3 * M)) "$WORK/c") ||
@@ -179,11 +182,7 @@ cmp <(dd if="$dev" bs=1M count=64 iflag=direct status=none) "$WORK/d" ||
     fail "acknowledged data does not read back while the backing store is full"
 step "room again: restart, check, acknowledged data reads back"
 mount -o remount,size=1G "$WORK/small"
-out=$("$FVD" stop -n "$id" --force 2>&1) || true
-printf '%s\n' "$out"
-run "$FVD" check "$lv"
-dev=$("$FVD" start "$lv")
-id=${dev#/dev/ublkb}
+restart_checked "$lv"
 cmp <(dd if="$dev" bs=1M count=64 iflag=direct status=none) "$WORK/d" || fail "acknowledged data lost"
 dd if="$WORK/d" of="$dev" bs=1M seek=128 count=8 oflag=direct conv=fsync status=none
 cmp <(dd if="$dev" bs=1M skip=128 count=8 iflag=direct status=none) <(head -c $((8 * M)) "$WORK/d") ||
