@@ -17,7 +17,7 @@
 //! zeroing below it is durable (read the mark, sync, then write the header).
 
 use super::file::FileStorage;
-use super::lvm::blockdev;
+use super::blockdev;
 use super::{Storage, StorageError};
 use std::io;
 use std::os::fd::RawFd;

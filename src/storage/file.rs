@@ -1,5 +1,6 @@
 //! A file or block device as image storage.
 
+use super::blockdev::{self, ZeroMethod};
 use super::{Storage, StorageError};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,17 +34,7 @@ pub struct FileStorage {
     grow_lock: Mutex<()>,
     /// Block devices: how `punch` makes a range read as zeros (fallocate
     /// alone fails on most of them, LVs included).
-    zero: Option<super::lvm::blockdev::ZeroMethod>,
-}
-
-nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
-
-fn device_size(f: &File) -> io::Result<u64> {
-    let mut size = 0u64;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a
-    // live local; the descriptor is open for the duration of the call.
-    unsafe { blk_getsize64(f.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
-    Ok(size)
+    zero: Option<ZeroMethod>,
 }
 
 impl FileStorage {
@@ -73,14 +64,12 @@ impl FileStorage {
             lock_exclusive(&file, &name, is_block_device)?;
         }
         let size = if is_block_device {
-            device_size(&file).map_err(|source| StorageError::Open { path: name.clone(), source })?
+            blockdev::size(file.as_raw_fd()).map_err(|source| StorageError::Open { path: name.clone(), source })?
         } else {
             meta.len()
         };
-        let zero = is_block_device.then(|| {
-            use super::lvm::blockdev;
-            blockdev::ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd()))
-        });
+        let zero = is_block_device
+            .then(|| ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd())));
         Ok(FileStorage {
             file,
             direct: None,
@@ -200,7 +189,7 @@ impl Storage for FileStorage {
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         match &self.zero {
             Some(z) => z.zero(self.file.as_raw_fd(), off, len),
-            None => punch_fd(self.file.as_raw_fd(), off, len),
+            None => blockdev::punch_hole(self.file.as_raw_fd(), off, len),
         }
     }
 
@@ -225,22 +214,10 @@ impl Storage for FileStorage {
 
     fn has_data(&self, off: u64, len: u64) -> bool {
         if self.is_block_device {
-            return super::lvm::blockdev::has_nonzero(self, off, len);
+            return blockdev::has_nonzero(self, off, len);
         }
         // SAFETY: lseek on a descriptor we own; no memory is passed.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off as i64, libc::SEEK_DATA) };
         r >= 0 && (r as u64) < off + len
-    }
-}
-
-/// Punches a hole (the range then reads as zeros) without changing the size.
-pub fn punch_fd(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on a descriptor the caller owns; no memory is passed.
-    let r = unsafe { libc::fallocate(fd, mode, off as i64, len as i64) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }

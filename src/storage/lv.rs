@@ -42,7 +42,7 @@
 //! the serving daemon's counters ([`published_status`]).
 
 use super::file::FileStorage;
-use super::lvm::blockdev::{self, ZeroMethod};
+use super::blockdev::{self, ZeroMethod};
 use super::lvm::policy::{self, Policy};
 use super::lvm::{ExtendError, LvName, LvReport, Lvm};
 use super::{Storage, StorageError};
@@ -973,7 +973,7 @@ mod tests {
         }
         fn zero(&self, off: u64, len: u64) -> io::Result<()> {
             self.zeroed.lock().unwrap().push((off, len));
-            crate::storage::file::punch_fd(self.file.as_raw_fd(), off, len)
+            blockdev::punch_hole(self.file.as_raw_fd(), off, len)
         }
         fn new_space_is_zero(&self) -> bool {
             self.thin

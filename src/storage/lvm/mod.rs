@@ -1,7 +1,6 @@
-//! LVM logical volumes under an image: names, lvm2's tools, block device
-//! operations and the growth policy. [`super::lv::LvStorage`] puts them together.
+//! LVM logical volumes under an image: names, lvm2's tools and the growth
+//! policy (block device operations: [`super::blockdev`]). [`super::lv::LvStorage`] puts them together.
 
-pub mod blockdev;
 pub mod names;
 pub mod policy;
 pub mod tool;
