@@ -1,14 +1,13 @@
 //! A file or block device as image storage.
 
 use super::blockdev::{self, ZeroMethod};
+use super::grow::SteppedSize;
 use super::{Storage, StorageError};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 /// How to open storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +25,9 @@ pub struct FileStorage {
     /// The same file opened with O_DIRECT, for the data path (see `direct`).
     direct: Option<File>,
     path: String,
-    size: AtomicU64,
-    grow_unit: u64,
-    /// Growth never goes past this (the image's largest possible extent).
-    size_limit: AtomicU64,
+    /// The size, grown by the grow unit up to the image's largest extent.
+    size: SteppedSize,
     is_block_device: bool,
-    grow_lock: Mutex<()>,
     /// Block devices: how `punch` makes a range read as zeros (fallocate
     /// alone fails on most of them, LVs included).
     zero: Option<ZeroMethod>,
@@ -68,23 +64,20 @@ impl FileStorage {
         } else {
             meta.len()
         };
-        let zero = is_block_device
-            .then(|| ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd())));
+        let zero =
+            is_block_device.then(|| ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd())));
         Ok(FileStorage {
             file,
             direct: None,
             path: name,
-            size: AtomicU64::new(size),
-            grow_unit: Self::DEFAULT_GROW_UNIT,
-            size_limit: AtomicU64::new(u64::MAX),
+            size: SteppedSize::new(size, Self::DEFAULT_GROW_UNIT),
             is_block_device,
-            grow_lock: Mutex::new(()),
             zero,
         })
     }
 
     pub fn with_grow_unit(mut self, unit: u64) -> Self {
-        self.grow_unit = unit.max(4096);
+        self.size = self.size.with_unit(unit);
         self
     }
 
@@ -143,26 +136,16 @@ impl Storage for FileStorage {
     }
 
     fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.size.get()
     }
 
     fn ensure_size(&self, min: u64) -> Result<(), StorageError> {
-        if self.size() >= min {
-            return Ok(());
-        }
-        let _g = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let have = self.size();
-        if have >= min {
-            return Ok(());
-        }
-        if self.is_block_device {
-            return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
-        }
-        let want =
-            (min.div_ceil(self.grow_unit) * self.grow_unit).min(self.size_limit.load(Ordering::Acquire)).max(min);
-        self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
-        self.size.store(want, Ordering::Release);
-        Ok(())
+        self.size.ensure(min, u64::MAX, |have, want| {
+            if self.is_block_device {
+                return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
+            }
+            self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -202,7 +185,7 @@ impl Storage for FileStorage {
     }
 
     fn set_size_limit(&self, max: u64) {
-        self.size_limit.store(max, Ordering::Release);
+        self.size.set_limit(max);
     }
 
     fn allocated_bytes(&self) -> Option<u64> {

@@ -9,6 +9,7 @@
 pub mod blockdev;
 pub mod device;
 pub mod file;
+pub mod grow;
 pub mod lv;
 pub mod lvm;
 pub mod sim;

@@ -123,7 +123,6 @@ impl Shared {
             st.pool_warned = false;
         }
     }
-
 }
 
 #[cfg(test)]
@@ -160,7 +159,6 @@ mod tests {
         assert_eq!(at, s.size());
     }
 
-
     #[test]
     fn full_volume_group_gives_enospc_then_resumes() {
         let r = rig(8 * M, 6 * M);
@@ -193,7 +191,6 @@ mod tests {
         assert!(s.wait_idle(Duration::from_secs(5)));
         assert_eq!(status(&s)["state"], "ok");
     }
-
 
     #[test]
     fn background_retry_after_backoff() {

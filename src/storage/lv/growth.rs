@@ -88,7 +88,6 @@ impl Shared {
         }
         Ok(new)
     }
-
 }
 
 #[cfg(test)]

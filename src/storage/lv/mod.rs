@@ -48,14 +48,14 @@
 //! growth thread; `growth`: one growth and the zeroing of new space;
 //! `status`: the status and its publication.
 
+#[cfg(test)]
+mod fake;
 mod grower;
 mod growth;
 mod shared;
 mod status;
 mod volume;
 mod wait;
-#[cfg(test)]
-mod fake;
 
 pub use grower::MAX_BACKOFF;
 pub use status::published_status;

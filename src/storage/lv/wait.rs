@@ -87,7 +87,6 @@ impl Shared {
         }
         r
     }
-
 }
 
 #[cfg(test)]
