@@ -166,8 +166,17 @@ proptest! {
 
     #[test]
     fn lvs_report_parsers_never_panic(text in "[ -~|\\n]{0,400}") {
-        let _ = fvd::storage::lvm::tool::parse_report(&text);
-        let _ = fvd::storage::lvm::tool::parse_string_list(&text);
+        let _ = fvd::storage::lvm::report::parse_report(&text);
+        let _ = fvd::storage::lvm::filter::parse_string_list(&text);
+    }
+
+    #[test]
+    fn lvs_json_rows_never_panic(vals in proptest::collection::vec("\\PC{0,12}", 12)) {
+        let keys = fvd::storage::lvm::report::REPORT_FIELDS.split(',');
+        let row: serde_json::Map<String, serde_json::Value> =
+            keys.zip(vals).map(|(k, v)| (k.to_string(), serde_json::Value::String(v))).collect();
+        let text = serde_json::json!({"report": [{"lv": [row]}]}).to_string();
+        let _ = fvd::storage::lvm::report::parse_report(&text);
     }
 
     #[test]

@@ -16,22 +16,19 @@
 //! open ([`Storage::set_initialised_end`]); it writes a larger mark only after the
 //! zeroing below it is durable (read the mark, sync, then write the header).
 
+use super::blockdev;
 use super::file::FileStorage;
-use super::lvm::blockdev;
+use super::grow::SteppedSize;
 use super::{Storage, StorageError};
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 pub struct ZeroedDevice {
     inner: FileStorage,
-    /// Everything below this reads as zeros unless the image wrote it.
-    end: AtomicU64,
+    /// Everything below this reads as zeros unless the image wrote it; grown
+    /// by the grow unit, never past the device's end.
+    end: SteppedSize,
     device: u64,
-    grow_unit: u64,
-    limit: AtomicU64,
-    grow_lock: Mutex<()>,
 }
 
 impl ZeroedDevice {
@@ -46,11 +43,8 @@ impl ZeroedDevice {
         let device = inner.size();
         ZeroedDevice {
             inner,
-            end: AtomicU64::new(if format { 0 } else { device }),
+            end: SteppedSize::new(if format { 0 } else { device }, grow_unit.unwrap_or(Self::DEFAULT_GROW_UNIT)),
             device,
-            grow_unit: grow_unit.unwrap_or(Self::DEFAULT_GROW_UNIT).max(4096),
-            limit: AtomicU64::new(u64::MAX),
-            grow_lock: Mutex::new(()),
         }
     }
 }
@@ -61,32 +55,20 @@ impl Storage for ZeroedDevice {
     }
 
     fn size(&self) -> u64 {
-        self.end.load(Ordering::Acquire)
+        self.end.get()
     }
 
     fn ensure_size(&self, min: u64) -> Result<(), StorageError> {
-        if self.size() >= min {
-            return Ok(());
-        }
-        let _g = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let have = self.size();
-        if have >= min {
-            return Ok(());
-        }
-        if min > self.device {
-            return Err(StorageError::NoSpace { path: self.name().to_string(), want: min, have: self.device });
-        }
-        let want = (min.div_ceil(self.grow_unit) * self.grow_unit)
-            .min(self.limit.load(Ordering::Acquire))
-            .min(self.device)
-            .max(min);
-        self.inner.punch(have, want - have).map_err(|source| StorageError::Grow {
-            path: self.name().to_string(),
-            want,
-            source,
-        })?;
-        self.end.store(want, Ordering::Release);
-        Ok(())
+        self.end.ensure(min, self.device, |have, want| {
+            if min > self.device {
+                return Err(StorageError::NoSpace { path: self.name().to_string(), want: min, have: self.device });
+            }
+            self.inner.punch(have, want - have).map_err(|source| StorageError::Grow {
+                path: self.name().to_string(),
+                want,
+                source,
+            })
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -121,7 +103,7 @@ impl Storage for ZeroedDevice {
     }
 
     fn set_size_limit(&self, max: u64) {
-        self.limit.store(max, Ordering::Release);
+        self.end.set_limit(max);
     }
 
     fn status(&self) -> Option<serde_json::Value> {
@@ -141,6 +123,6 @@ impl Storage for ZeroedDevice {
     }
 
     fn set_initialised_end(&self, end: u64) {
-        self.end.store(end.min(self.device), Ordering::Release);
+        self.end.set(end.min(self.device));
     }
 }

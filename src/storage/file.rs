@@ -1,13 +1,13 @@
 //! A file or block device as image storage.
 
+use super::blockdev::{self, ZeroMethod};
+use super::grow::SteppedSize;
 use super::{Storage, StorageError};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 /// How to open storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,25 +25,12 @@ pub struct FileStorage {
     /// The same file opened with O_DIRECT, for the data path (see `direct`).
     direct: Option<File>,
     path: String,
-    size: AtomicU64,
-    grow_unit: u64,
-    /// Growth never goes past this (the image's largest possible extent).
-    size_limit: AtomicU64,
+    /// The size, grown by the grow unit up to the image's largest extent.
+    size: SteppedSize,
     is_block_device: bool,
-    grow_lock: Mutex<()>,
     /// Block devices: how `punch` makes a range read as zeros (fallocate
     /// alone fails on most of them, LVs included).
-    zero: Option<super::lvm::blockdev::ZeroMethod>,
-}
-
-nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
-
-fn device_size(f: &File) -> io::Result<u64> {
-    let mut size = 0u64;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a
-    // live local; the descriptor is open for the duration of the call.
-    unsafe { blk_getsize64(f.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
-    Ok(size)
+    zero: Option<ZeroMethod>,
 }
 
 impl FileStorage {
@@ -73,29 +60,24 @@ impl FileStorage {
             lock_exclusive(&file, &name, is_block_device)?;
         }
         let size = if is_block_device {
-            device_size(&file).map_err(|source| StorageError::Open { path: name.clone(), source })?
+            blockdev::size(file.as_raw_fd()).map_err(|source| StorageError::Open { path: name.clone(), source })?
         } else {
             meta.len()
         };
-        let zero = is_block_device.then(|| {
-            use super::lvm::blockdev;
-            blockdev::ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd()))
-        });
+        let zero =
+            is_block_device.then(|| ZeroMethod::probe(file.as_raw_fd(), blockdev::is_lvm_thin(file.as_raw_fd())));
         Ok(FileStorage {
             file,
             direct: None,
             path: name,
-            size: AtomicU64::new(size),
-            grow_unit: Self::DEFAULT_GROW_UNIT,
-            size_limit: AtomicU64::new(u64::MAX),
+            size: SteppedSize::new(size, Self::DEFAULT_GROW_UNIT),
             is_block_device,
-            grow_lock: Mutex::new(()),
             zero,
         })
     }
 
     pub fn with_grow_unit(mut self, unit: u64) -> Self {
-        self.grow_unit = unit.max(4096);
+        self.size = self.size.with_unit(unit);
         self
     }
 
@@ -154,26 +136,16 @@ impl Storage for FileStorage {
     }
 
     fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.size.get()
     }
 
     fn ensure_size(&self, min: u64) -> Result<(), StorageError> {
-        if self.size() >= min {
-            return Ok(());
-        }
-        let _g = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let have = self.size();
-        if have >= min {
-            return Ok(());
-        }
-        if self.is_block_device {
-            return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
-        }
-        let want =
-            (min.div_ceil(self.grow_unit) * self.grow_unit).min(self.size_limit.load(Ordering::Acquire)).max(min);
-        self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })?;
-        self.size.store(want, Ordering::Release);
-        Ok(())
+        self.size.ensure(min, u64::MAX, |have, want| {
+            if self.is_block_device {
+                return Err(StorageError::NoSpace { path: self.path.clone(), want: min, have });
+            }
+            self.file.set_len(want).map_err(|source| StorageError::Grow { path: self.path.clone(), want, source })
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -200,7 +172,7 @@ impl Storage for FileStorage {
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         match &self.zero {
             Some(z) => z.zero(self.file.as_raw_fd(), off, len),
-            None => punch_fd(self.file.as_raw_fd(), off, len),
+            None => blockdev::punch_hole(self.file.as_raw_fd(), off, len),
         }
     }
 
@@ -213,7 +185,7 @@ impl Storage for FileStorage {
     }
 
     fn set_size_limit(&self, max: u64) {
-        self.size_limit.store(max, Ordering::Release);
+        self.size.set_limit(max);
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
@@ -225,22 +197,10 @@ impl Storage for FileStorage {
 
     fn has_data(&self, off: u64, len: u64) -> bool {
         if self.is_block_device {
-            return super::lvm::blockdev::has_nonzero(self, off, len);
+            return blockdev::has_nonzero(self, off, len);
         }
         // SAFETY: lseek on a descriptor we own; no memory is passed.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off as i64, libc::SEEK_DATA) };
         r >= 0 && (r as u64) < off + len
-    }
-}
-
-/// Punches a hole (the range then reads as zeros) without changing the size.
-pub fn punch_fd(fd: RawFd, off: u64, len: u64) -> io::Result<()> {
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on a descriptor the caller owns; no memory is passed.
-    let r = unsafe { libc::fallocate(fd, mode, off as i64, len as i64) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }

@@ -6,8 +6,10 @@
 //! instead (see [`crate::io`]). The synchronous methods serve open, create,
 //! check and storage without a descriptor.
 
+pub mod blockdev;
 pub mod device;
 pub mod file;
+pub mod grow;
 pub mod lv;
 pub mod lvm;
 pub mod sim;
@@ -88,8 +90,10 @@ pub trait Storage: Send + Sync {
 #[derive(Debug, Clone, Copy)]
 pub struct StorageOptions {
     pub mode: OpenMode,
-    /// Growth step (files: 1 GiB by default, plain block devices: the zeroing step,
-    /// 64 MiB; LVs: see [`lv`]).
+    /// Growth step. Defaults: files 1 GiB ([`FileStorage::DEFAULT_GROW_UNIT`]);
+    /// plain block devices 64 MiB, the zeroing step ([`ZeroedDevice::DEFAULT_GROW_UNIT`]);
+    /// LVs 1 GiB ([`lvm::policy::DEFAULT_GROW_UNIT`]) unless $FVD_GROW_UNIT or the
+    /// LV's tag says otherwise (see [`lv`]).
     pub grow_unit: Option<u64>,
     /// O_DIRECT for the data path.
     pub direct: bool,

@@ -8,9 +8,6 @@ use super::DaemonError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Where the run dir is when $FVD_RUN_DIR does not say otherwise.
-pub const DEFAULT_RUN_DIR: &str = "/run/fvd";
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub struct DeviceState {
@@ -65,12 +62,9 @@ impl RunDir {
         RunDir { root: root.into() }
     }
 
-    /// /run/fvd, or $FVD_RUN_DIR.
+    /// /run/fvd, or $FVD_RUN_DIR (see [`crate::rundir`]).
     pub fn system() -> RunDir {
-        match std::env::var_os("FVD_RUN_DIR") {
-            Some(d) if !d.is_empty() => RunDir::new(d),
-            _ => RunDir::new(DEFAULT_RUN_DIR),
-        }
+        RunDir::new(crate::rundir::path())
     }
 
     pub fn root(&self) -> &Path {

@@ -83,6 +83,12 @@ impl LvName {
     pub fn sibling(&self, lv: &str) -> Result<LvName, String> {
         LvName::new(&self.vg, lv)
     }
+
+    /// lvm2's device-mapper name of the LV (`-` doubled inside names; the
+    /// inverse of [`split_dm_name`]).
+    pub fn dm_name(&self) -> String {
+        format!("{}-{}", self.vg.replace('-', "--"), self.lv.replace('-', "--"))
+    }
 }
 
 impl fmt::Display for LvName {
@@ -152,5 +158,8 @@ mod tests {
         assert_eq!(split_dm_name("-lv"), None);
         assert_eq!(split_dm_name("vg-"), None);
         assert_eq!(split_dm_name("luks-1234"), Some(("luks".into(), "1234".into())));
+        let n = LvName::new("fvd-test", "lin-x").unwrap();
+        assert_eq!(n.dm_name(), "fvd--test-lin--x");
+        assert_eq!(split_dm_name(&n.dm_name()), Some(("fvd-test".into(), "lin-x".into())));
     }
 }

@@ -1,0 +1,380 @@
+//! An image directly on an LVM logical volume (linear or thin), grown
+//! automatically through lvm2 as the image allocates chunks.
+//!
+//! # How growth works
+//!
+//! Allocation asks for space through [`Storage::ensure_size`] (the one place,
+//! see `Image::try_allocate_range`) before it records a chunk. Here that call
+//! only notes how far the image uses the LV (`used`) and returns at once when
+//! the space exists. A background thread (`fvd-lv-grow`, never an I/O thread)
+//! keeps between one and two grow units free past `used` (see
+//! [`super::lvm::policy`]): when less than one unit is free it runs
+//! `lvextend --size <bytes>b VG/LV`, confirms the new size from the block
+//! device itself (BLKGETSIZE64 on the open descriptor), makes the new space
+//! read as zeros when the LV does not guarantee it (a linear LV's new extents
+//! hold whatever the disk held; a thin LV's read as zeros), and only then
+//! publishes the new size.
+//!
+//! A write that needs space that is not there yet waits (on a condition
+//! variable) for that growth. When the volume group cannot give a whole unit,
+//! the growth falls back to the least size that holds what the write needs;
+//! when it cannot give even that, the waiting writes fail with ENOSPC
+//! ([`StorageError::NoSpace`]) and so do new ones for a second; everything
+//! else (reads, overwrites, writes into allocated chunks) goes on. The grower
+//! retries on the next need after that second, and in the background with a
+//! back-off, so writing resumes by itself once the administrator adds space
+//! (`vgextend`, or `lvextend` of a thin pool).
+//!
+//! # Crash safety
+//!
+//! Growth only ever extends the LV, and the engine records a chunk only after
+//! `ensure_size` returned, so a crash at any point of a growth leaves an image
+//! whose table names only space that existed; recovery punches everything past
+//! the highest used chunk, which also covers new space whose zeroing was cut
+//! short. `lvextend` runs with an absolute size, so a retry never grows twice.
+//!
+//! # Status
+//!
+//! [`Storage::status`] gives the LV, the sizes, the growth and wait counters,
+//! the ENOSPC condition and (thin LVs) the pool's data usage. A writable
+//! instance also publishes it in `<run dir>/lv/<dm name>.json` (the run dir
+//! is $FVD_RUN_DIR or /run/fvd), so that `fvd info` in another process shows
+//! the serving daemon's counters ([`published_status`]).
+//!
+//! # Files
+//!
+//! `volume`: the LV and lvm2's facts about it; `shared`: the state writers
+//! and the grower share; `wait`: a write waiting for space; `grower`: the
+//! growth thread; `growth`: one growth and the zeroing of new space;
+//! `status`: the status and its publication.
+
+#[cfg(test)]
+mod fake;
+mod grower;
+mod growth;
+mod shared;
+mod status;
+mod volume;
+mod wait;
+
+pub use grower::MAX_BACKOFF;
+pub use status::published_status;
+pub use volume::{LvmVolume, Volume, VolumeReport};
+pub use wait::{GROWTH_WAIT_MAX, HARD_RETRY};
+
+use super::file::FileStorage;
+use super::lvm::policy::{self, Policy};
+use super::lvm::LvName;
+use super::{blockdev, Storage, StorageError};
+use serde_json::Value;
+use shared::{Shared, State};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Image storage on an LVM logical volume.
+pub struct LvStorage {
+    inner: FileStorage,
+    sh: Arc<Shared>,
+    grower: Option<JoinHandle<()>>,
+}
+
+/// How an [`LvStorage`] is set up.
+#[derive(Debug, Clone)]
+pub struct LvOptions {
+    pub writable: bool,
+    /// Grow unit from the caller; else $FVD_GROW_UNIT, the LV's
+    /// `fvd-grow-unit=SIZE` tag, or 1 GiB.
+    pub grow_unit: Option<u64>,
+    /// Publish the status in the run dir (the real daemon and tools).
+    pub publish: bool,
+    /// Grow ahead of need (off for `fvd create`, which only needs room for
+    /// the metadata: the serving daemon grows ahead once writes come).
+    pub grow_ahead: bool,
+    pub hard_retry: Duration,
+}
+
+impl Default for LvOptions {
+    fn default() -> Self {
+        LvOptions { writable: true, grow_unit: None, publish: true, grow_ahead: true, hard_retry: HARD_RETRY }
+    }
+}
+
+impl LvStorage {
+    /// Storage on the LV behind `inner` (an open block device), or `Ok(None)`
+    /// when that device is not an LVM logical volume.
+    pub fn detect(inner: FileStorage, o: &LvOptions) -> Result<Result<LvStorage, FileStorage>, StorageError> {
+        let fd = match inner.raw_fd() {
+            Some(fd) if inner.is_block_device() => fd,
+            _ => return Ok(Err(inner)),
+        };
+        let name = inner.name().to_string();
+        match LvmVolume::identify(fd) {
+            Ok(None) => Ok(Err(inner)),
+            Ok(Some((vol, rep))) => {
+                let tag = rep.grow_unit_tag();
+                let env = std::env::var("FVD_GROW_UNIT").ok();
+                let (unit, from) = policy::choose_unit(o.grow_unit, env.as_deref(), tag)
+                    .map_err(|e| StorageError::Open { path: name.clone(), source: io::Error::other(e) })?;
+                if !rep.is_active() {
+                    tracing::warn!(lv = %vol.lv(), "the LV is not marked active");
+                }
+                let o = LvOptions { grow_unit: Some(unit), ..o.clone() };
+                LvStorage::with_volume(inner, Box::new(vol), rep.extent_size, &o, from).map(Ok)
+            }
+            Err(e) => {
+                // Served at its current size, like any block device.
+                tracing::warn!(
+                    device = %name,
+                    error = %e,
+                    "the device is an LVM logical volume but lvm2 could not describe it: it will not grow"
+                );
+                Ok(Err(inner))
+            }
+        }
+    }
+
+    /// Storage on `inner` with `vol` as its volume (tests pass a stand-in).
+    pub fn with_volume(
+        inner: FileStorage,
+        vol: Box<dyn Volume>,
+        extent: u64,
+        o: &LvOptions,
+        unit_from: &'static str,
+    ) -> Result<LvStorage, StorageError> {
+        let path = inner.name().to_string();
+        let size = vol.device_size().map_err(|source| StorageError::Open { path: path.clone(), source })?;
+        let policy = Policy::new(o.grow_unit.unwrap_or(policy::DEFAULT_GROW_UNIT), extent);
+        let status_file = (o.writable && o.publish).then(|| status::status_path(vol.lv()));
+        let sh = Arc::new(Shared {
+            path,
+            vol,
+            policy,
+            unit_from,
+            initial: size,
+            size: AtomicU64::new(size),
+            st: Mutex::new(State { backoff: Duration::from_secs(1), ..Default::default() }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            hard_retry: o.hard_retry,
+            grow_ahead: o.grow_ahead,
+            status_file,
+        });
+        let grower = if o.writable {
+            let g = sh.clone();
+            let h = std::thread::Builder::new()
+                .name("fvd-lv-grow".into())
+                .spawn(move || g.run_grower())
+                .map_err(|source| StorageError::Open { path: sh.path.clone(), source })?;
+            Some(h)
+        } else {
+            None
+        };
+        tracing::info!(
+            device = %sh.path,
+            lv = %sh.vol.lv(),
+            kind = if sh.vol.is_thin() { "thin" } else { "linear" },
+            size,
+            grow_unit = sh.policy.unit,
+            grow_unit_from = unit_from,
+            zeroing = %sh.vol.zero_method(),
+            "image storage on an LVM logical volume"
+        );
+        let s = LvStorage { inner, sh, grower };
+        s.sh.publish();
+        Ok(s)
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.sh.policy
+    }
+
+    pub fn lv(&self) -> &LvName {
+        self.sh.vol.lv()
+    }
+
+    /// Waits until the grower has nothing left to do (tests, benchmarks).
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        loop {
+            {
+                let st = self.sh.lock();
+                let size = self.sh.size();
+                let pending = st.growing
+                    || st.used > size
+                    || (self.sh.grow_ahead
+                        && st.failure.is_none()
+                        && self.sh.policy.wants_growth(size, st.used)
+                        && st.used > 0);
+                if !pending {
+                    return true;
+                }
+            }
+            if t0.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for LvStorage {
+    fn drop(&mut self) {
+        self.sh.lock().stop = true;
+        self.sh.work.notify_all();
+        self.sh.done.notify_all();
+        if let Some(h) = self.grower.take() {
+            let _ = h.join();
+        }
+        if let Some(p) = &self.sh.status_file {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Storage for LvStorage {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn size(&self) -> u64 {
+        self.sh.size()
+    }
+
+    fn ensure_size(&self, min: u64) -> Result<(), StorageError> {
+        self.sh.ensure(min, self.grower.is_some())
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.sh.vol.zero(off, len)
+    }
+
+    fn sync_punch(&self) -> bool {
+        true
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.inner.raw_fd()
+    }
+
+    /// A linear LV occupies its whole size; a thin LV what the pool maps for it.
+    fn allocated_bytes(&self) -> Option<u64> {
+        if !self.sh.vol.is_thin() {
+            return Some(self.size());
+        }
+        let r = self.sh.vol.report().ok()?;
+        r.lv_data_percent.map(|p| (r.lv_size as f64 * p / 100.0) as u64)
+    }
+
+    /// See [`blockdev::has_nonzero`].
+    fn has_data(&self, off: u64, len: u64) -> bool {
+        blockdev::has_nonzero(&self.inner, off, len)
+    }
+
+    fn status(&self) -> Option<Value> {
+        Some(self.sh.status(self.grower.is_some()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{rig, M};
+    use super::*;
+    use crate::storage::OpenMode;
+
+    #[test]
+    fn read_only_never_grows() {
+        let r = rig(8 * M, 1 << 30);
+        let inner = FileStorage::open(&r.path, OpenMode::ReadOnly).unwrap();
+        let vol = r.volume(false, Duration::ZERO, false);
+        let o = LvOptions { writable: false, grow_unit: Some(4 * M), publish: false, ..Default::default() };
+        let s = LvStorage::with_volume(inner, Box::new(vol), M, &o, "test").unwrap();
+        s.ensure_size(8 * M).unwrap();
+        assert!(matches!(s.ensure_size(9 * M), Err(StorageError::NoSpace { .. })));
+        assert!(r.extends.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn punch_and_has_data() {
+        let r = rig(8 * M, 0);
+        let s = r.open(4 * M, Duration::ZERO, false);
+        assert!(s.sync_punch());
+        s.write_at(&[7u8; 4096], 2 * M).unwrap();
+        assert!(s.has_data(2 * M, M));
+        assert!(!s.has_data(3 * M, M));
+        s.punch(2 * M, M).unwrap();
+        assert!(!s.has_data(2 * M, M));
+        let mut b = [1u8; 16];
+        s.read_at(&mut b, 2 * M).unwrap();
+        assert_eq!(b, [0u8; 16]);
+        assert!(s.has_data(0, 16 * M), "large ranges are not read");
+    }
+
+    /// The whole engine over a growing LV: create on a volume smaller than
+    /// the metadata, write sequentially, reopen, check.
+    #[test]
+    fn image_on_a_growing_volume() {
+        use crate::format::{layout::CreateParams, BaseFormat, Geometry};
+        use crate::image::{create_on, CreateOptions, Image, OpenOptions};
+        let r = rig(4 * M, 1 << 30);
+        let unit = 8 * M;
+        let geo = {
+            let d = CreateOptions::default();
+            Geometry::new(&CreateParams {
+                virtual_size: 1 << 30,
+                block_size: d.block_size,
+                chunk_size: d.chunk_size,
+                base_size: 0,
+                journal_len: d.journal_size,
+            })
+            .unwrap()
+        };
+        {
+            let s = r.open(unit, Duration::ZERO, false);
+            assert!(geo.data_offset > s.size());
+            create_on(&s, &geo, "", BaseFormat::None).unwrap();
+            assert!(s.size() >= geo.data_offset);
+        }
+        let data: Vec<u8> = (0..48 * M).map(|i| (i * 7 + i / 4096) as u8).collect();
+        {
+            let s = r.open(unit, Duration::from_millis(2), false);
+            let img = Image::open_on(&r.path, Box::new(s), None, &OpenOptions::default()).unwrap();
+            let ring = crate::io::uring::Uring::new(64).unwrap();
+            for (i, piece) in data.chunks(M as usize).enumerate() {
+                let buf = crate::io::AlignedBuf::from_slice(piece);
+                ring.block_on(img.write(&ring, i as u64 * M, &buf, false)).unwrap().unwrap();
+            }
+            ring.block_on(img.flush(&ring)).unwrap().unwrap();
+            let v = img.storage().status().unwrap();
+            let size = img.storage().size();
+            let used = v["used"].as_u64().unwrap();
+            assert!(size - used >= unit && size - used < 2 * unit, "{v}");
+            assert_eq!(v["units-added"].as_u64().unwrap() * unit, size - v["initial-size"].as_u64().unwrap(), "{v}");
+            img.close().unwrap();
+        }
+        let s = r.open(unit, Duration::ZERO, false);
+        let rep = crate::image::check(&s);
+        assert_eq!(rep.exit_code(), 0, "{rep:?}");
+        let img =
+            Image::open_on(&r.path, Box::new(s), None, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let ring = crate::io::uring::Uring::new(64).unwrap();
+        let mut back = crate::io::AlignedBuf::zeroed(data.len());
+        ring.block_on(img.read(&ring, 0, &mut back)).unwrap().unwrap();
+        assert!(back[..] == data[..]);
+    }
+}
