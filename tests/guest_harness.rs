@@ -32,9 +32,16 @@ case $FAKE_VNG_MODE in
             exit 255
         fi ;;
     die-after-start)
-        bash -c "$exec_cmd" >/dev/null 2>&1
-        # The entry script sits in target/guest-results/.boot; every status goes.
-        find "$(dirname "$(dirname "${exec_cmd#bash }")")" -name status -delete
+        # The entry script sits in target/guest-results/.boot: once a scenario has
+        # started, the "guest" dies with everything in it.
+        root=$(dirname "$(dirname "${exec_cmd#bash }")")
+        setsid bash -c "$exec_cmd" >/dev/null 2>&1 &
+        guest=$!
+        for _ in $(seq 200); do
+            compgen -G "$root/*/started" >/dev/null && break
+            sleep 0.05
+        done
+        kill -9 -- "-$guest" 2>/dev/null || kill -9 "$guest"
         echo "qemu-system-x86_64: aborted after the scenario started" >&2
         exit 255 ;;
 esac
@@ -62,6 +69,7 @@ fn tree() -> Tree {
     fs::copy(src.join("tests/guest/run"), root.join("tests/guest/run")).unwrap();
     fs::copy(src.join("tests/guest/lib.sh"), root.join("tests/guest/lib.sh")).unwrap();
     fs::write(scen.join("pass.sh"), "step 'scenario ran'\necho ran >\"$RESULTS/ran\"\n").unwrap();
+    fs::write(scen.join("slow.sh"), "step 'scenario ran'\nsleep 5\n").unwrap();
     fs::write(scen.join("pass2.sh"), "step 'scenario ran'\necho ran >\"$RESULTS/ran\"\n").unwrap();
     fs::write(scen.join("four-cpus.sh"), "# cpus: 4\nstep 'scenario ran'\necho ran >\"$RESULTS/ran\"\n").unwrap();
     fs::write(scen.join("fails.sh"), "step 'scenario ran'\nfail 'the scenario failed on purpose'\n").unwrap();
@@ -173,11 +181,11 @@ fn a_guest_that_dies_after_the_scenario_started_is_not_retried() {
         return;
     }
     let t = tree();
-    let r = run(&t, "die-after-start", "pass");
+    let r = run(&t, "die-after-start", "slow");
     assert!(!r.ok, "{}", r.out);
     assert_eq!(r.boots, 1, "{}", r.out);
     assert!(!r.out.contains("RETRY"), "{}", r.out);
-    assert!(r.out.contains("FAIL pass"), "{}", r.out);
+    assert!(r.out.contains("FAIL slow") && r.out.contains("the guest died or hung during the scenario"), "{}", r.out);
 }
 
 #[test]

@@ -1,13 +1,15 @@
 # shellcheck shell=bash
-# The same fio jobs on an fvd image without a table, an fvd image with the
-# default layout, and the kernel loop device, each on a file in the same
-# guest file system. Prints a table with ratios to loop into $RESULTS/perf.txt.
-# A fourth column, the default layout with its run dir off tmpfs (so no
-# volatile log: allocations are journaled before writes complete), shows what
-# the volatile log saves.
-# Nothing is asserted: under software emulation the numbers only compare
-# these three with each other.
-# timeout: 900
+# The peer benchmark: the same fio jobs, in one boot, on the kernel loop device (direct
+# I/O), rublk's loop target (a libublk server, the same ublk path fvd takes; built pinned
+# by scripts/setup-guest into target/rublk) and fvd: no table, the default layout, the
+# default layout with its run dir off tmpfs (no volatile log: allocations are journaled
+# before writes complete), and copy-on-write over a base. One more job: 4 KiB random
+# first writes on a fresh image, where most writes allocate. Every backing file sits on
+# the guest's tmpfs. Prints IOPS or MiB/s, p99 latency and the ratios to rublk and to
+# loop into $RESULTS/perf.txt (and JSON in perf.json).
+# Nothing is asserted: under software emulation the numbers only compare these with
+# each other, within this boot.
+# timeout: 1200
 
 need_fvd
 modprobe_ublk
@@ -32,6 +34,32 @@ jobs() {
     done
 }
 
+# cow_jobs DEV TAG: over a base, random reads first (from the base), then random
+# writes (each first write to a block copies the block's rest from the base).
+cow_jobs() {
+    local dev=$1 tag=$2 rw
+    for rw in randread randwrite; do
+        fio --name=$rw-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=$rw --bs=4k \
+            --iodepth=32 --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=1 \
+            --output-format=json --output="$RESULTS/$tag-$rw-4k.json"
+    done
+}
+
+RUBLK=$FVD_ROOT/target/rublk/bin/rublk
+if [[ -x $RUBLK ]]; then
+    step "rublk loop ($("$RUBLK" --version)), $(nproc) queues, direct I/O on a raw file"
+    truncate -s $SIZE "$WORK/rublk.raw"
+    "$RUBLK" add loop -n 9 -q "$(nproc)" -f "$WORK/rublk.raw" --quiet >"$RESULTS/rublk-add.txt" 2>&1 ||
+        fail "rublk add loop failed: $(cat "$RESULTS/rublk-add.txt")"
+    at_exit "\"$RUBLK\" del -n 9 >/dev/null 2>&1 || true"
+    wait_for_path /dev/ublkb9 10 || fail "rublk's /dev/ublkb9 did not appear"
+    jobs /dev/ublkb9 rublk
+    "$RUBLK" del -n 9
+    rm -f "$WORK/rublk.raw"
+else
+    printf 'rublk not built (target/rublk/bin/rublk: scripts/setup-guest builds it): no rublk column\n'
+fi
+
 step "loop device on a raw file"
 truncate -s $SIZE "$WORK/loop.raw"
 loop=$(losetup -f --show "$WORK/loop.raw")
@@ -39,37 +67,77 @@ jobs "$loop" loop
 losetup -d "$loop"
 rm -f "$WORK/loop.raw"
 
-for kind in notable default journaled; do
-    step "fvd, $kind layout"
+head -c $SIZE /dev/urandom >"$WORK/base.raw"
+for kind in notable default journaled cow; do
+    step "fvd, $kind"
     img=$WORK/$kind.fvd
-    if [[ $kind == notable ]]; then
-        "$FVD" create --no-table -s $SIZE "$img" >/dev/null
-    else
-        "$FVD" create -s $SIZE "$img" >/dev/null
-    fi
+    case $kind in
+        notable) "$FVD" create --no-table -s $SIZE "$img" >/dev/null ;;
+        cow) "$FVD" create --base "$WORK/base.raw" "$img" >/dev/null ;;
+        *) "$FVD" create -s $SIZE "$img" >/dev/null ;;
+    esac
     rundir=/run/fvd
     [[ $kind == journaled ]] && rundir=$RESULTS/run # 9p: not tmpfs
     dev=$(FVD_RUN_DIR=$rundir "$FVD" start "$img")
-    jobs "$dev" "fvd-$kind"
+    if [[ $kind == cow ]]; then
+        # Reads first, from the base; then writes, each copying its block's rest.
+        cow_jobs "$dev" "fvd-$kind"
+    else
+        jobs "$dev" "fvd-$kind"
+    fi
     FVD_RUN_DIR=$rundir "$FVD" stop -n "${dev#/dev/ublkb}" >/dev/null
     "$FVD" check "$img" >/dev/null
     rm -f "$img"
 done
+rm -f "$WORK/base.raw"
+
+# 64 GiB virtual: in a run of this length more than half the writes land in a chunk not
+# yet allocated (the file stays sparse: only the written 4 KiB take memory).
+step "fvd, first writes: 4 KiB random writes on a fresh 64 GiB image (most allocate a chunk)"
+"$FVD" create -s 64G "$WORK/alloc.fvd" >/dev/null
+dev=$("$FVD" start "$WORK/alloc.fvd")
+fio --name=alloc-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=32 --size=64G --time_based --runtime="$RUNTIME" --norandommap --randrepeat=0 \
+    --output-format=json --output="$RESULTS/fvd-default-alloc-4k.json"
+"$FVD" stop -n "${dev#/dev/ublkb}" >/dev/null
+"$FVD" check "$WORK/alloc.fvd" | tail -n 1
+rm -f "$WORK/alloc.fvd"
 
 step "table"
 python3 - "$RESULTS" "$(uname -r)" "$(nproc)" <<'PY' | tee "$RESULTS/perf.txt"
-import json, sys
+import json, os, sys
 res, kernel, cpus = sys.argv[1], sys.argv[2], sys.argv[3]
 def value(tag, job):
-    j = json.load(open(f"{res}/{tag}-{job}.json"))["jobs"][0]
+    path = f"{res}/{tag}-{job}.json"
+    if not os.path.exists(path):
+        return None
+    j = json.load(open(path))["jobs"][0]
     side = j["read"] if job.startswith("randread") else j["write"]
-    return side["bw"] / 1024 if job.startswith("seq") else side["iops"]
-jobs = [("randwrite-4k", "IOPS"), ("randread-4k", "IOPS"), ("seqwrite-1M", "MiB/s")]
+    v = side["bw"] / 1024 if job.startswith("seq") else side["iops"]
+    p99 = side["clat_ns"]["percentile"].get("99.000000", 0) / 1000
+    return v, p99
+targets = [("loop", "loop"), ("rublk", "rublk loop"), ("fvd-notable", "fvd no-table"),
+           ("fvd-default", "fvd default"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow")]
+jobs = [("randwrite-4k", "IOPS"), ("randread-4k", "IOPS"), ("seqwrite-1M", "MiB/s"), ("alloc-4k", "IOPS")]
 print(f"fio in a TCG guest (kernel {kernel}, {cpus} CPUs); backing files on the guest's tmpfs")
-print(f"{'job':<14}{'unit':>6}{'loop':>9}{'fvd no-table':>14}{'fvd default':>13}{'no-table/loop':>15}"
-      f"{'default/loop':>14}{'journaled':>11}{'journaled/loop':>16}")
+print("value, p99 latency in us, ratio to rublk, ratio to loop ('-': not run)")
+print(f"{'job':<14}{'unit':>6} {'target':<15}{'value':>9}{'p99 us':>9}{'/rublk':>8}{'/loop':>7}")
+out = {}
 for job, unit in jobs:
-    l, n, d, z = (value(t, job) for t in ("loop", "fvd-notable", "fvd-default", "fvd-journaled"))
-    print(f"{job:<14}{unit:>6}{l:>9.0f}{n:>14.0f}{d:>13.0f}{n / l:>15.2f}{d / l:>14.2f}{z:>11.0f}{z / l:>16.2f}")
+    base = {t: value(t, job) for t, _ in targets}
+    for t, name in targets:
+        v = base[t]
+        if v is None:
+            continue
+        r = base.get("rublk")
+        l = base.get("loop")
+        vs_r = f"{v[0] / r[0]:.2f}" if r else "-"
+        vs_l = f"{v[0] / l[0]:.2f}" if l else "-"
+        print(f"{job:<14}{unit:>6} {name:<15}{v[0]:>9.0f}{v[1]:>9.0f}{vs_r:>8}{vs_l:>7}")
+        out.setdefault(job, {})[t] = {"value": v[0], "p99_us": v[1], "unit": unit}
+a, o = value("fvd-default", "alloc-4k"), value("fvd-default", "randwrite-4k")
+if a and o:
+    print(f"fvd default: 4k first writes (allocating) / 4k overwrites = {a[0] / o[0]:.2f}")
+json.dump({"kernel": kernel, "cpus": int(cpus), "jobs": out}, open(f"{res}/perf.json", "w"), indent=1)
 PY
 step "ok"
