@@ -64,7 +64,7 @@ mod tests {
     fn freed_chunks_are_reused_before_growing() {
         let a = Allocator::new(3, vec![1]);
         let mut grown = Vec::new();
-        let mut take = |grown: &mut Vec<u32>| {
+        let take = |grown: &mut Vec<u32>| {
             a.allocate::<()>(10, |n| {
                 grown.push(n);
                 Ok(())
