@@ -135,24 +135,19 @@ pub fn check(s: &dyn Storage) -> CheckReport {
                     r.leaked_chunks.push(p as u32);
                 }
             }
-            if !r.leaked_chunks.is_empty() && r.dirty {
+            let n = r.leaked_chunks.len();
+            let bytes = n as u64 * cb;
+            if n > 0 && r.dirty {
                 // What a crash leaves: data written before its record was
                 // durable. The recovery at the next read-write open wipes
                 // every such chunk, so it is not a leak of a closed image.
                 r.notes.push(format!(
-                    "{}: {} chunk(s) hold data that no durable record names ({} bytes); \
+                    "{}: {n} chunk(s) hold data that no durable record names ({bytes} bytes); \
                      the recovery at the next read-write open wipes them",
-                    s.name(),
-                    r.leaked_chunks.len(),
-                    r.leaked_chunks.len() as u64 * cb
+                    s.name()
                 ));
-            } else if !r.leaked_chunks.is_empty() {
-                r.leaks.push(format!(
-                    "{}: {} unreferenced chunk(s) still occupy storage ({} bytes)",
-                    s.name(),
-                    r.leaked_chunks.len(),
-                    r.leaked_chunks.len() as u64 * cb
-                ));
+            } else if n > 0 {
+                r.leaks.push(format!("{}: {n} unreferenced chunk(s) still occupy storage ({bytes} bytes)", s.name()));
             }
         }
     }
