@@ -22,6 +22,8 @@
 #   start_udev             make sure systemd-udevd runs (start it, trigger, settle if not)
 #   udev_settle            wait for udev's queue to drain
 #   run CMD...             print "+ CMD..." and run it
+#   timed CMD...           run CMD, print how long it took; sets rc (its exit status) and
+#                          took_ms, never fails itself
 #   fvd_prelude            need_fvd + ublk loaded + info logging + the daemons' logs kept
 #   lv_prelude             fvd_prelude + dm, udev, loop devices
 #   make_vg VG SIZE        a volume group on a sparse file behind a loop device, gone at exit
@@ -53,6 +55,14 @@ need_fvd() {
 run() {
     printf '+ %s\n' "$*"
     "$@"
+}
+
+timed() {
+    local t0=${EPOCHREALTIME/./}
+    rc=0
+    "$@" || rc=$?
+    took_ms=$(((${EPOCHREALTIME/./} - t0) / 1000))
+    printf '  -> exit %d after %d ms\n' "$rc" "$took_ms"
 }
 
 _AT_EXIT=()

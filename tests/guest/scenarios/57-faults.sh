@@ -29,15 +29,6 @@ at_exit "dmsetup remove -f fvdfault 2>/dev/null || true"
 dm=/dev/mapper/fvdfault
 set_table() { dmsetup suspend fvdfault && dmsetup load fvdfault --table "$1" && dmsetup resume fvdfault; }
 
-# timed CMD...: runs CMD, prints how long it took; its exit status is in $rc.
-timed() {
-    local t0=${EPOCHREALTIME/./}
-    rc=0
-    "$@" || rc=$?
-    took_ms=$(((${EPOCHREALTIME/./} - t0) / 1000))
-    printf '  -> exit %d after %d ms\n' "$rc" "$took_ms"
-}
-
 step "create on a device whose writes fail: one error, quickly"
 set_table "$faulty"
 timed timeout 120 "$FVD" create --size 128M "$dm"

@@ -15,14 +15,6 @@ lv_prelude
 export FVD_GROW_UNIT=32M
 M=$((1 << 20))
 
-timed() { # CMD... -> rc, took_ms
-    local t0=${EPOCHREALTIME/./}
-    rc=0
-    "$@" || rc=$?
-    took_ms=$(((${EPOCHREALTIME/./} - t0) / 1000))
-    printf '  -> exit %d after %d ms\n' "$rc" "$took_ms"
-}
-
 step "thin pool of 96 MiB (error when full), thin LV of 32 MiB, 1 GiB image"
 make_vg fvdtf 400M
 lvcreate -q -y -L 96M -T fvdtf/pool --errorwhenfull y
