@@ -10,6 +10,16 @@ pub const INCOMPAT_TABLE: u64 = 1;
 const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE;
 /// Flag: the image was not closed cleanly; replay the journal.
 pub const FLAG_DIRTY: u64 = 1;
+/// Flag: a snapshot layer. Its content is a point in time that overlays read
+/// through; a write-open is refused (a commit into it is the one exception).
+pub const FLAG_FROZEN: u64 = 1 << 1;
+/// Flag: a commit wrote into a layer below this one, so this layer no longer
+/// reads what it read when it was frozen. It is never opened again.
+pub const FLAG_INVALID: u64 = 1 << 2;
+/// Flag: a commit from this image into a layer of its chain is under way (or was
+/// interrupted): the layers below may change, so their identity checks are
+/// relaxed for this image's chain until the commit completes.
+pub const FLAG_COMMITTING: u64 = 1 << 3;
 /// Compatible feature: the whole base has been copied into the image; the base
 /// is never opened and the bitmap never consulted again.
 pub const COMPAT_PREFETCHED: u64 = 1;
@@ -20,6 +30,9 @@ pub const COMPAT_PREFETCH: u64 = 1 << 2;
 const CURSOR_OFF: usize = PATH_OFF + MAX_BASE_PATH;
 const SESSION_OFF: usize = CURSOR_OFF + 8;
 const INIT_END_OFF: usize = SESSION_OFF + 8;
+const UUID_OFF: usize = INIT_END_OFF + 8;
+const BASE_UUID_OFF: usize = UUID_OFF + 16;
+const BASE_PRINT_OFF: usize = BASE_UUID_OFF + 16;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -107,6 +120,14 @@ pub struct Header {
     /// has not written reads as zeros (0: not kept; the storage's unused space
     /// reads as zeros by itself).
     pub initialised_end: u64,
+    /// This image's identity, random at create (all zeros: an image from
+    /// before identities; overlays of it check its size only).
+    pub uuid: [u8; 16],
+    /// The identity of the base this image was created over (or rebased onto):
+    /// an fvd base's `uuid`; all zeros for a raw base or none recorded.
+    pub base_uuid: [u8; 16],
+    /// A raw base's fingerprint (see `image::identity`); 0 when not recorded.
+    pub base_fingerprint: u64,
 }
 
 impl Header {
@@ -122,10 +143,22 @@ impl Header {
         self.flags & FLAG_DIRTY != 0
     }
 
+    pub fn is_frozen(&self) -> bool {
+        self.flags & FLAG_FROZEN != 0
+    }
+
+    pub fn is_invalid(&self) -> bool {
+        self.flags & FLAG_INVALID != 0
+    }
+
+    pub fn is_committing(&self) -> bool {
+        self.flags & FLAG_COMMITTING != 0
+    }
+
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
     //           path_len rsvd rsvd(0, was used_chunks) rsvd generation path[1024] prefetch_cursor session
-    //           initialised_end pad crc32
+    //           initialised_end uuid[16] base_uuid[16] base_fingerprint pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -154,6 +187,9 @@ impl Header {
         put64(&mut b, CURSOR_OFF, self.prefetch_cursor);
         put64(&mut b, SESSION_OFF, self.session);
         put64(&mut b, INIT_END_OFF, self.initialised_end);
+        b[UUID_OFF..UUID_OFF + 16].copy_from_slice(&self.uuid);
+        b[BASE_UUID_OFF..BASE_UUID_OFF + 16].copy_from_slice(&self.base_uuid);
+        put64(&mut b, BASE_PRINT_OFF, self.base_fingerprint);
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -220,8 +256,32 @@ impl Header {
             prefetch_cursor: le_u64(b, CURSOR_OFF),
             session: le_u64(b, SESSION_OFF),
             initialised_end: le_u64(b, INIT_END_OFF),
+            uuid: uuid_at(b, UUID_OFF),
+            base_uuid: uuid_at(b, BASE_UUID_OFF),
+            base_fingerprint: le_u64(b, BASE_PRINT_OFF),
         })
     }
+}
+
+fn uuid_at(b: &[u8], off: usize) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&b[off..off + 16]);
+    u
+}
+
+/// A fresh random image identity (never all zeros).
+pub fn new_uuid() -> [u8; 16] {
+    let mut u: [u8; 16] = rand::random();
+    // RFC 4122 version 4, variant 1: what `uuidgen -r` prints.
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// The usual 8-4-4-4-12 text of a UUID.
+pub fn uuid_text(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 fn bad(field: &'static str, why: String) -> HeaderError {
@@ -260,6 +320,9 @@ pub(crate) fn sample() -> Header {
         prefetch_cursor: 5,
         session: 0xfeed,
         initialised_end: 0x30_0000,
+        uuid: [0x11; 16],
+        base_uuid: [0x22; 16],
+        base_fingerprint: 0xdead_beef_0bad_cafe,
     }
 }
 

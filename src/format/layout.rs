@@ -267,6 +267,9 @@ impl Geometry {
             prefetch_cursor: 0,
             session: 0,
             initialised_end: 0,
+            uuid: super::header::new_uuid(),
+            base_uuid: [0; 16],
+            base_fingerprint: 0,
         }
     }
 }

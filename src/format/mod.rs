@@ -56,7 +56,7 @@
 //! | 12   | 4    | header_len            | 4096                                                 |
 //! | 16   | 8    | incompatible features | bit 0: table present; other bits must be 0 to open   |
 //! | 24   | 8    | compatible features   | bit 0 prefetched (base fully copied: never opened again), bit 1 copy-on-read by default, bit 2 prefetch by default; unknown bits ignored |
-//! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal)|
+//! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal); bit 1: frozen (a snapshot layer: write-opens refused); bit 2: invalid (a commit changed a layer below it: never opened again); bit 3: committing (a commit from this image down its chain is under way: identity checks of the layers below are relaxed) |
 //! | 40   | 8    | virtual_size          | guest-visible bytes, multiple of 512                 |
 //! | 48   | 4    | block_size            | copy-on-write block, power of two, 4 KiB–1 MiB        |
 //! | 52   | 4    | chunk_size            | allocation unit, power-of-two multiple of the block, ≤ 64 MiB; 0 when the table is off |
@@ -79,6 +79,9 @@
 //! | 1176 | 8    | prefetch_cursor       | every base block below this index is in the image, whatever the bitmap says |
 //! | 1184 | 8    | session               | the writer whose volatile log (in RAM, see `image::volatile`) may extend the journal; 0 none |
 //! | 1192 | 8    | initialised_end       | plain block devices: every storage byte below this that the image has not written reads as zeros (zeroed as first used, or punched at recovery); bytes at or past it are never read (they read as zeros); 0: not kept (files and LVs read unused space as zeros) |
+//! | 1200 | 16   | uuid                  | this image's identity, random at create (RFC 4122 v4); zeros: an image from before identities |
+//! | 1216 | 16   | base_uuid             | an fvd base's `uuid` as recorded at create or rebase; zeros: a raw base, or none recorded |
+//! | 1232 | 8    | base_fingerprint      | a raw base's fingerprint (CRC-32 of its size and 16 sampled 4 KiB blocks, see `image::identity`) as recorded; 0: none recorded |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table

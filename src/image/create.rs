@@ -3,6 +3,7 @@
 use super::base::resolve;
 use super::ImageError;
 use crate::format::layout::CreateParams;
+use super::identity::BaseId;
 use crate::format::{BaseFormat, Geometry, Header, HEADER_AREA};
 use crate::storage::{open_image_storage, FileStorage, OpenMode, Storage, StorageOptions};
 use std::path::{Path, PathBuf};
@@ -57,20 +58,30 @@ fn probe_base(path: &Path) -> Result<BaseFormat, ImageError> {
 
 /// Creates an image file (or formats a block device) at `path`.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError> {
-    let (base_str, base_format, base_size) = match &opts.base {
-        None => (String::new(), BaseFormat::None, 0),
+    let (base_str, base_format, base_size, base_id) = match &opts.base {
+        None => (String::new(), BaseFormat::None, 0, BaseId::default()),
         Some(b) => {
             let stored = b.to_string_lossy().to_string();
             let p = resolve(path, &stored);
             let fmt = probe_base(&p)?;
-            let size = match fmt {
+            let (size, id) = match fmt {
                 BaseFormat::Fvd => {
                     let o = super::OpenOptions { read_only: true, ..Default::default() };
-                    super::Image::open(&p, &o)?.size()
+                    let img = super::Image::open(&p, &o)?;
+                    (img.size(), BaseId { uuid: img.header().uuid, fingerprint: 0 })
                 }
-                _ => FileStorage::open(&p, OpenMode::ReadOnly)?.size(),
+                _ => {
+                    let s = FileStorage::open(&p, OpenMode::ReadOnly)?;
+                    let fingerprint = super::identity::raw_fingerprint(&s).map_err(|source| ImageError::Io {
+                        path: p.display().to_string(),
+                        what: "base fingerprint",
+                        offset: 0,
+                        source,
+                    })?;
+                    (s.size(), BaseId { uuid: [0; 16], fingerprint })
+                }
             };
-            (stored, fmt, size)
+            (stored, fmt, size, id)
         }
     };
     let existing_device = std::fs::metadata(path).map(|m| {
@@ -98,7 +109,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
     } else {
         None
     };
-    let r = create_on_with(storage.as_ref(), &geo, &base_str, base_format, compat, preset.as_ref());
+    let r = create_on_with(storage.as_ref(), &geo, &base_str, base_format, base_id, compat, preset.as_ref());
     if r.is_err() && mode == OpenMode::Create {
         let _ = std::fs::remove_file(path);
     }
@@ -107,7 +118,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
 
 /// Writes a fresh image with geometry `geo` onto `s`.
 pub fn create_on(s: &dyn Storage, geo: &Geometry, base: &str, fmt: BaseFormat) -> Result<(), ImageError> {
-    create_on_with(s, geo, base, fmt, 0, None)
+    create_on_with(s, geo, base, fmt, BaseId::default(), 0, None)
 }
 
 /// [`create_on`] with compatible feature bits and a preset bitmap.
@@ -116,6 +127,7 @@ pub fn create_on_with(
     geo: &Geometry,
     base: &str,
     fmt: BaseFormat,
+    base_id: BaseId,
     compat: u64,
     preset: Option<&crate::format::BitmapBits>,
 ) -> Result<(), ImageError> {
@@ -145,6 +157,7 @@ pub fn create_on_with(
     }
     let mut h: Header = geo.header(fmt, base);
     h.compat = compat;
+    base_id.record(&mut h);
     // A random first sequence number: a stale journal left on reused storage
     // by an earlier image can never look like part of this one's log.
     h.journal_seq = rand::random::<u32>() as u64 + 1;

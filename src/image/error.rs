@@ -24,6 +24,8 @@ pub enum ImageError {
     ReadOnly { path: String },
     #[error("{path}: an earlier metadata commit failed; the image refuses writes until reopened")]
     Failed { path: String },
+    #[error("{path}: a frozen snapshot layer: overlays read through it, so it is not opened for writing (serve its overlay, or 'fvd commit' into it)")]
+    Frozen { path: String },
     #[error("{path}: {why}")]
     Invalid { path: String, why: String },
     /// Every physical chunk is in use. Chunks freed by a discard come back

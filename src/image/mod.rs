@@ -13,6 +13,7 @@ mod copy_on_read;
 mod create;
 mod data;
 mod error;
+pub mod identity;
 mod inspect;
 mod live;
 mod open;
@@ -22,7 +23,7 @@ mod repair;
 pub mod volatile;
 mod zero_scan;
 
-pub use base::Base;
+pub use base::{Base, Layer};
 pub use copy_on_read::CorQueue;
 pub use create::{create, create_on, CreateOptions};
 pub use error::ImageError;

@@ -24,6 +24,11 @@ pub struct OpenOptions {
     /// records a previous daemon left there are replayed after the journal,
     /// then the file starts afresh.
     pub volatile_log: Option<std::path::PathBuf>,
+    /// Opened as a layer of a chain: the chain reads below it, so it opens no
+    /// base of its own (see [`super::base`]).
+    pub chain_member: bool,
+    /// Allow a write-open of a frozen layer (a commit into it).
+    pub allow_frozen: bool,
 }
 
 /// Bytes of copy-on-read data queued at most.
@@ -173,7 +178,7 @@ impl Image {
         let base = if header.is_prefetched() {
             None
         } else {
-            open_base(path, &header.base_path, header.base_format, header.base_size)?
+            open_base(path, &header)?
         };
         Image::open_on(path, storage, base, opts)
     }
@@ -199,7 +204,16 @@ impl Image {
                 loaded.header.flags |= format::header::FLAG_DIRTY;
             }
         }
-        if loaded.header.base_size > 0 && base.is_none() && !loaded.header.is_prefetched() {
+        if !opts.read_only && loaded.header.is_frozen() && !opts.allow_frozen {
+            return Err(ImageError::Frozen { path: name });
+        }
+        if !opts.read_only && loaded.header.is_invalid() {
+            return Err(ImageError::Invalid {
+                path: name,
+                why: "marked invalid: a commit wrote into a layer below it, so it no longer reads what it did".into(),
+            });
+        }
+        if loaded.header.base_size > 0 && base.is_none() && !loaded.header.is_prefetched() && !opts.chain_member {
             return Err(ImageError::Base {
                 path: name,
                 base: loaded.header.base_path.clone(),

@@ -11,6 +11,7 @@
 
 pub mod alloc;
 pub mod bitmap;
+pub mod depth;
 pub mod inflight;
 pub mod locks;
 pub mod persist;

@@ -64,7 +64,7 @@ impl TestImage {
     }
 
     pub fn base_handle(&self) -> Option<Base> {
-        self.base.as_ref().map(|b| Base::Raw(Box::new(b.clone()) as Box<dyn Storage>))
+        self.base.as_ref().map(|b| Base::single(Layer::Raw(Box::new(b.clone()) as Box<dyn Storage>)))
     }
 
     pub fn open(&self, writethrough: bool) -> Image {
