@@ -264,3 +264,11 @@ mod tests {
         }
     }
 }
+
+/// `fvd snapshot -n ID NEW`: an online snapshot of the device a daemon serves.
+pub fn snapshot_live(id: u32, new: &std::path::Path, _output: &str) -> Result<i32, CliError> {
+    Err(fail(format!(
+        "online snapshot of device {id} to {} is not available yet; stop the device and run 'fvd snapshot IMAGE NEW'",
+        new.display()
+    )))
+}

@@ -1,6 +1,7 @@
 //! The command line: qemu-img / qemu-io conventions for image commands,
 //! rublk / ublksrv conventions for the daemon commands.
 
+mod chain_cmds;
 mod convert;
 pub mod daemon;
 mod image_cmds;
@@ -26,6 +27,8 @@ enum Cmd {
     Check(image_cmds::CheckArgs),
     /// Show which ranges are data in the image, in the base, or zero.
     Map(image_cmds::MapArgs),
+    /// Freeze an image as a snapshot layer under a new empty overlay (offline, or -n ID online).
+    Snapshot(chain_cmds::SnapshotArgs),
     /// Run qemu-io style commands against an image.
     Io(io_cmd::IoArgs),
     /// Convert between raw and fvd, sparse-aware.
@@ -98,6 +101,7 @@ pub fn main() -> i32 {
         Cmd::Info(a) => image_cmds::info(a),
         Cmd::Check(a) => image_cmds::check(a),
         Cmd::Map(a) => image_cmds::map(a),
+        Cmd::Snapshot(a) => chain_cmds::snapshot(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Prefetch(a) => prefetch::run(a),

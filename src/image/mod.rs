@@ -20,6 +20,7 @@ mod open;
 mod pacing;
 mod prefetch;
 mod repair;
+pub mod snapshot;
 pub mod volatile;
 mod zero_scan;
 
