@@ -88,6 +88,9 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
 #[derive(Args, Debug)]
 pub struct InfoArgs {
     pub image: PathBuf,
+    /// Show every layer of the chain, top to bottom (JSON: an array).
+    #[arg(long)]
+    pub backing_chain: bool,
     #[arg(long, value_parser = ["human", "json"], default_value = "human")]
     pub output: String,
 }
@@ -111,6 +114,49 @@ fn geometry_json(g: &Geometry) -> serde_json::Value {
 }
 
 pub fn info(a: InfoArgs) -> Result<i32, CliError> {
+    if !a.backing_chain {
+        if let Some(v) = info_of(&a.image, &a.output, 0)? {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        return Ok(0);
+    }
+    let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
+    let mut layers: Vec<(PathBuf, bool)> = vec![(a.image.clone(), true)];
+    if let Some(b) = img.base() {
+        for l in b.layers() {
+            layers.push((PathBuf::from(l.name()), l.format() == fvd::format::BaseFormat::Fvd));
+        }
+    }
+    drop(img);
+    let mut all = Vec::new();
+    for (depth, (path, is_fvd)) in layers.iter().enumerate() {
+        if depth > 0 && a.output != "json" {
+            println!();
+        }
+        if *is_fvd {
+            if let Some(v) = info_of(path, &a.output, depth)? {
+                all.push(v);
+            }
+        } else {
+            let s = FileStorage::open(path, OpenMode::ReadOnly)?;
+            let v = json!({"filename": path.display().to_string(), "format": "raw", "virtual-size": s.size(),
+                "depth": depth, "storage-allocated": s.allocated_bytes()});
+            if a.output == "json" {
+                all.push(v);
+            } else {
+                println!("image: {}\nfile format: raw\nvirtual size: {} ({} bytes)\ndepth: {depth}", path.display(), human(s.size()), s.size());
+            }
+        }
+    }
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
+    Ok(0)
+}
+
+/// One image's info: printed for people, or returned as JSON.
+fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<serde_json::Value>, CliError> {
+    let a = InfoArgs { image: path.to_path_buf(), backing_chain: false, output: output.to_string() };
     let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
     let g = img.geometry();
     let h = img.header();
@@ -146,6 +192,13 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         "prefetch": h.compat & fvd::format::header::COMPAT_PREFETCH != 0,
         "storage-status": storage_status,
         "bad-header-slots": bad_slots,
+        "uuid": fvd::format::header::uuid_text(&h.uuid),
+        "frozen": h.is_frozen(),
+        "invalid": h.is_invalid(),
+        "committing": h.is_committing(),
+        "depth": depth,
+        "chain-layers": img.base().map_or(0, |b| b.layers().len()),
+        "chain-index-bytes": img.base().map_or(0, |b| b.index_bytes()),
     });
     let obj = v.as_object_mut().ok_or_else(|| fail("internal: info is not an object"))?;
     for (k, val) in geometry_json(g).as_object().into_iter().flatten() {
@@ -164,11 +217,26 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         }
     }
     if a.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(0);
+        return Ok(Some(v));
     }
     println!("image: {}", a.image.display());
     println!("file format: fvd");
+    println!("uuid: {}", fvd::format::header::uuid_text(&h.uuid));
+    if depth > 0 {
+        println!("depth: {depth}");
+    }
+    if h.is_frozen() {
+        println!("frozen: yes (a snapshot layer; overlays read through it)");
+    }
+    if h.is_invalid() {
+        println!("invalid: yes (a commit wrote into a layer below it)");
+    }
+    if h.is_committing() {
+        println!("commit: under way or interrupted (run 'fvd commit' again to complete it)");
+    }
+    if let Some(b) = img.base().filter(|b| b.layers().len() > 1) {
+        println!("chain: {} layers below, index {}", b.layers().len(), human(b.index_bytes() as u64));
+    }
     println!("virtual size: {} ({} bytes)", human(g.virtual_size.0), g.virtual_size.0);
     println!(
         "storage size: {} ({} allocated)",
@@ -215,7 +283,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         }
         None => println!("clean: {}", if h.is_dirty() { "no (journal will be replayed at next open)" } else { "yes" }),
     }
-    Ok(0)
+    Ok(None)
 }
 
 /// The serving daemon's counters, under `fvd info`.
@@ -357,7 +425,7 @@ pub fn map(a: MapArgs) -> Result<i32, CliError> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(0);
     }
-    println!("{:<20}{:<20}{:<8}Storage offset", "Offset", "Length", "Kind");
+    println!("{:<20}{:<20}{:<8}{:<7}Storage offset", "Offset", "Length", "Kind", "Depth");
     for r in &m {
         let so = r.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
         let kind = match r.kind {
@@ -365,7 +433,8 @@ pub fn map(a: MapArgs) -> Result<i32, CliError> {
             image::MapKind::Base => "base",
             image::MapKind::Zero => "zero",
         };
-        println!("{:<20}{:<20}{:<8}{}", format!("{:#x}", r.start), format!("{:#x}", r.length), kind, so);
+        let depth = r.depth.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
+        println!("{:<20}{:<20}{:<8}{:<7}{}", format!("{:#x}", r.start), format!("{:#x}", r.length), kind, depth, so);
     }
     Ok(0)
 }

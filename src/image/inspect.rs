@@ -243,6 +243,10 @@ pub struct MapRange {
     /// Where the data lives in the image's storage (Data only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// The layer the data comes from: 0 this image, 1 its base, 2 the base's
+    /// base, and so on (Zero: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depth: Option<usize>,
 }
 
 impl Image {
@@ -253,18 +257,23 @@ impl Image {
         let size = geo.virtual_size.0;
         let mut out: Vec<MapRange> = Vec::new();
         let mut push = |start: u64, length: u64, kind: MapKind, offset: Option<u64>| {
+            let depth = match kind {
+                MapKind::Data => Some(0),
+                MapKind::Base => Some(self.base.as_ref().and_then(|b| b.layer_at(start)).map_or(1, |l| l + 1)),
+                MapKind::Zero => None,
+            };
             if let Some(l) = out.last_mut() {
                 let contiguous = match (l.offset, offset) {
                     (Some(a), Some(b)) => a + l.length == b,
                     (None, None) => true,
                     _ => false,
                 };
-                if l.kind == kind && l.start + l.length == start && contiguous {
+                if l.kind == kind && l.start + l.length == start && contiguous && l.depth == depth {
                     l.length += length;
                     return;
                 }
             }
-            out.push(MapRange { start, length, kind, offset });
+            out.push(MapRange { start, length, kind, offset, depth });
         };
         let base_blocks = geo.base_blocks();
         let mut pos = 0u64;
