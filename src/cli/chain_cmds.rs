@@ -50,3 +50,105 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32, CliError> {
         (Some(_), _) => Err(fail("with -n ID give only NEW")),
     }
 }
+
+#[derive(Args, Debug)]
+#[command(after_help = "Writes IMAGE's data into its base (or into BASE, a layer further down its chain). \
+Afterwards IMAGE reads the same and is empty (unless -d); layers between IMAGE and BASE are marked invalid. \
+Crash-safe: after a crash the chain still reads what IMAGE read, and running the same command again \
+(or plain 'fvd commit IMAGE') completes it.")]
+pub struct CommitArgs {
+    pub image: PathBuf,
+    /// The layer to commit into (default: IMAGE's base).
+    #[arg(short = 'b', long = "base")]
+    pub base: Option<PathBuf>,
+    /// Do not empty IMAGE afterwards.
+    #[arg(short = 'd')]
+    pub keep: bool,
+    #[arg(long, value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+}
+
+pub fn commit(a: CommitArgs) -> Result<i32, CliError> {
+    let t0 = std::time::Instant::now();
+    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    let progress = |done: u64, total: u64| {
+        bar.borrow_mut().get_or_insert_with(|| super::progress_bar(total)).set_position(done);
+    };
+    let r = fvd::image::fold::commit(&a.image, a.base.as_deref(), a.keep, &progress)?;
+    if let Some(b) = bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    if a.output == "json" {
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "Image committed into {} (depth {}): {} of data and {} of zeros written in {:.1}s",
+        r.target,
+        r.depth,
+        fvd::units::human(r.copied_bytes),
+        fvd::units::human(r.zeroed_bytes),
+        t0.elapsed().as_secs_f64()
+    );
+    for l in &r.invalidated {
+        println!("Marked invalid (a layer in between): {l}");
+    }
+    println!("{}", if r.emptied { "Image emptied." } else { "Image kept as it was (-d)." });
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Safe mode (the default) copies into IMAGE every block where the old and the new base \
+differ, so IMAGE reads the same; then the base reference changes. -b \"\" makes IMAGE stand alone. \
+-u only rewrites the reference and the recorded identity (the deliberate override after a base was \
+moved, or replaced on purpose).")]
+pub struct RebaseArgs {
+    pub image: PathBuf,
+    /// The new base ("" for none).
+    #[arg(short = 'b', long = "base", required = true)]
+    pub base: String,
+    /// Unsafe: only rewrite the base reference and its recorded identity.
+    #[arg(short = 'u')]
+    pub unsafe_mode: bool,
+    #[arg(long, value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+}
+
+pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
+    let t0 = std::time::Instant::now();
+    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    let progress = |done: u64, total: u64| {
+        bar.borrow_mut().get_or_insert_with(|| super::progress_bar(total)).set_position(done);
+    };
+    let new = (!a.base.is_empty()).then(|| std::path::Path::new(&a.base));
+    let r = fvd::image::rebase::rebase(&a.image, new, a.unsafe_mode, &progress)?;
+    if let Some(b) = bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    if a.output == "json" {
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    match (new, a.unsafe_mode) {
+        (None, _) => println!("{} now stands alone", a.image.display()),
+        (Some(b), true) => println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display()),
+        (Some(b), false) => println!("{} is now over {}", a.image.display(), b.display()),
+    }
+    if !a.unsafe_mode {
+        println!(
+            "{} copied into the image ({} compared) in {:.1}s",
+            fvd::units::human(r.copied_bytes),
+            fvd::units::human(r.compared_bytes),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(0)
+}

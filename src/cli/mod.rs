@@ -29,6 +29,10 @@ enum Cmd {
     Map(image_cmds::MapArgs),
     /// Freeze an image as a snapshot layer under a new empty overlay (offline, or -n ID online).
     Snapshot(chain_cmds::SnapshotArgs),
+    /// Write an image's data into its base, or into a layer further down (-b).
+    Commit(chain_cmds::CommitArgs),
+    /// Move an image onto another base (safe: it reads the same), or make it stand alone (-b "").
+    Rebase(chain_cmds::RebaseArgs),
     /// Run qemu-io style commands against an image.
     Io(io_cmd::IoArgs),
     /// Convert between raw and fvd, sparse-aware.
@@ -102,6 +106,8 @@ pub fn main() -> i32 {
         Cmd::Check(a) => image_cmds::check(a),
         Cmd::Map(a) => image_cmds::map(a),
         Cmd::Snapshot(a) => chain_cmds::snapshot(a),
+        Cmd::Commit(a) => chain_cmds::commit(a),
+        Cmd::Rebase(a) => chain_cmds::rebase(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Prefetch(a) => prefetch::run(a),

@@ -33,6 +33,7 @@ const INIT_END_OFF: usize = SESSION_OFF + 8;
 const UUID_OFF: usize = INIT_END_OFF + 8;
 const BASE_UUID_OFF: usize = UUID_OFF + 16;
 const BASE_PRINT_OFF: usize = BASE_UUID_OFF + 16;
+const COMMIT_DEPTH_OFF: usize = BASE_PRINT_OFF + 8;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -128,6 +129,9 @@ pub struct Header {
     pub base_uuid: [u8; 16],
     /// A raw base's fingerprint (see `image::identity`); 0 when not recorded.
     pub base_fingerprint: u64,
+    /// With `FLAG_COMMITTING`: the layer the commit writes into (1: the base,
+    /// 2: the base's base, ...), so that running it again needs no arguments.
+    pub commit_depth: u32,
 }
 
 impl Header {
@@ -158,7 +162,7 @@ impl Header {
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
     //           path_len rsvd rsvd(0, was used_chunks) rsvd generation path[1024] prefetch_cursor session
-    //           initialised_end uuid[16] base_uuid[16] base_fingerprint pad crc32
+    //           initialised_end uuid[16] base_uuid[16] base_fingerprint commit_depth pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -190,6 +194,7 @@ impl Header {
         b[UUID_OFF..UUID_OFF + 16].copy_from_slice(&self.uuid);
         b[BASE_UUID_OFF..BASE_UUID_OFF + 16].copy_from_slice(&self.base_uuid);
         put64(&mut b, BASE_PRINT_OFF, self.base_fingerprint);
+        put32(&mut b, COMMIT_DEPTH_OFF, self.commit_depth);
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -259,6 +264,7 @@ impl Header {
             uuid: uuid_at(b, UUID_OFF),
             base_uuid: uuid_at(b, BASE_UUID_OFF),
             base_fingerprint: le_u64(b, BASE_PRINT_OFF),
+            commit_depth: le_u32(b, COMMIT_DEPTH_OFF),
         })
     }
 }
@@ -323,6 +329,7 @@ pub(crate) fn sample() -> Header {
         uuid: [0x11; 16],
         base_uuid: [0x22; 16],
         base_fingerprint: 0xdead_beef_0bad_cafe,
+        commit_depth: 3,
     }
 }
 

@@ -270,6 +270,7 @@ impl Geometry {
             uuid: super::header::new_uuid(),
             base_uuid: [0; 16],
             base_fingerprint: 0,
+            commit_depth: 0,
         }
     }
 }

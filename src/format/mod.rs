@@ -82,6 +82,7 @@
 //! | 1200 | 16   | uuid                  | this image's identity, random at create (RFC 4122 v4); zeros: an image from before identities |
 //! | 1216 | 16   | base_uuid             | an fvd base's `uuid` as recorded at create or rebase; zeros: a raw base, or none recorded |
 //! | 1232 | 8    | base_fingerprint      | a raw base's fingerprint (CRC-32 of its size and 16 sampled 4 KiB blocks, see `image::identity`) as recorded; 0: none recorded |
+//! | 1240 | 4    | commit_depth          | with flag bit 3: the layer a commit writes into (1 the base, 2 the base's base, ...); 0 otherwise |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table

@@ -42,7 +42,7 @@ impl Default for CreateOptions {
 }
 
 /// Detects whether a base is an FVD image or raw.
-fn probe_base(path: &Path) -> Result<BaseFormat, ImageError> {
+pub(crate) fn probe_base(path: &Path) -> Result<BaseFormat, ImageError> {
     let s = FileStorage::open(path, OpenMode::ReadOnly)?;
     let mut magic = [0u8; 8];
     if s.size() >= 8 {
