@@ -224,6 +224,7 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
             BaseFormat::None => break,
             BaseFormat::Raw => {
                 let s = FileStorage::open(&path, OpenMode::ReadOnly).map_err(|e| err(source_text(&e)))?;
+                check_size(s.size(), &above).map_err(err)?;
                 if !relaxed {
                     if let Some(why) =
                         identity::raw_mismatch(&above, &s).map_err(|e| err(format!("fingerprint read: {e}")))?
@@ -236,6 +237,7 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
             BaseFormat::Fvd => {
                 let img = Image::open_layer(&path).map_err(|e| err(e.to_string()))?;
                 let h = img.header();
+                check_size(img.size(), &above).map_err(err)?;
                 // An interrupted commit from the top marks the layers it writes
                 // through invalid before the top stops reading through them.
                 if h.is_invalid() && !relaxed {
@@ -252,13 +254,6 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
                 (Layer::Fvd(Box::new(img)), Some(h))
             }
         };
-        if layer.size() != above.base_size {
-            return Err(err(format!(
-                "size changed from {:#x} to {:#x} bytes since the image was created over it; refusing to use it",
-                above.base_size,
-                layer.size()
-            )));
-        }
         layers.push(layer);
         match next {
             Some(h) => {
@@ -269,6 +264,16 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
         }
     }
     Ok((!layers.is_empty()).then(|| Base::new(layers)))
+}
+
+fn check_size(size: u64, above: &Header) -> Result<(), String> {
+    if size != above.base_size {
+        return Err(format!(
+            "size changed from {:#x} to {:#x} bytes since the image was created over it; refusing to use it",
+            above.base_size, size
+        ));
+    }
+    Ok(())
 }
 
 fn source_text(e: &crate::storage::StorageError) -> String {

@@ -17,7 +17,7 @@ pub mod sim;
 pub use device::ZeroedDevice;
 pub use file::{FileStorage, OpenMode};
 pub use lv::LvStorage;
-pub use sim::SimStorage;
+pub use sim::{PowerCut, SimStorage};
 
 use std::io;
 use std::os::fd::RawFd;

@@ -44,6 +44,40 @@ pub struct SimStorage {
     events: Mutex<u64>,
     /// When set, a crash image is captured before each event with this probability.
     capture: Mutex<Option<Capture>>,
+    /// A power cut shared with other simulated disks (see [`PowerCut`]).
+    cut: Option<std::sync::Arc<PowerCut>>,
+}
+
+/// One power cut for several simulated disks: after the given number of write,
+/// punch and sync events across all of them, every further one fails with EIO
+/// and changes nothing. Each disk's [`SimStorage::crash`] then gives what the
+/// cut left of it: one consistent instant across the disks of a multi-file
+/// operation (a commit down a chain, a snapshot).
+#[derive(Debug)]
+pub struct PowerCut {
+    left: std::sync::atomic::AtomicI64,
+}
+
+impl PowerCut {
+    /// A cut after `events` events (`i64::MAX`: never).
+    pub fn after(events: i64) -> std::sync::Arc<PowerCut> {
+        std::sync::Arc::new(PowerCut { left: std::sync::atomic::AtomicI64::new(events) })
+    }
+
+    /// Whether the cut has happened.
+    pub fn happened(&self) -> bool {
+        self.left.load(std::sync::atomic::Ordering::SeqCst) < 0
+    }
+
+    /// Events left before the cut (negative once it happened).
+    pub fn left(&self) -> i64 {
+        self.left.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes one event; false when the power is already cut.
+    fn take(&self) -> bool {
+        self.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0
+    }
 }
 
 struct Capture {
@@ -66,6 +100,21 @@ impl SimStorage {
             limit: u64::MAX,
             events: Mutex::new(0),
             capture: Mutex::new(None),
+            cut: None,
+        }
+    }
+
+    /// Shares a power cut with other disks (see [`PowerCut`]).
+    pub fn with_power_cut(mut self, cut: std::sync::Arc<PowerCut>) -> Self {
+        self.cut = Some(cut);
+        self
+    }
+
+    /// Fails the event when the shared power is cut.
+    fn powered(&self) -> io::Result<()> {
+        match &self.cut {
+            Some(c) if !c.take() => Err(io::Error::new(io::ErrorKind::Other, "simulated power cut")),
+            _ => Ok(()),
         }
     }
 
@@ -246,6 +295,7 @@ impl Storage for SimStorage {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.powered()?;
         self.maybe_capture();
         let mut s = self.lock();
         let end = off + buf.len() as u64;
@@ -259,6 +309,7 @@ impl Storage for SimStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.powered()?;
         self.maybe_capture();
         let mut s = self.lock();
         let pending = std::mem::take(&mut s.pending);
@@ -275,6 +326,7 @@ impl Storage for SimStorage {
     }
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.powered()?;
         self.maybe_capture();
         self.lock().pending.push(Pending::Punch { off, len });
         self.bump();
