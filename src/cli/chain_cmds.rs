@@ -68,8 +68,39 @@ pub struct CommitArgs {
     pub output: String,
 }
 
+/// Refuses when a device (served, or waiting for recovery) reads any of `paths`
+/// through its chain: a commit or rebase changes layers under it.
+fn refuse_if_in_use(paths: &[PathBuf], what: &str) -> Result<(), CliError> {
+    let rd = fvd::ublk::state::RunDir::system();
+    for st in rd.list().unwrap_or_default() {
+        let chain = snapshot::chain_paths(&st.image);
+        if let Some(p) = paths.iter().find(|p| chain.contains(p)) {
+            return Err(fail(format!(
+                "{}: {what} would change it while device {} ({}) reads it through its chain; stop that device first",
+                p.display(),
+                st.id,
+                st.device
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn commit(a: CommitArgs) -> Result<i32, CliError> {
     let t0 = std::time::Instant::now();
+    // The image and its layers down to (at most) the bottom: a commit writes into
+    // the target and marks the layers between invalid.
+    let mut chain = snapshot::chain_paths(&a.image);
+    let depth = match (&a.base, snapshot::header_at(&a.image)) {
+        (Some(b), _) => {
+            let b = std::fs::canonicalize(b).unwrap_or_else(|_| b.clone());
+            chain.iter().position(|p| *p == b).unwrap_or(chain.len())
+        }
+        (None, Ok(h)) if h.is_committing() && h.commit_depth > 0 => h.commit_depth as usize,
+        _ => 1,
+    };
+    chain.truncate(depth + 1);
+    refuse_if_in_use(&chain, "a commit")?;
     let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
     let progress = |done: u64, total: u64| {
         bar.borrow_mut().get_or_insert_with(|| super::progress_bar(total)).set_position(done);
@@ -120,6 +151,7 @@ pub struct RebaseArgs {
 
 pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
     let t0 = std::time::Instant::now();
+    refuse_if_in_use(&snapshot::chain_paths(&a.image)[..1], "a rebase")?;
     let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
     let progress = |done: u64, total: u64| {
         bar.borrow_mut().get_or_insert_with(|| super::progress_bar(total)).set_position(done);

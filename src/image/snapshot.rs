@@ -117,3 +117,23 @@ pub fn snapshot(image: &Path, new: &Path) -> Result<Header, ImageError> {
     create_overlay(image, new, &h)?;
     Ok(h)
 }
+
+/// The image and every layer of its chain as their headers name them (no data
+/// is read; a layer that does not open ends the list), canonical where possible.
+pub fn chain_paths(image: &Path) -> Vec<PathBuf> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut out = vec![canon(image)];
+    let mut path = image.to_path_buf();
+    while out.len() <= crate::meta::depth::MAX_LAYERS {
+        let Ok(h) = header_at(&path) else { break };
+        if h.base_format == crate::format::BaseFormat::None || h.is_prefetched() {
+            break;
+        }
+        path = super::base::resolve(&path, &h.base_path);
+        out.push(canon(&path));
+        if h.base_format != crate::format::BaseFormat::Fvd {
+            break;
+        }
+    }
+    out
+}
