@@ -79,6 +79,7 @@ pub async fn copy_down<E: IoEngine>(
     let size = top.size();
     let (mut copied, mut zeroed) = (0u64, 0u64);
     let mut buf = io::AlignedBuf::zeroed(RUN as usize);
+    let mut scratch = io::AlignedBuf::zeroed(RUN as usize);
     let mut pos = 0u64;
     while pos < size {
         if !held_above(top, depth, pos) {
@@ -94,6 +95,12 @@ pub async fn copy_down<E: IoEngine>(
         let chunk = &mut buf[..n];
         top.read(e, start, chunk).await?;
         let zero = chunk.iter().all(|&b| b == 0);
+        // Zeros where the target reads zeros already (the zero blocks of a golden
+        // image that create preset) are not written: a sparse base stays sparse.
+        if zero && target_reads_zeros(e, target, start, &mut scratch[..n]).await? {
+            progress(end);
+            continue;
+        }
         match target {
             Target::Fvd(t) if zero => t.write_zeroes(e, start, n as u64).await?,
             Target::Fvd(t) => t.write(e, start, chunk, false).await?,
@@ -111,6 +118,25 @@ pub async fn copy_down<E: IoEngine>(
         Target::Raw(s) => io::sync(e, *s).await.map_err(io_error(s.name(), "fdatasync", 0))?,
     }
     Ok((copied, zeroed))
+}
+
+async fn target_reads_zeros<E: IoEngine>(
+    e: &E,
+    target: &Target<'_>,
+    off: u64,
+    buf: &mut [u8],
+) -> Result<bool, ImageError> {
+    match target {
+        Target::Fvd(t) => t.read(e, off, buf).await?,
+        Target::Raw(s) => {
+            let n = (s.size().saturating_sub(off) as usize).min(buf.len());
+            buf[n..].fill(0);
+            if n > 0 {
+                io::read_at(e, *s, &mut buf[..n], off).await.map_err(io_error(s.name(), "read", off))?;
+            }
+        }
+    }
+    Ok(buf.iter().all(|&b| b == 0))
 }
 
 /// Steps 1 to 5 on open layers. `between` are the layers above the target

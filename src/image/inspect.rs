@@ -111,6 +111,25 @@ pub fn check(s: &dyn Storage) -> CheckReport {
         }
     };
     r.dirty = loaded.header.is_dirty();
+    let h = &loaded.header;
+    if h.is_committing() {
+        r.notes.push(format!(
+            "{}: a commit into layer {} of its chain was interrupted; its chain still reads the same. \
+             Run 'fvd commit' on it again to complete it",
+            s.name(),
+            h.commit_depth
+        ));
+    }
+    if h.is_invalid() {
+        r.notes.push(format!(
+            "{}: marked invalid: a commit wrote into a layer below it, so it no longer reads what it did; \
+             no chain opens through it",
+            s.name()
+        ));
+    }
+    if h.is_frozen() {
+        r.notes.push(format!("{}: a frozen snapshot layer (write-opens are refused)", s.name()));
+    }
     r.journal_blocks_replayed = loaded.replayed_blocks;
     r.journal_records_replayed = loaded.replayed_records;
     let geo = &loaded.geo;
