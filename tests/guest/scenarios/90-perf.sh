@@ -55,6 +55,17 @@ if [[ -x $RUBLK ]]; then
     wait_for_path /dev/ublkb9 10 || fail "rublk's /dev/ublkb9 did not appear"
     jobs /dev/ublkb9 rublk
     "$RUBLK" del -n 9
+    # Zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later): the request's pages go
+    # straight to the file, never through the server's memory.
+    if "$RUBLK" add loop -n 9 -q "$(nproc)" -f "$WORK/rublk.raw" -z --quiet >"$RESULTS/rublk-zc-add.txt" 2>&1 &&
+        wait_for_path /dev/ublkb9 10; then
+        step "rublk loop, zero copy (-z)"
+        jobs /dev/ublkb9 rublk-zc
+        "$RUBLK" del -n 9
+    else
+        printf 'rublk loop -z not available on this kernel: %s\n' "$(head -c 300 "$RESULTS/rublk-zc-add.txt")"
+        "$RUBLK" del -n 9 >/dev/null 2>&1 || true
+    fi
     rm -f "$WORK/rublk.raw"
 else
     printf 'rublk not built (target/rublk/bin/rublk: scripts/setup-guest builds it): no rublk column\n'
@@ -116,7 +127,7 @@ def value(tag, job):
     v = side["bw"] / 1024 if job.startswith("seq") else side["iops"]
     p99 = side["clat_ns"]["percentile"].get("99.000000", 0) / 1000
     return v, p99
-targets = [("loop", "loop"), ("rublk", "rublk loop"), ("fvd-notable", "fvd no-table"),
+targets = [("loop", "loop"), ("rublk", "rublk loop"), ("rublk-zc", "rublk loop -z"), ("fvd-notable", "fvd no-table"),
            ("fvd-default", "fvd default"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow")]
 jobs = [("randwrite-4k", "IOPS"), ("randread-4k", "IOPS"), ("seqwrite-1M", "MiB/s"), ("alloc-4k", "IOPS")]
 print(f"fio in a TCG guest (kernel {kernel}, {cpus} CPUs); backing files on the guest's tmpfs")
