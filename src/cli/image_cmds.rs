@@ -132,6 +132,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         "filename": a.image.display().to_string(),
         "format": "fvd",
         "clean": !h.is_dirty(),
+        "frozen": h.is_frozen(),
         "storage-size": s.size(),
         "storage-allocated": s.allocated_bytes(),
         "allocated-chunks": img.allocated_chunks(),

@@ -39,8 +39,9 @@ use std::time::Duration;
 /// The longest the requests in flight may take to finish before a snapshot gives up.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
-/// Environment variable of the crash tests: `freeze` or `create` makes the
-/// daemon kill itself (SIGKILL) right after that step of an online snapshot.
+/// Environment variable of the crash tests: `hold`, `freeze` or `create`
+/// makes the daemon kill itself (SIGKILL) right after that step of an online
+/// snapshot (the gate closed, the old top frozen, NEW in place).
 pub const TEST_DIE_AFTER: &str = "FVD_TEST_SNAPSHOT_DIE_AFTER";
 
 /// A snapshot taken.
@@ -137,6 +138,7 @@ impl Snapshotter {
             }
         };
         let drained = closed.drained();
+        test_hook("hold");
         tracing::info!(image = %old_path.display(), new = %new.display(), drain_ms = ms(drained), "online snapshot: requests held");
         let outcome = match self.switch(&mut closed, &old_path, new) {
             Ok(()) => Ok(()),
