@@ -338,3 +338,182 @@ pub fn resolve_pending(rd: &RunDir, st: &mut DeviceState) -> Result<Resolution, 
     rd.write(st)?;
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{create, CreateOptions};
+    use crate::io::uring::Uring;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        rd: RunDir,
+        gate: Arc<Gate<Image>>,
+        snap: Snapshotter,
+        ring: Uring,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let img = root.join("disk.fvd");
+        let opts = CreateOptions {
+            size: Some(8 << 20),
+            block_size: 64 << 10,
+            chunk_size: Some(1 << 20),
+            journal_size: 1 << 20,
+            ..Default::default()
+        };
+        create(&img, &opts).unwrap();
+        let rd = RunDir::new(root.join("run"));
+        rd.write(&DeviceState { image: img.clone(), ..super::super::state::tests::sample(0) }).unwrap();
+        let gate = Arc::new(Gate::new(2, Arc::new(Image::open(&img, &OpenOptions::default()).unwrap())));
+        let snap = Snapshotter::new(gate.clone(), rd.clone(), 0, OpenOptions::default());
+        Rig { _dir: dir, root, rd, gate, snap, ring: Uring::new(64).unwrap() }
+    }
+
+    impl Rig {
+        fn write(&self, off: u64, byte: u8, len: usize) {
+            let buf = vec![byte; len];
+            self.ring
+                .block_on(async {
+                    let p = self.gate.enter(0).await;
+                    p.get().unwrap().write(&self.ring, off, &buf, false).await
+                })
+                .unwrap()
+                .unwrap();
+        }
+
+        fn read(&self, off: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0; len];
+            self.ring
+                .block_on(async {
+                    let p = self.gate.enter(1).await;
+                    p.get().unwrap().read(&self.ring, off, &mut buf).await
+                })
+                .unwrap()
+                .unwrap();
+            buf
+        }
+
+        fn state(&self) -> DeviceState {
+            self.rd.read(0).unwrap().unwrap()
+        }
+    }
+
+    fn read_file(path: &Path, off: u64, len: usize) -> Vec<u8> {
+        let img = Image::open(path, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let ring = Uring::new(8).unwrap();
+        let mut buf = vec![0; len];
+        ring.block_on(img.read(&ring, off, &mut buf)).unwrap().unwrap();
+        buf
+    }
+
+    /// The old top is frozen with what was written before; writes after go
+    /// to NEW, which reads the old data through its chain; the run dir names
+    /// NEW and counts the snapshot.
+    #[test]
+    fn snapshot_freezes_the_point_in_time_and_switches() {
+        let r = rig();
+        let old = r.root.join("disk.fvd");
+        let new = r.root.join("s1.fvd");
+        r.write(0, 0xaa, 128 << 10);
+        let t = r.snap.take(&new).unwrap();
+        assert_eq!((t.frozen.as_path(), t.overlay.as_path(), t.snapshots), (old.as_path(), new.as_path(), 1));
+        assert!(t.held_ms >= t.drain_ms);
+        let st = r.state();
+        assert_eq!(st.image, new);
+        assert_eq!(st.snapshot_pending, None);
+        assert_eq!((st.snapshots, st.last_snapshot_held_ms), (1, Some(t.held_ms)));
+        assert!(header_at(&old).unwrap().is_frozen());
+        assert_eq!(r.gate.current().unwrap().path(), new);
+
+        r.write(0, 0xbb, 4096);
+        let back = r.read(0, 128 << 10);
+        assert!(back[..4096].iter().all(|&b| b == 0xbb));
+        assert!(back[4096..].iter().all(|&b| b == 0xaa));
+        assert!(read_file(&old, 0, 128 << 10).iter().all(|&b| b == 0xaa));
+
+        // A second one over the first.
+        let t2 = r.snap.take(&r.root.join("s2.fvd")).unwrap();
+        assert_eq!(t2.snapshots, 2);
+        r.write(8192, 0xcc, 4096);
+        let back = r.read(0, 3 * 4096);
+        assert_eq!((back[0], back[4096], back[8192]), (0xbb, 0xaa, 0xcc));
+        assert_eq!(read_file(&new, 0, 3 * 4096)[8192], 0xaa);
+        r.gate.current().unwrap().close().unwrap();
+    }
+
+    /// Refusals change nothing: the device keeps serving the old top, writable.
+    #[test]
+    fn refused_snapshots_leave_the_top_writable() {
+        let r = rig();
+        let old = r.root.join("disk.fvd");
+        std::fs::write(r.root.join("there"), b"x").unwrap();
+        assert!(matches!(r.snap.take(&r.root.join("there")), Err(SnapshotError::Exists(_))));
+        assert!(matches!(r.snap.take(Path::new("rel.fvd")), Err(SnapshotError::Relative(_))));
+        assert!(matches!(r.snap.take(&r.root.join("no/such/x.fvd")), Err(SnapshotError::NoFolder(_))));
+        r.write(0, 0x11, 4096);
+        assert_eq!(r.read(0, 4096)[0], 0x11);
+        assert_eq!(r.state().image, old);
+        assert_eq!(r.state().snapshot_pending, None);
+        assert!(!header_at(&old).unwrap().is_frozen());
+        r.snap.stop();
+        assert!(matches!(r.snap.take(&r.root.join("s.fvd")), Err(SnapshotError::Stopping)));
+        r.gate.current().unwrap().close().unwrap();
+    }
+
+    /// A failure after the freeze: the old top is opened afresh, thawed, and
+    /// served writable; NEW is gone.
+    #[test]
+    fn roll_back_after_the_freeze_thaws_the_old_top() {
+        let r = rig();
+        let old = r.root.join("disk.fvd");
+        let new = r.root.join("s1.fvd");
+        r.write(0, 0x22, 4096);
+        {
+            let mut closed = r.gate.close(DRAIN_LIMIT).unwrap();
+            let img = closed.current().unwrap();
+            r.ring.block_on(img.freeze(&r.ring)).unwrap().unwrap();
+            create_overlay(&old, &new, &img.header()).unwrap();
+            drop(img);
+            r.snap.roll_back(&mut closed, &old, &new, false).unwrap();
+        }
+        assert!(!new.exists());
+        assert!(!header_at(&old).unwrap().is_frozen());
+        r.write(4096, 0x33, 4096);
+        let back = r.read(0, 8192);
+        assert_eq!((back[0], back[4096]), (0x22, 0x33));
+        r.gate.current().unwrap().close().unwrap();
+    }
+
+    /// After a daemon died mid-snapshot: old top not frozen → roll back (the
+    /// temporary overlay goes); frozen → complete (NEW made if missing).
+    #[test]
+    fn pending_snapshots_are_rolled_back_or_completed() {
+        let r = rig();
+        let old = r.root.join("disk.fvd");
+        let new = r.root.join("s1.fvd");
+        r.write(0, 0x44, 4096);
+        let mut st = DeviceState { snapshot_pending: Some(new.clone()), ..r.state() };
+        std::fs::write(temp_name(&new), b"half").unwrap();
+        assert_eq!(resolve_pending(&r.rd, &mut st).unwrap(), Resolution::RolledBack);
+        assert!(!temp_name(&new).exists() && !new.exists());
+        assert_eq!((st.image.as_path(), st.snapshot_pending.as_ref()), (old.as_path(), None));
+        assert_eq!(r.state(), st);
+        assert_eq!(resolve_pending(&r.rd, &mut st).unwrap(), Resolution::None);
+
+        // Frozen, no overlay yet.
+        let img = r.gate.current().unwrap();
+        r.ring.block_on(img.freeze(&r.ring)).unwrap().unwrap();
+        drop(img);
+        let mut st = DeviceState { snapshot_pending: Some(new.clone()), ..r.state() };
+        assert_eq!(resolve_pending(&r.rd, &mut st).unwrap(), Resolution::Completed);
+        assert_eq!((st.image.as_path(), st.snapshot_pending.as_ref(), st.snapshots), (new.as_path(), None, 1));
+        assert_eq!(r.state(), st);
+        assert_eq!(read_file(&new, 0, 4096)[0], 0x44);
+        let top = Image::open(&new, &OpenOptions::default()).unwrap();
+        top.close().unwrap();
+    }
+}

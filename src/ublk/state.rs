@@ -212,7 +212,7 @@ impl RunDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub fn sample(id: u32) -> DeviceState {
