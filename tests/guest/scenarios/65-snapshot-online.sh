@@ -75,7 +75,8 @@ fio_job "$dev" 256M --verify_only --output="$RESULTS/fio-verify.txt" ||
 fio_ok "$RESULTS/fio-verify.txt"
 run "$FVD" stop -n "$id"
 for f in disk snap1 snap2; do
-    "$FVD" info --output json "$WORK/$f.fvd" | grep -q '"frozen": true' || fail "$f.fvd is not frozen"
+    info=$("$FVD" info --output json "$WORK/$f.fvd")
+    [[ $info == *'"frozen": true'* ]] || fail "$f.fvd is not frozen"
 done
 run "$FVD" check "$WORK/snap3.fvd"
 step "restart the top: the data is all there"
