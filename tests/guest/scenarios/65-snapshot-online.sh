@@ -147,9 +147,10 @@ crash_case() {
     grep -q "\"snapshot-pending\": \"$new\"" "/run/fvd/$id.json" || fail "no pending snapshot in the state"
     [[ -b $dev ]] || fail "$dev vanished when its daemon died"
     step "fvd recover -n $id"
-    [[ $("$FVD" recover -n "$id") == "$dev" ]] || fail "recover failed"
-    grep -h "interrupted online snapshot" "/run/fvd/$id.log" | sed 's/\x1b\[[0-9;]*m//g' || true
-    grep -q "interrupted online snapshot is $outcome" "/run/fvd/$id.log" ||
+    [[ $("$FVD" recover -n "$id" 2>"$RESULTS/recover-$hook.err") == "$dev" ]] ||
+        { cat "$RESULTS/recover-$hook.err"; fail "recover failed"; }
+    sed 's/\x1b\[[0-9;]*m//g' "$RESULTS/recover-$hook.err"
+    grep -q "interrupted online snapshot is $outcome" "$RESULTS/recover-$hook.err" ||
         fail "the recovery did not say the snapshot is $outcome"
     ! grep -q '"snapshot-pending"' "/run/fvd/$id.json" || fail "the snapshot is still pending after recover"
     [[ ! -e $new.fvd-snapshot-tmp ]] || fail "the temporary overlay is left over"
