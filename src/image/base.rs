@@ -218,6 +218,10 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
             BaseFormat::None => break,
             BaseFormat::Raw => {
                 let s = FileStorage::open(&path, OpenMode::ReadOnly).map_err(|e| err(source_text(&e)))?;
+                // A resized base fails the fingerprint too: say what is plain first.
+                if s.size() != above.base_size {
+                    return Err(err(resized(above.base_size, s.size())));
+                }
                 if !relaxed {
                     if let Some(why) =
                         identity::raw_mismatch(&above, &s).map_err(|e| err(format!("fingerprint read: {e}")))?
@@ -245,11 +249,7 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
             }
         };
         if layer.size() != above.base_size {
-            return Err(err(format!(
-                "size changed from {:#x} to {:#x} bytes since the image was created over it; refusing to use it",
-                above.base_size,
-                layer.size()
-            )));
+            return Err(err(resized(above.base_size, layer.size())));
         }
         layers.push(layer);
         match next {
@@ -261,6 +261,10 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
         }
     }
     Ok((!layers.is_empty()).then(|| Base::new(layers)))
+}
+
+fn resized(was: u64, now: u64) -> String {
+    format!("size changed from {was:#x} to {now:#x} bytes since the image was created over it; refusing to use it")
 }
 
 fn source_text(e: &crate::storage::StorageError) -> String {

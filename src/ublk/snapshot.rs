@@ -221,7 +221,7 @@ impl Snapshotter {
         // Whatever state the failure left the old instance in, it goes: what
         // storage holds is what is known to be right.
         drop(closed.switch(None));
-        if let Some(v) = self.run_dir.volatile_log(new).filter(|_| new.exists()) {
+        if let Some(v) = self.run_dir.volatile_log(new) {
             let _ = std::fs::remove_file(v);
         }
         if !is_device {
