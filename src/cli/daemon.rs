@@ -155,6 +155,8 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
         run_dir: rd.clone(),
         log: log.clone(),
         recoveries: 0,
+        snapshots: 0,
+        last_snapshot_held_ms: None,
     };
     match log {
         None => serve(o, Reporter::Stdout).map_err(err)?,
@@ -249,6 +251,58 @@ pub fn recover(a: RecoverArgs) -> Result<i32, CliError> {
     Ok(0)
 }
 
+/// How long `fvd snapshot -n` waits for the daemon's answer.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(300);
+
+/// `fvd snapshot -n ID NEW`: an online snapshot of the device a daemon serves.
+pub fn snapshot_live(id: u32, new: &std::path::Path, output: &str) -> Result<i32, CliError> {
+    use fvd::ublk::channel::{ask, Reply, Request};
+    let rd = RunDir::system();
+    let st = rd.read(id).map_err(err)?.ok_or(DaemonError::UnknownId(id)).map_err(err)?;
+    if !kernel::daemon_alive(st.pid) {
+        return Err(fail(format!("device {id}: its daemon is not running; run 'fvd recover -n {id}' first")));
+    }
+    let new = absolute(new)?;
+    match ask(&rd, id, &Request::Snapshot { new: new.clone() }, SNAPSHOT_WAIT).map_err(err)? {
+        Reply::Snapshot(t) => {
+            if output == "json" {
+                let v = serde_json::json!({
+                    "device": st.device,
+                    "frozen": t.frozen,
+                    "overlay": t.overlay,
+                    "held-ms": t.held_ms,
+                    "drain-ms": t.drain_ms,
+                    "snapshots": t.snapshots,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "Snapshot of {}: {} is frozen; {} is the live disk over it (requests held {:.3} ms)",
+                    st.device,
+                    t.frozen.display(),
+                    t.overlay.display(),
+                    t.held_ms
+                );
+            }
+            Ok(0)
+        }
+        Reply::Error(e) => Err(fail(format!("device {id}: online snapshot to {}: {e}", new.display()))),
+    }
+}
+
+/// NEW as an absolute path (it does not exist yet: its folder is made absolute).
+fn absolute(p: &std::path::Path) -> Result<PathBuf, CliError> {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| fail(format!("current folder: {e}")))?.join(p)
+    };
+    let name = joined.file_name().ok_or_else(|| fail(format!("{}: not a file name", p.display())))?;
+    let dir = joined.parent().unwrap_or(std::path::Path::new("/"));
+    let dir = std::fs::canonicalize(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    Ok(dir.join(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,12 +317,4 @@ mod tests {
             assert!(interval_arg(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// `fvd snapshot -n ID NEW`: an online snapshot of the device a daemon serves.
-pub fn snapshot_live(id: u32, new: &std::path::Path, _output: &str) -> Result<i32, CliError> {
-    Err(fail(format!(
-        "online snapshot of device {id} to {} is not available yet; stop the device and run 'fvd snapshot IMAGE NEW'",
-        new.display()
-    )))
 }

@@ -178,6 +178,7 @@ fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<
         "filename": a.image.display().to_string(),
         "format": "fvd",
         "clean": !h.is_dirty(),
+        "frozen": h.is_frozen(),
         "storage-size": s.size(),
         "storage-allocated": s.allocated_bytes(),
         "allocated-chunks": img.allocated_chunks(),

@@ -28,6 +28,9 @@ pub struct PrefetchOptions {
     pub save_every: u64,
     /// Set from outside to stop at the next piece (the cursor is kept).
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Set from outside while the daemon holds requests (an online snapshot):
+    /// stop at the next piece as well; the daemon starts it again afterwards.
+    pub hold: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for PrefetchOptions {
@@ -39,6 +42,7 @@ impl Default for PrefetchOptions {
             pause: Duration::from_secs(1),
             save_every: 256 << 20,
             cancel: None,
+            hold: None,
         }
     }
 }
@@ -46,7 +50,10 @@ impl Default for PrefetchOptions {
 impl PrefetchOptions {
     /// Whether the prefetch was told to stop.
     pub(super) fn cancelled(&self) -> bool {
-        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire))
+        let set = |f: &Option<std::sync::Arc<std::sync::atomic::AtomicBool>>| {
+            f.as_ref().is_some_and(|c| c.load(Ordering::Acquire))
+        };
+        set(&self.cancel) || set(&self.hold)
     }
 }
 

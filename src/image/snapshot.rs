@@ -30,6 +30,17 @@ impl Image {
         })
         .await
     }
+
+    /// Takes the frozen flag off again (an image opened with
+    /// [`OpenOptions::allow_frozen`]): an online snapshot that failed after
+    /// the freeze, before any overlay over it was in place, gives the image
+    /// back its writes.
+    pub async fn thaw<E: IoEngine>(&self, e: &E) -> Result<(), ImageError> {
+        if self.read_only() {
+            return Err(ImageError::ReadOnly { path: self.name() });
+        }
+        self.write_header(e, |h| h.flags &= !crate::format::header::FLAG_FROZEN).await
+    }
 }
 
 /// The base path to store in `new` for `image`: the file name when both are in
@@ -37,7 +48,8 @@ impl Image {
 pub fn base_reference(image: &Path, new: &Path) -> PathBuf {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let img = canon(image);
-    let new_dir = new.parent().filter(|d| !d.as_os_str().is_empty()).map(canon).unwrap_or_else(|| canon(Path::new(".")));
+    let new_dir =
+        new.parent().filter(|d| !d.as_os_str().is_empty()).map(canon).unwrap_or_else(|| canon(Path::new(".")));
     match (img.parent(), img.file_name()) {
         (Some(d), Some(name)) if d == new_dir => PathBuf::from(name),
         _ => img,

@@ -3,8 +3,14 @@
 //! publishing the daemon's status. All stop, between two operations, once the
 //! queue's tag tasks have ended, so nothing is dropped while the kernel still
 //! uses its buffers.
+//!
+//! Each step passes the queue's gate (see [`super::gate`]) like a request, on
+//! the image the gate gives: after an online snapshot the work goes on with
+//! the new top. The prefetch, which holds its pass for long, stops when a
+//! hold begins and starts again on the new top afterwards.
 
 use super::engine::QueueEngine;
+use super::gate::Gate;
 use super::state::RunDir;
 use crate::image::{Image, PrefetchOptions};
 use crate::io::sleep;
@@ -40,12 +46,20 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Commits metadata that waited an interval and publishes the status,
 /// until `tags_live` drops to zero.
-pub async fn housekeeping(img: Arc<Image>, tags_live: Rc<Cell<usize>>, hk: Housekeeping) {
+pub async fn housekeeping(gate: Arc<Gate<Image>>, q: u16, tags_live: Rc<Cell<usize>>, hk: Housekeeping) {
     let mut last_publish = None::<Instant>;
     let mut published = None;
     let mut commit_failed = false;
+    let mut last_img = std::ptr::null::<Image>();
     while tags_live.get() > 0 {
         sleep(&QueueEngine, TICK).await;
+        let pass = gate.enter(usize::from(q)).await;
+        let Some(img) = pass.get() else { continue };
+        if !std::ptr::eq(Arc::as_ptr(img), last_img) {
+            // A new top (online snapshot): its commits have not failed.
+            last_img = Arc::as_ptr(img);
+            commit_failed = false;
+        }
         if let Some(every) = hk.commit_interval.filter(|_| !commit_failed) {
             if let Err(e) = img.commit_pending(&QueueEngine, every).await {
                 // The image now refuses writes; the guest learns it from its
@@ -72,30 +86,54 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Stores copy-on-read blocks until `tags_live` drops to zero, then cancels
 /// the prefetch (if any) through `cancel`.
-pub async fn copy_on_read_loop(img: Arc<Image>, tags_live: Rc<Cell<usize>>, cancel: Arc<AtomicBool>) {
+pub async fn copy_on_read_loop(gate: Arc<Gate<Image>>, q: u16, tags_live: Rc<Cell<usize>>, cancel: Arc<AtomicBool>) {
     loop {
         if tags_live.get() == 0 {
             cancel.store(true, Ordering::Release);
             return;
         }
-        if img.background_pending() {
-            img.run_background_copies(&QueueEngine).await;
-        } else {
-            sleep(&QueueEngine, POLL).await;
+        let pass = gate.enter(usize::from(q)).await;
+        match pass.get() {
+            Some(img) if img.background_pending() => img.run_background_copies(&QueueEngine).await,
+            _ => {
+                drop(pass);
+                sleep(&QueueEngine, POLL).await;
+            }
         }
     }
 }
 
-/// Prefetches the base until done or cancelled.
-pub async fn prefetch(img: Arc<Image>, bg: Background, cancel: Arc<AtomicBool>) {
-    let opts = PrefetchOptions { rate_limit: bg.prefetch_rate, cancel: Some(cancel), ..Default::default() };
-    tracing::info!(image = %img.path().display(), "prefetch started");
-    match img.prefetch(&QueueEngine, &opts).await {
-        Ok(()) => {
-            let (c, t, state) = img.prefetch_progress();
-            tracing::info!(cursor = c, blocks = t, state = ?state, "prefetch stopped");
+/// Prefetches the base until done or cancelled; a hold (online snapshot)
+/// stops it, and it goes on with the new top once the gate opens.
+pub async fn prefetch(gate: Arc<Gate<Image>>, q: u16, bg: Background, cancel: Arc<AtomicBool>) {
+    loop {
+        let pass = gate.enter(usize::from(q)).await;
+        let Some(img) = pass.get() else { return };
+        if cancel.load(Ordering::Acquire) || !wants_prefetch(img, true) {
+            return;
         }
-        Err(e) => tracing::warn!(error = %e, "prefetch failed; the image keeps using its base"),
+        let opts = PrefetchOptions {
+            rate_limit: bg.prefetch_rate,
+            cancel: Some(cancel.clone()),
+            hold: Some(gate.closing().clone()),
+            ..Default::default()
+        };
+        tracing::info!(image = %img.path().display(), "prefetch started");
+        match img.prefetch(&QueueEngine, &opts).await {
+            Ok(()) => {
+                let (c, t, state) = img.prefetch_progress();
+                tracing::info!(cursor = c, blocks = t, state = ?state, "prefetch stopped");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "prefetch failed; the image keeps using its base");
+                return;
+            }
+        }
+        let held = gate.closing().load(Ordering::Acquire) && img.prefetch.state() != crate::image::PrefetchState::Done;
+        drop(pass);
+        if !held {
+            return;
+        }
     }
 }
 

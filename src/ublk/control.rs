@@ -60,10 +60,12 @@ pub fn stop(rd: &RunDir, id: u32, timeout: Duration, force: bool) -> Result<Stop
 }
 
 /// The daemon is gone: delete the device and bring the image back to clean.
-fn repair(rd: &RunDir, st: DeviceState) -> Result<Stopped, DaemonError> {
+fn repair(rd: &RunDir, mut st: DeviceState) -> Result<Stopped, DaemonError> {
     if kernel::device_exists(st.id) {
         kernel::delete_device(st.id)?;
     }
+    // An online snapshot the daemon did not finish: which top is the image.
+    super::snapshot::resolve_pending(rd, &mut st)?;
     let mut closed = false;
     if !st.read_only {
         // Opening read-write replays the journal; closing checkpoints and
@@ -92,7 +94,7 @@ fn repair(rd: &RunDir, st: DeviceState) -> Result<Stopped, DaemonError> {
 /// Starts a new daemon that takes device `id` back after its daemon died
 /// (ublk user recovery: queued and in-flight requests are reissued to it).
 pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
-    let st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
+    let mut st = rd.read(id)?.ok_or(DaemonError::UnknownId(id))?;
     if st.unprivileged {
         return Err(DaemonError::NoRecoveryUnprivileged(id));
     }
@@ -103,6 +105,9 @@ pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
     if !kernel::device_exists(id) {
         return Err(DaemonError::Gone(id));
     }
+    // An online snapshot the daemon did not finish: completed (the old top
+    // was frozen) or rolled back, so the new daemon serves the right top.
+    super::snapshot::resolve_pending(rd, &mut st)?;
     let o = ServeOptions {
         image: st.image.clone(),
         mode: Mode::Recover { id },
@@ -121,6 +126,8 @@ pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
         run_dir: rd.clone(),
         log: Some(rd.log_path(id)),
         recoveries: st.recoveries + 1,
+        snapshots: st.snapshots,
+        last_snapshot_held_ms: st.last_snapshot_held_ms,
     };
     detach(rd, rd.log_path(id), true, move |rep| serve(o, rep))
 }

@@ -12,11 +12,17 @@
 //! - [`spawn`]: detaching the daemon; [`control`]: stop, recover, list;
 //!   [`state`]: the run dir (/run/fvd); [`kernel`]: driver and process checks.
 //! - [`background`]: copy-on-read and prefetch on a queue's ring.
+//! - [`gate`]: the hold every request passes, and the image each queue
+//!   serves; [`snapshot`]: online snapshots (hold, freeze, switch) and their
+//!   completion or roll back after a crash; [`channel`]: the daemon's control
+//!   socket.
 
 pub mod background;
+pub mod channel;
 pub mod control;
 pub mod engine;
 pub mod error;
+pub mod gate;
 pub mod kernel;
 pub mod options;
 pub mod params;
@@ -26,6 +32,7 @@ pub mod request;
 pub mod serve;
 pub mod setup;
 pub mod signals;
+pub mod snapshot;
 pub mod spawn;
 pub mod state;
 

@@ -39,4 +39,7 @@ pub struct ServeOptions {
     pub log: Option<PathBuf>,
     /// Recoveries so far (kept in the state file).
     pub recoveries: u32,
+    /// Online snapshots so far, and the last one's pause (kept in the state file).
+    pub snapshots: u32,
+    pub last_snapshot_held_ms: Option<f64>,
 }

@@ -2,6 +2,7 @@
 
 use super::background::{self, Background};
 use super::engine::{keep_bell_armed, QueueEngine};
+use super::gate::Gate;
 use super::request::{decode, execute, Policy};
 use crate::image::Image;
 use crate::io::wake::{Bell, CrossThread};
@@ -16,8 +17,9 @@ use std::sync::Arc;
 /// Seconds without I/O before libublk lets an idle queue release its buffers.
 const IDLE_SECS: u64 = 20;
 
-/// Serves queue `qid` until the device stops. Runs on the queue's thread.
-pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Background) {
+/// Serves queue `qid` until the device stops, on the image `gate` holds for
+/// it. Runs on the queue's thread.
+pub fn serve_queue(qid: u16, dev: &UblkDev, gate: Arc<Gate<Image>>, pol: Policy, bg: Background) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -39,10 +41,10 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
     let mut tasks = Vec::new();
     let tags_live = Rc::new(Cell::new(0usize));
     for tag in q.tags() {
-        let (q, img, live) = (q.clone(), img.clone(), tags_live.clone());
+        let (q, gate, live) = (q.clone(), gate.clone(), tags_live.clone());
         live.set(live.get() + 1);
         tasks.push(exe.spawn(CrossThread::new(async move {
-            match tag_task(&q, tag, &img, pol).await {
+            match tag_task(&q, qid, tag, &gate, pol).await {
                 Err(UblkError::QueueIsDown) | Ok(()) => {}
                 Err(e) => tracing::error!(queue = qid, tag, error = %super::error::ublk_why(&e), "tag task failed"),
             }
@@ -51,15 +53,16 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
     }
     // Copy-on-read and prefetch run beside the requests and end after them.
     let cancel = Arc::new(AtomicBool::new(false));
-    if img.copy_on_read_queue().is_some() || bg.prefetch {
-        let (img, live, c) = (img.clone(), tags_live.clone(), cancel.clone());
-        tasks.push(exe.spawn(CrossThread::new(background::copy_on_read_loop(img, live, c))));
+    let cor = gate.current().is_some_and(|i| i.copy_on_read_queue().is_some());
+    if cor || bg.prefetch {
+        let (gate, live, c) = (gate.clone(), tags_live.clone(), cancel.clone());
+        tasks.push(exe.spawn(CrossThread::new(background::copy_on_read_loop(gate, qid, live, c))));
     }
     if let Some(hk) = bg.housekeeping.clone() {
-        tasks.push(exe.spawn(CrossThread::new(background::housekeeping(img.clone(), tags_live.clone(), hk))));
+        tasks.push(exe.spawn(CrossThread::new(background::housekeeping(gate.clone(), qid, tags_live.clone(), hk))));
     }
     if bg.prefetch {
-        tasks.push(exe.spawn(CrossThread::new(background::prefetch(img.clone(), bg, cancel.clone()))));
+        tasks.push(exe.spawn(CrossThread::new(background::prefetch(gate.clone(), qid, bg, cancel.clone()))));
     }
     let bell_task = exe.spawn(keep_bell_armed(bell));
     let ticker = exe.clone();
@@ -75,8 +78,9 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, img: Arc<Image>, pol: Policy, bg: Ba
     tracing::debug!(queue = qid, "queue done");
 }
 
-/// One tag: fetch a request, carry it out, commit the result, repeat.
-async fn tag_task(q: &UblkQueue<'_>, tag: u16, img: &Image, pol: Policy) -> Result<(), UblkError> {
+/// One tag: fetch a request, pass the gate, carry it out on the image the
+/// gate gives, commit the result, repeat.
+async fn tag_task(q: &UblkQueue<'_>, qid: u16, tag: u16, gate: &Gate<Image>, pol: Policy) -> Result<(), UblkError> {
     // libublk's own buffer type, which its prep command requires (see
     // crate::io::aligned for why it is not the io layer's AlignedBuf).
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
@@ -84,7 +88,13 @@ async fn tag_task(q: &UblkQueue<'_>, tag: u16, img: &Image, pol: Policy) -> Resu
     loop {
         let iod = *q.get_iod(tag);
         let res = match decode(&iod) {
-            Ok(req) => execute(img, &QueueEngine, req, buf.as_mut_slice(), pol).await,
+            Ok(req) => {
+                let pass = gate.enter(usize::from(qid)).await;
+                match pass.get() {
+                    Some(img) => execute(img, &QueueEngine, req, buf.as_mut_slice(), pol.for_image(img)).await,
+                    None => -libc::EIO,
+                }
+            }
             Err(errno) => errno,
         };
         tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");

@@ -54,6 +54,15 @@ pub struct Policy {
     pub lazy_metadata: bool,
 }
 
+impl Policy {
+    /// The policy for requests on `img`: with a volatile log, a new daemon
+    /// finds every metadata update a dead one made, so nothing need be
+    /// journaled before a write completes.
+    pub fn for_image(self, img: &Image) -> Policy {
+        Policy { lazy_metadata: self.lazy_metadata || img.has_volatile_log() }
+    }
+}
+
 /// Carries out `req` with `buf` as the data buffer (at least `req.len` bytes
 /// for reads and writes). Returns what the block layer is told: bytes
 /// transferred (reads, writes), 0 (other operations) or a negative errno.

@@ -3,7 +3,9 @@
 //! device.
 
 use super::background::{Background, Housekeeping};
+use super::channel;
 use super::error::{ublk, ublk_errno};
+use super::gate::Gate;
 use super::options::{Mode, ServeOptions};
 use super::params::{device_params, ParamsInput};
 use super::queue::serve_queue;
@@ -11,12 +13,13 @@ use super::report::{take, Reporter, Slot};
 use super::request::Policy;
 use super::setup::make_ctrl;
 use super::signals::{block_stop_signals, spawn_signal_thread, stop_device};
+use super::snapshot::Snapshotter;
 use super::state::DeviceState;
 use super::DaemonError;
 use crate::image::{Image, OpenOptions};
 use libublk::ctrl::UblkCtrl;
 use libublk::io::UblkDev;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -37,24 +40,12 @@ pub fn serve(o: ServeOptions, rep: Reporter) -> Result<(), DaemonError> {
 fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     // Before any thread exists (see there).
     block_stop_signals()?;
-    let vlog = o.run_dir.volatile_log(&o.image);
-    let img = Arc::new(Image::open(
-        &o.image,
-        &OpenOptions {
-            read_only: o.read_only,
-            writethrough: o.writethrough,
-            volatile_log: vlog.clone(),
-            copy_on_read: o.copy_on_read,
-            grow_unit: o.grow_unit,
-            ..Default::default()
-        },
-    )?);
+    let img = Arc::new(Image::open(&o.image, &open_options(o, &o.image))?);
     if img.was_recovered() {
         tracing::info!(image = %o.image.display(), "image was not closed cleanly: journal replayed");
     }
     // With a volatile log, a new daemon finds every metadata update a dead
     // one made; without it, updates are journaled before writes complete.
-    let lazy_metadata = o.lazy_metadata || img.has_volatile_log();
     let how = match (img.has_volatile_log(), o.lazy_metadata) {
         (true, _) => "kept in the volatile log",
         (false, true) => "lost (--lazy-metadata)",
@@ -99,6 +90,9 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         prefetch_rate: o.prefetch_rate,
         grow_unit: o.grow_unit,
         unprivileged: o.unprivileged,
+        snapshot_pending: None,
+        snapshots: o.snapshots,
+        last_snapshot_held_ms: o.last_snapshot_held_ms,
     };
     // Written before the device appears: udev's helper reads it on "add".
     o.run_dir.write(&st)?;
@@ -121,18 +115,26 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         dev.set_target_json(target);
         Ok(())
     };
-    let qimg = img.clone();
-    let pol = Policy { lazy_metadata };
+    // Per image, see Policy::for_image.
+    let pol = Policy { lazy_metadata: o.lazy_metadata };
     let bg = Background {
         prefetch: super::background::wants_prefetch(&img, o.prefetch),
         prefetch_rate: o.prefetch_rate,
         housekeeping: Some(Housekeeping { run_dir: o.run_dir.clone(), id, commit_interval: o.commit_interval }),
     };
+    // From here on the gate holds the image: an online snapshot may put
+    // another one in its place.
+    let gate = Arc::new(Gate::new(usize::from(info.nr_hw_queues), img));
+    let snap = Arc::new(Snapshotter::new(gate.clone(), o.run_dir.clone(), id, open_options(o, &o.image)));
+    if let Err(e) = channel::listen(&o.run_dir, id, snap.clone()) {
+        tracing::warn!(error = %e, "no control socket: online snapshots are not available");
+    }
+    let qgate = gate.clone();
     // Queue 0 prefetches, commits on the timer and publishes the status;
     // every queue stores its own copy-on-read blocks.
     let q_fn = move |qid: u16, dev: &UblkDev| {
         let bg = if qid == 0 { bg.clone() } else { Background { prefetch: false, housekeeping: None, ..bg.clone() } };
-        serve_queue(qid, dev, qimg.clone(), pol, bg)
+        serve_queue(qid, dev, qgate.clone(), pol, bg)
     };
     let (rd, dev_path, rslot) = (o.run_dir.clone(), st.device.clone(), slot.clone());
     let live = move |_: &UblkCtrl| {
@@ -150,7 +152,22 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     };
     let ran = ctrl.run_target(tgt_init, q_fn, live);
     tracing::info!(device = %st.device, "queues stopped");
-    finish(o, &ctrl, img, id, ran, vlog)
+    // No snapshot starts from here on (one under way finishes first).
+    snap.stop();
+    finish(o, &ctrl, &gate, id, ran)
+}
+
+/// How the daemon opens a top: the one it starts with, and each new one an
+/// online snapshot puts in its place (the volatile log is the image's own).
+fn open_options(o: &ServeOptions, image: &Path) -> OpenOptions {
+    OpenOptions {
+        read_only: o.read_only,
+        writethrough: o.writethrough,
+        volatile_log: o.run_dir.volatile_log(image),
+        copy_on_read: o.copy_on_read,
+        grow_unit: o.grow_unit,
+        ..Default::default()
+    }
 }
 
 /// After the queues are done: close the image clean, delete the device,
@@ -158,24 +175,29 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
 fn finish(
     o: &ServeOptions,
     ctrl: &UblkCtrl,
-    img: Arc<Image>,
+    gate: &Gate<Image>,
     id: u32,
     ran: Result<i32, libublk::UblkError>,
-    vlog: Option<PathBuf>,
 ) -> Result<(), DaemonError> {
     let _ = o.run_dir.update(id, |s| s.state = "stopping".into());
-    let closed = img.close();
-    drop(img);
-    match &closed {
-        Ok(()) => {
-            tracing::info!(image = %o.image.display(), "image closed clean");
-            // Everything in it is durable in the image now.
-            if let Some(v) = vlog.filter(|_| !o.read_only) {
-                let _ = std::fs::remove_file(v);
+    let closed = match gate.current() {
+        Some(img) => {
+            let vlog = o.run_dir.volatile_log(img.path());
+            let r = img.close();
+            match &r {
+                Ok(()) => {
+                    tracing::info!(image = %img.path().display(), "image closed clean");
+                    // Everything in it is durable in the image now.
+                    if let Some(v) = vlog.filter(|_| !o.read_only) {
+                        let _ = std::fs::remove_file(v);
+                    }
+                }
+                Err(e) => tracing::error!(image = %img.path().display(), error = %e, "closing the image failed"),
             }
+            r
         }
-        Err(e) => tracing::error!(image = %o.image.display(), error = %e, "closing the image failed"),
-    }
+        None => Ok(()),
+    };
     let keep = ran.is_err() && matches!(o.mode, Mode::Recover { .. });
     if !keep {
         if let Err(e) = ctrl.del_dev() {

@@ -8,7 +8,7 @@ use super::DaemonError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct DeviceState {
     pub id: u32,
@@ -46,6 +46,16 @@ pub struct DeviceState {
     /// Added by a user without CAP_SYS_ADMIN (no user recovery).
     #[serde(default)]
     pub unprivileged: bool,
+    /// An online snapshot under way to this new top (see [`super::snapshot`]):
+    /// `fvd recover` completes or rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_pending: Option<PathBuf>,
+    /// Online snapshots taken on this device.
+    #[serde(default)]
+    pub snapshots: u32,
+    /// How long the last one held requests, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot_held_ms: Option<f64>,
 }
 
 fn default_commit_interval_ms() -> u64 {
@@ -78,6 +88,11 @@ impl RunDir {
     /// What the serving daemon publishes about itself (see [`crate::image::LiveStatus`]).
     pub fn live_path(&self, id: u32) -> PathBuf {
         self.root.join(format!("{id}.live.json"))
+    }
+
+    /// The daemon's control socket (see [`super::channel`]).
+    pub fn socket_path(&self, id: u32) -> PathBuf {
+        self.root.join(format!("{id}.sock"))
     }
 
     pub fn log_path(&self, id: u32) -> PathBuf {
@@ -162,6 +177,7 @@ impl RunDir {
 
     pub fn remove(&self, id: u32) -> Result<(), DaemonError> {
         let _ = std::fs::remove_file(self.live_path(id));
+        let _ = std::fs::remove_file(self.socket_path(id));
         let path = self.state_path(id);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.err(&path)(e)),
@@ -196,7 +212,7 @@ impl RunDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub fn sample(id: u32) -> DeviceState {
@@ -222,6 +238,9 @@ mod tests {
             prefetch_rate: None,
             grow_unit: None,
             unprivileged: false,
+            snapshot_pending: None,
+            snapshots: 0,
+            last_snapshot_held_ms: None,
         }
     }
 
