@@ -308,14 +308,11 @@ struct Rebase {
 impl Operation for Rebase {
     fn step(&self, d: &Disks) -> Result<(), ImageError> {
         let top = open(d, "c", true)?;
-        let new = match self.onto {
-            Some(n) => Some(NewBase {
-                chain: Base::single(Layer::Raw(Box::new(d[n].clone()) as Box<dyn Storage>)),
-                reference: n.to_string(),
-                id: Default::default(),
-            }),
-            None => None,
-        };
+        let new = self.onto.map(|n| NewBase {
+            chain: Base::single(Layer::Raw(Box::new(d[n].clone()) as Box<dyn Storage>)),
+            reference: n.to_string(),
+            id: Default::default(),
+        });
         let progress = |_| {};
         run(async {
             rebase::copy_differences(&SyncOnly, &top, new.as_ref().map(|n| &n.chain), &progress).await?;

@@ -113,7 +113,7 @@ impl SimStorage {
     /// Fails the event when the shared power is cut.
     fn powered(&self) -> io::Result<()> {
         match &self.cut {
-            Some(c) if !c.take() => Err(io::Error::new(io::ErrorKind::Other, "simulated power cut")),
+            Some(c) if !c.take() => Err(io::Error::other("simulated power cut")),
             _ => Ok(()),
         }
     }
