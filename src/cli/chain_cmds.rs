@@ -2,8 +2,8 @@
 
 use super::{fail, CliError};
 use clap::Args;
-use fvd::image::snapshot;
 use fvd::format::header::uuid_text;
+use fvd::image::snapshot;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -70,7 +70,7 @@ pub struct CommitArgs {
 
 /// Refuses when a device (served, or waiting for recovery) reads any of `paths`
 /// through its chain: a commit or rebase changes layers under it.
-fn refuse_if_in_use(paths: &[PathBuf], what: &str) -> Result<(), CliError> {
+pub(super) fn refuse_if_in_use(paths: &[PathBuf], what: &str) -> Result<(), CliError> {
     let rd = fvd::ublk::state::RunDir::system();
     for st in rd.list().unwrap_or_default() {
         let chain = snapshot::chain_paths(&st.image);
@@ -171,7 +171,9 @@ pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
     }
     match (new, a.unsafe_mode) {
         (None, _) => println!("{} now stands alone", a.image.display()),
-        (Some(b), true) => println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display()),
+        (Some(b), true) => {
+            println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display())
+        }
         (Some(b), false) => println!("{} is now over {}", a.image.display(), b.display()),
     }
     if !a.unsafe_mode {

@@ -38,6 +38,8 @@ pub enum LayoutError {
     BadRegionLength { region: &'static str, offset: u64, len: u64, need: u64 },
     #[error("data region at {offset:#x} must start at {expected:#x}, the aligned end of the journal")]
     BadDataOffset { offset: u64, expected: u64 },
+    #[error("resize_chunks {chunks:#x} of an interrupted resize must be at least the {need:#x} chunks of the virtual size, below 2^32, with a table")]
+    BadResizeChunks { chunks: u64, need: u64 },
     #[error("{region} region ends at {end:#x}, beyond the end of the storage at {size:#x}")]
     BeyondStorage { region: &'static str, end: u64, size: u64 },
 }
@@ -57,6 +59,10 @@ pub struct Geometry {
     pub journal_offset: u64,
     pub journal_len: u64,
     pub data_offset: u64,
+    /// How many physical chunks table entries may name: the number of chunks,
+    /// or more while a resize that moves the metadata is under way (the header's
+    /// `resize_chunks`).
+    pub phys_chunks: u64,
 }
 
 /// Create-time choices.
@@ -119,7 +125,9 @@ impl Geometry {
             journal_offset: 0,
             journal_len: p.journal_len,
             data_offset: 0,
+            phys_chunks: 0,
         };
+        g.phys_chunks = g.chunks();
         g.table_len = g.table_need();
         g.bitmap_offset = g.table_offset + g.table_len;
         g.bitmap_len = g.bitmap_need();
@@ -140,7 +148,7 @@ impl Geometry {
         let chunk = if h.incompat & INCOMPAT_TABLE != 0 { Some(h.chunk_size) } else { None };
         check_shape(h.virtual_size, h.block_size, chunk, h.base_size)?;
         check_journal(h.journal_len)?;
-        let g = Geometry {
+        let mut g = Geometry {
             virtual_size: Bytes(h.virtual_size),
             block_size: h.block_size,
             chunk_size: chunk,
@@ -152,7 +160,16 @@ impl Geometry {
             journal_offset: h.journal_offset,
             journal_len: h.journal_len,
             data_offset: h.data_offset,
+            phys_chunks: 0,
         };
+        g.phys_chunks = g.chunks();
+        if h.is_resizing() {
+            let n = h.resize_chunks as u64;
+            if !g.has_table() || n < g.chunks() || n >= u32::MAX as u64 {
+                return Err(LayoutError::BadResizeChunks { chunks: n, need: g.chunks() });
+            }
+            g.phys_chunks = n;
+        }
         let regions = [
             ("table", g.table_offset, g.table_len, g.table_need()),
             ("bitmap", g.bitmap_offset, g.bitmap_len, g.bitmap_need()),
@@ -234,7 +251,7 @@ impl Geometry {
     /// The largest storage the image can ever need: every chunk allocated
     /// (with a table), or the whole disk at `data_offset` (without).
     pub fn max_storage_size(&self) -> u64 {
-        let data = if self.has_table() { self.chunks() * self.chunk_bytes() } else { self.virtual_size.0 };
+        let data = if self.has_table() { self.phys_chunks * self.chunk_bytes() } else { self.virtual_size.0 };
         self.data_offset + data
     }
 
@@ -271,6 +288,7 @@ impl Geometry {
             base_uuid: [0; 16],
             base_fingerprint: 0,
             commit_depth: 0,
+            resize_chunks: 0,
         }
     }
 }
