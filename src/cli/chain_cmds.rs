@@ -2,8 +2,8 @@
 
 use super::{fail, CliError};
 use clap::Args;
-use fvd::format::header::uuid_text;
 use fvd::image::snapshot;
+use fvd::format::header::uuid_text;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -171,9 +171,7 @@ pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
     }
     match (new, a.unsafe_mode) {
         (None, _) => println!("{} now stands alone", a.image.display()),
-        (Some(b), true) => {
-            println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display())
-        }
+        (Some(b), true) => println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display()),
         (Some(b), false) => println!("{} is now over {}", a.image.display(), b.display()),
     }
     if !a.unsafe_mode {

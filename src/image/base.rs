@@ -288,8 +288,7 @@ impl Image {
     /// (the chain reads below it).
     pub(crate) fn open_layer(path: &Path) -> Result<Image, ImageError> {
         let opts = OpenOptions { read_only: true, chain_member: true, ..OpenOptions::default() };
-        let storage =
-            crate::storage::open_image_storage(path, &crate::storage::StorageOptions::new(OpenMode::ReadOnly))?;
+        let storage = crate::storage::open_image_storage(path, &crate::storage::StorageOptions::new(OpenMode::ReadOnly))?;
         Image::open_on(path, storage, None, &opts)
     }
 }
