@@ -113,26 +113,29 @@ fn max_chunks(c: u64) -> u64 {
 pub fn grow(image: &Path, new_size: u64) -> Result<ResizeOutcome, ImageError> {
     let storage: Arc<dyn Storage> = Arc::from(open_image_storage(image, &StorageOptions::new(OpenMode::ReadWrite))?);
     let name = storage.name().to_string();
+    let recovered = recover_on(image, Box::new(storage.clone()))?;
     let ring = crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
         path: name.clone(),
         what: "io_uring setup",
         offset: 0,
         source,
     })?;
-    ring.block_on(async {
-        let recovered = recover_on(&ring, image, Box::new(storage.clone())).await?;
-        let mut out = grow_on(&ring, storage.as_ref(), new_size).await?;
-        out.recovered |= recovered;
-        Ok(out)
-    })
-    .map_err(|source| ImageError::Io { path: name, what: "resize", offset: 0, source })?
+    let mut out = ring.block_on(grow_on(&ring, storage.as_ref(), new_size)).map_err(|source| ImageError::Io {
+        path: name,
+        what: "resize",
+        offset: 0,
+        source,
+    })??;
+    out.recovered |= recovered;
+    Ok(out)
 }
 
 /// Makes a closed image clean before a resize: when its header says dirty (a
 /// crash, an interrupted resize) or a header slot is not valid, it is opened
 /// read-write (which recovers it, without its base: recovery reads none) and
-/// closed. Returns whether it did.
-pub async fn recover_on<E: IoEngine>(e: &E, path: &Path, s: Box<dyn Storage>) -> Result<bool, ImageError> {
+/// closed, each on a ring of its own (not from within an executor). Returns
+/// whether it was dirty.
+pub fn recover_on(path: &Path, s: Box<dyn Storage>) -> Result<bool, ImageError> {
     let slots = read_header_slots(s.as_ref())?;
     let h = &slots.current;
     if !h.is_dirty() && slots.bad.is_empty() {
@@ -141,7 +144,7 @@ pub async fn recover_on<E: IoEngine>(e: &E, path: &Path, s: Box<dyn Storage>) ->
     refuse_layer(s.as_ref(), h)?;
     let opts = OpenOptions { chain_member: true, ..OpenOptions::default() };
     let img = Image::open_on(path, s, None, &opts)?;
-    img.close_async(e).await?;
+    img.close()?;
     Ok(h.is_dirty())
 }
 
@@ -211,6 +214,17 @@ fn check_capacity(s: &dyn Storage, g: &Geometry, size: u64) -> Result<(), ImageE
     }
 }
 
+/// Punches what lies below the table (the metadata area a resize moved away
+/// from, no longer part of any region). Idempotent: a resize cut before it
+/// completes it when run again.
+async fn punch_old_metadata<E: IoEngine>(e: &E, s: &dyn Storage, h: &Header) -> Result<(), ImageError> {
+    if h.table_offset > format::HEADER_AREA {
+        punch(e, s, format::HEADER_AREA, h.table_offset - format::HEADER_AREA, "punch the old metadata").await?;
+        sync(e, s).await?;
+    }
+    Ok(())
+}
+
 /// Grows the clean image on `s` to `new_size` bytes (see the module docs).
 /// A dirty image is refused: [`recover_on`] first.
 pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Result<ResizeOutcome, ImageError> {
@@ -278,6 +292,8 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     let next_region = |h: &Header| if h.bitmap_len > 0 { h.bitmap_offset } else { h.journal_offset };
     let room_of = |h: &Header| ((next_region(h) - h.table_offset) / 4).min(max_chunks(c)) * c;
     if new_size == old && !h.is_resizing() {
+        // An earlier resize may have been cut before this.
+        punch_old_metadata(e, s, &h).await?;
         let room = room_of(&h).max(old);
         return Ok(ResizeOutcome {
             old_size: old,
@@ -408,15 +424,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         }
     }
     write_header(e, s, nh.clone()).await?;
-    if k > 0 {
-        // No longer part of any region.
-        let gap = format::HEADER_AREA..nh.table_offset;
-        if let Err(err) = io::punch(e, s, gap.start, gap.end - gap.start).await {
-            tracing::warn!(image = %s.name(), error = %err, "punching the old metadata area failed; it stays unused");
-        } else {
-            sync(e, s).await?;
-        }
-    }
+    punch_old_metadata(e, s, &nh).await?;
     Ok(ResizeOutcome {
         old_size: old,
         new_size,
