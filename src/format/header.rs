@@ -384,6 +384,17 @@ mod tests {
     }
 
     #[test]
+    fn resizing_round_trips() {
+        let mut h = sample();
+        h.incompat |= INCOMPAT_RESIZING;
+        h.resize_chunks = 0x1234;
+        let d = Header::decode(&h.encode()).unwrap();
+        assert!(d.is_resizing());
+        assert_eq!(d, h);
+        assert_eq!(le_u32(&h.encode(), 1244), 0x1234);
+    }
+
+    #[test]
     fn header_rejects_unknown_incompat_features() {
         let mut h = sample();
         h.incompat |= 1 << 9;

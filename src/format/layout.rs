@@ -431,6 +431,31 @@ mod tests {
         assert!(m.contains(&format!("{:#x}", raw.data_offset)), "{m}");
     }
 
+    /// A resize may leave room between regions (below the table, after it), and
+    /// while one is under way `resize_chunks` extends the physical chunks.
+    #[test]
+    fn gaps_between_regions_and_an_interrupted_resize() {
+        let g = Geometry::new(&CreateParams { virtual_size: 64 << 20, base_size: 32 << 20, ..tib() }).unwrap();
+        let mut h = g.header(BaseFormat::Raw, "b");
+        let shift = 32u64 << 20;
+        h.table_offset += shift;
+        h.bitmap_offset += shift + (1 << 20);
+        h.journal_offset += shift + (1 << 20);
+        h.data_offset = (h.journal_offset + h.journal_len).next_multiple_of(1 << 20);
+        let moved = Geometry::from_header(&h, u64::MAX).unwrap();
+        assert_eq!((moved.phys_chunks, moved.table_len), (64, 4096));
+        assert_eq!(moved.max_storage_size(), h.data_offset + (64 << 20));
+        h.incompat |= crate::format::header::INCOMPAT_RESIZING;
+        h.resize_chunks = 70;
+        let resizing = Geometry::from_header(&h, u64::MAX).unwrap();
+        assert_eq!(resizing.phys_chunks, 70);
+        assert_eq!(resizing.max_storage_size(), h.data_offset + (70 << 20));
+        for n in [0, 63, u32::MAX] {
+            h.resize_chunks = n;
+            assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadResizeChunks { .. })), "{n}");
+        }
+    }
+
     /// Offsets near the top of the address space give an error, not an overflow.
     #[test]
     fn offsets_at_the_end_of_the_address_space_are_rejected() {
