@@ -347,3 +347,35 @@ fn raw_layout_over_a_base() {
     let case = Case { table: false, base: true, full: false, pre: None, target: 7 << 20, kind: ResizeKind::Header };
     sequences(case, 27, "raw layout, base");
 }
+
+/// What a resize refuses, with the image left as it was.
+#[test]
+fn refusals_leave_the_image_alone() {
+    let case = Case { table: true, base: false, full: false, pre: None, target: ROOM, kind: ResizeKind::Header };
+    let (w, _) = start(&case, 29);
+    let bytes = w["img"].clone();
+    let refused = |s: &SimStorage, size: u64, says: &str| {
+        let before = s.current_bytes();
+        let e = run(grow_on(&SyncOnly, s, size)).expect_err("refused").to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(s.current_bytes() == before, "{says}: the image changed");
+    };
+    let s = SimStorage::from_bytes("img", bytes.clone());
+    refused(&s, SIZE - 512, "shrinking is not supported");
+    refused(&s, SIZE + 100, "not a multiple of 512");
+    refused(&s, 1 << 60, "more than a 32-bit table can address");
+    // Fixed-size storage (a plain block device) that cannot hold every chunk.
+    let s = SimStorage::from_bytes("img", bytes.clone()).with_limit(8 << 20);
+    refused(&s, ROOM, "cannot grow");
+    // A frozen layer.
+    let s = Arc::new(SimStorage::from_bytes("img", bytes));
+    let img = Image::open_on(Path::new("img"), Box::new(s.clone()), None, &OpenOptions::default()).expect("open");
+    run(img.freeze(&SyncOnly)).expect("freeze");
+    drop(img);
+    refused(&s, ROOM, "frozen snapshot layer");
+    // Already that size: nothing written.
+    let (w, _) = start(&case, 30);
+    let s = SimStorage::from_bytes("img", w["img"].clone());
+    let out = run(grow_on(&SyncOnly, &s, SIZE)).expect("no-op");
+    assert_eq!((out.kind, s.events()), (ResizeKind::Unchanged, 0));
+}

@@ -252,6 +252,13 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     if new_size % 512 != 0 {
         return Err(invalid(s, format!("the new size {new_size} is not a multiple of 512 bytes")));
     }
+    // Hand a plain block device the mark kept in the header (as open does): it
+    // reads as zeros past it, growth zeroes from it, and the new header keeps it.
+    if s.initialised_end().is_some() {
+        let used = l.table.iter().max().copied().unwrap_or(0) as u64;
+        let used_end = geo.data_offset + used * geo.chunk_bytes();
+        s.set_initialised_end(if h.initialised_end == 0 { u64::MAX } else { h.initialised_end.max(used_end) });
+    }
     let layout_err = |source| ImageError::Layout { path: s.name().to_string(), source };
     let Some(c) = geo.chunk_size.map(u64::from) else {
         // Raw layout: guest offset X at data_offset + X.
@@ -270,8 +277,10 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         nh.virtual_size = new_size;
         let ng = Geometry::from_header(&nh, u64::MAX).map_err(layout_err)?;
         check_capacity(s, &ng, new_size)?;
+        // A plain block device reads zeros past the old end already: below its
+        // mark is only what it zeroed or the image wrote (never past the end).
         let from = geo.data_offset + old;
-        let to = s.size().min(geo.data_offset + new_size);
+        let to = if s.initialised_end().is_some() { from } else { s.size().min(geo.data_offset + new_size) };
         if to > from {
             punch(e, s, from, to - from, "zeroing past the old end").await?;
             sync(e, s).await?;
@@ -352,12 +361,6 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         }
     }
     let interim = k > 0 || !moves.is_empty();
-    // Hand a plain block device the mark kept in the header (as open does), so
-    // that growth zeroes what lies past it and the new header keeps it.
-    if s.initialised_end().is_some() {
-        let used_end = d0 + table.iter().max().copied().unwrap_or(0) as u64 * c;
-        s.set_initialised_end(if h.initialised_end == 0 { u64::MAX } else { h.initialised_end.max(used_end) });
-    }
     // Step 1.
     if interim {
         let mut ih = h.clone();
