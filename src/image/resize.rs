@@ -275,6 +275,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         }
         let mut nh = h.clone();
         nh.virtual_size = new_size;
+        nh.session = 0;
         let ng = Geometry::from_header(&nh, u64::MAX).map_err(layout_err)?;
         check_capacity(s, &ng, new_size)?;
         // A plain block device reads zeros past the old end already: below its
@@ -328,6 +329,9 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     nh.incompat &= !INCOMPAT_RESIZING;
     nh.resize_chunks = 0;
     nh.journal_seq = h.journal_seq + h.journal_len / META_BLOCK;
+    // No volatile log of an earlier writer may extend this image's journal: its
+    // records would name the old layout's chunks.
+    nh.session = 0;
     let k = if h.table_offset + t1 <= next_region(&h) {
         if h.bitmap_len == 0 {
             nh.bitmap_offset = nh.bitmap_offset.max(h.table_offset + t1);
@@ -365,6 +369,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     if interim {
         let mut ih = h.clone();
         ih.flags |= FLAG_DIRTY;
+        ih.session = 0;
         let limit = moves.iter().map(|m| m.2 + 1).max().unwrap_or(0).max(geo.phys_chunks);
         if limit > geo.chunks() {
             ih.incompat |= INCOMPAT_RESIZING;
