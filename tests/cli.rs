@@ -121,3 +121,64 @@ fn check_reports_and_repairs_leaks() {
     assert!(out.contains("Repair done"), "{out}");
     ok(&["io", s(&img), "-c", "read -P 0x44 0 3M"]);
 }
+
+#[test]
+fn resize_grows_and_refuses_what_it_cannot_do() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.raw");
+    std::fs::write(&base, vec![0x11u8; 4 << 20]).unwrap();
+    let img = d.path().join("a.fvd");
+    ok(&["create", "--base", "base.raw", "--size", "64M", "--journal-size", "1M", s(&img)]);
+    ok(&["io", s(&img), "-c", "write -P 0x22 1M 512k", "-c", "write -P 0x33 63M 1M"]);
+    let grown = |out: &str| -> serde_json::Value { serde_json::from_str(out).unwrap() };
+    // Within the table's room (1024 entries): header only.
+    let r = grown(&ok(&["resize", "--output", "json", s(&img), "1G"]));
+    assert_eq!((r["kind"].as_str(), r["new-size"].as_u64()), (Some("header"), Some(1 << 30)), "{r}");
+    // Past it: the metadata moves, with room for the table to double.
+    let r = grown(&ok(&["resize", "--output", "json", s(&img), "+3G"]));
+    assert_eq!((r["kind"].as_str(), r["new-size"].as_u64()), (Some("moved-metadata"), Some(4 << 30)), "{r}");
+    assert!(r["room"].as_u64().unwrap() >= 8 << 30, "{r}");
+    let out = ok(&["resize", s(&img), "6G"]);
+    assert!(out.contains("header only"), "{out}");
+    let out = ok(&["resize", s(&img), "6G"]);
+    assert!(out.contains("nothing to do"), "{out}");
+    ok(&[
+        "io",
+        s(&img),
+        "-c",
+        "read -P 0x11 0 1M",
+        "-c",
+        "read -P 0x22 1M 512k",
+        "-c",
+        "read -P 0x33 63M 1M",
+        "-c",
+        "read -P 0 64M 64M",
+        "-c",
+        "write -P 0x44 5G 1M",
+        "-c",
+        "read -P 0x44 5G 1M",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", "--output", "json", s(&img)])).unwrap();
+    assert_eq!(info["virtual-size"], 6u64 << 30);
+    assert!(ok(&["check", s(&img)]).contains("No errors"));
+    // Shrinking, a frozen layer, -n: one clear line each, nothing changed.
+    let (code, _, err) = fvd(&["resize", s(&img), "1G"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("shrinking is not supported") && err.lines().count() == 1, "{err}");
+    let (code, _, err) = fvd(&["resize", "-n", "7", "8G"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not available yet"), "{err}");
+    let top = d.path().join("b.fvd");
+    ok(&["snapshot", s(&img), s(&top)]);
+    let (code, _, err) = fvd(&["resize", s(&img), "8G"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("frozen snapshot layer"), "{err}");
+    // The overlay grows past its frozen base's size: blocks past it read zeros.
+    ok(&["resize", s(&top), "8G"]);
+    ok(&["io", s(&top), "-c", "read -P 0x22 1M 512k", "-c", "read -P 0x44 5G 1M", "-c", "read -P 0 7G 1M"]);
+    let raw = d.path().join("r.fvd");
+    ok(&["create", "--size", "16M", "--no-table", s(&raw)]);
+    ok(&["io", s(&raw), "-c", "write -P 0x55 15M 1M"]);
+    ok(&["resize", s(&raw), "1G"]);
+    ok(&["io", s(&raw), "-c", "read -P 0x55 15M 1M", "-c", "read -P 0 16M 16M"]);
+}

@@ -70,7 +70,7 @@ pub struct CommitArgs {
 
 /// Refuses when a device (served, or waiting for recovery) reads any of `paths`
 /// through its chain: a commit or rebase changes layers under it.
-fn refuse_if_in_use(paths: &[PathBuf], what: &str) -> Result<(), CliError> {
+pub(super) fn refuse_if_in_use(paths: &[PathBuf], what: &str) -> Result<(), CliError> {
     let rd = fvd::ublk::state::RunDir::system();
     for st in rd.list().unwrap_or_default() {
         let chain = snapshot::chain_paths(&st.image);

@@ -7,6 +7,7 @@ pub mod daemon;
 mod image_cmds;
 mod io_cmd;
 mod prefetch;
+mod resize;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,8 @@ enum Cmd {
     Commit(chain_cmds::CommitArgs),
     /// Move an image onto another base (safe: it reads the same), or make it stand alone (-b "").
     Rebase(chain_cmds::RebaseArgs),
+    /// Grow an image (offline; -n ID for a live device is not available yet).
+    Resize(resize::ResizeArgs),
     /// Run qemu-io style commands against an image.
     Io(io_cmd::IoArgs),
     /// Convert between raw and fvd, sparse-aware.
@@ -108,6 +111,7 @@ pub fn main() -> i32 {
         Cmd::Snapshot(a) => chain_cmds::snapshot(a),
         Cmd::Commit(a) => chain_cmds::commit(a),
         Cmd::Rebase(a) => chain_cmds::rebase(a),
+        Cmd::Resize(a) => resize::run(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Prefetch(a) => prefetch::run(a),

@@ -7,7 +7,12 @@ pub const MAGIC: [u8; 8] = *b"FVD\0img\x01";
 pub const VERSION: u32 = 1;
 /// Incompatible feature: the image has a one-level table.
 pub const INCOMPAT_TABLE: u64 = 1;
-const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE;
+/// Incompatible feature: a resize that moves the metadata is under way (or was
+/// interrupted): table entries may name physical chunks below `resize_chunks`,
+/// past the number of chunks the virtual size has. Set only between the first
+/// and the last header write of such a resize.
+pub const INCOMPAT_RESIZING: u64 = 1 << 1;
+const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE | INCOMPAT_RESIZING;
 /// Flag: the image was not closed cleanly; replay the journal.
 pub const FLAG_DIRTY: u64 = 1;
 /// Flag: a snapshot layer. Its content is a point in time that overlays read
@@ -34,6 +39,7 @@ const UUID_OFF: usize = INIT_END_OFF + 8;
 const BASE_UUID_OFF: usize = UUID_OFF + 16;
 const BASE_PRINT_OFF: usize = BASE_UUID_OFF + 16;
 const COMMIT_DEPTH_OFF: usize = BASE_PRINT_OFF + 8;
+const RESIZE_CHUNKS_OFF: usize = COMMIT_DEPTH_OFF + 4;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -132,6 +138,9 @@ pub struct Header {
     /// With `FLAG_COMMITTING`: the layer the commit writes into (1: the base,
     /// 2: the base's base, ...), so that running it again needs no arguments.
     pub commit_depth: u32,
+    /// With `INCOMPAT_RESIZING`: the number of physical chunks table entries may
+    /// name while the resize is under way; 0 otherwise.
+    pub resize_chunks: u32,
 }
 
 impl Header {
@@ -159,10 +168,14 @@ impl Header {
         self.flags & FLAG_COMMITTING != 0
     }
 
+    pub fn is_resizing(&self) -> bool {
+        self.incompat & INCOMPAT_RESIZING != 0
+    }
+
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
     //           path_len rsvd rsvd(0, was used_chunks) rsvd generation path[1024] prefetch_cursor session
-    //           initialised_end uuid[16] base_uuid[16] base_fingerprint commit_depth pad crc32
+    //           initialised_end uuid[16] base_uuid[16] base_fingerprint commit_depth resize_chunks pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -195,6 +208,7 @@ impl Header {
         b[BASE_UUID_OFF..BASE_UUID_OFF + 16].copy_from_slice(&self.base_uuid);
         put64(&mut b, BASE_PRINT_OFF, self.base_fingerprint);
         put32(&mut b, COMMIT_DEPTH_OFF, self.commit_depth);
+        put32(&mut b, RESIZE_CHUNKS_OFF, self.resize_chunks);
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -265,6 +279,7 @@ impl Header {
             base_uuid: uuid_at(b, BASE_UUID_OFF),
             base_fingerprint: le_u64(b, BASE_PRINT_OFF),
             commit_depth: le_u32(b, COMMIT_DEPTH_OFF),
+            resize_chunks: le_u32(b, RESIZE_CHUNKS_OFF),
         })
     }
 }
@@ -330,6 +345,7 @@ pub(crate) fn sample() -> Header {
         base_uuid: [0x22; 16],
         base_fingerprint: 0xdead_beef_0bad_cafe,
         commit_depth: 3,
+        resize_chunks: 0,
     }
 }
 
@@ -365,6 +381,17 @@ mod tests {
         let crc = crc32fast::hash(&old[..CRC_OFF]);
         put32(&mut old, CRC_OFF, crc);
         assert_eq!(Header::decode(&old).unwrap(), sample());
+    }
+
+    #[test]
+    fn resizing_round_trips() {
+        let mut h = sample();
+        h.incompat |= INCOMPAT_RESIZING;
+        h.resize_chunks = 0x1234;
+        let d = Header::decode(&h.encode()).unwrap();
+        assert!(d.is_resizing());
+        assert_eq!(d, h);
+        assert_eq!(le_u32(&h.encode(), 1244), 0x1234);
     }
 
     #[test]

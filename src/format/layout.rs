@@ -38,6 +38,8 @@ pub enum LayoutError {
     BadRegionLength { region: &'static str, offset: u64, len: u64, need: u64 },
     #[error("data region at {offset:#x} must start at {expected:#x}, the aligned end of the journal")]
     BadDataOffset { offset: u64, expected: u64 },
+    #[error("resize_chunks {chunks:#x} of an interrupted resize must be at least the {need:#x} chunks of the virtual size, below 2^32, with a table")]
+    BadResizeChunks { chunks: u64, need: u64 },
     #[error("{region} region ends at {end:#x}, beyond the end of the storage at {size:#x}")]
     BeyondStorage { region: &'static str, end: u64, size: u64 },
 }
@@ -57,6 +59,10 @@ pub struct Geometry {
     pub journal_offset: u64,
     pub journal_len: u64,
     pub data_offset: u64,
+    /// How many physical chunks table entries may name: the number of chunks,
+    /// or more while a resize that moves the metadata is under way (the header's
+    /// `resize_chunks`).
+    pub phys_chunks: u64,
 }
 
 /// Create-time choices.
@@ -119,7 +125,9 @@ impl Geometry {
             journal_offset: 0,
             journal_len: p.journal_len,
             data_offset: 0,
+            phys_chunks: 0,
         };
+        g.phys_chunks = g.chunks();
         g.table_len = g.table_need();
         g.bitmap_offset = g.table_offset + g.table_len;
         g.bitmap_len = g.bitmap_need();
@@ -140,7 +148,7 @@ impl Geometry {
         let chunk = if h.incompat & INCOMPAT_TABLE != 0 { Some(h.chunk_size) } else { None };
         check_shape(h.virtual_size, h.block_size, chunk, h.base_size)?;
         check_journal(h.journal_len)?;
-        let g = Geometry {
+        let mut g = Geometry {
             virtual_size: Bytes(h.virtual_size),
             block_size: h.block_size,
             chunk_size: chunk,
@@ -152,7 +160,16 @@ impl Geometry {
             journal_offset: h.journal_offset,
             journal_len: h.journal_len,
             data_offset: h.data_offset,
+            phys_chunks: 0,
         };
+        g.phys_chunks = g.chunks();
+        if h.is_resizing() {
+            let n = h.resize_chunks as u64;
+            if !g.has_table() || n < g.chunks() || n >= u32::MAX as u64 {
+                return Err(LayoutError::BadResizeChunks { chunks: n, need: g.chunks() });
+            }
+            g.phys_chunks = n;
+        }
         let regions = [
             ("table", g.table_offset, g.table_len, g.table_need()),
             ("bitmap", g.bitmap_offset, g.bitmap_len, g.bitmap_need()),
@@ -234,7 +251,7 @@ impl Geometry {
     /// The largest storage the image can ever need: every chunk allocated
     /// (with a table), or the whole disk at `data_offset` (without).
     pub fn max_storage_size(&self) -> u64 {
-        let data = if self.has_table() { self.chunks() * self.chunk_bytes() } else { self.virtual_size.0 };
+        let data = if self.has_table() { self.phys_chunks * self.chunk_bytes() } else { self.virtual_size.0 };
         self.data_offset + data
     }
 
@@ -271,6 +288,7 @@ impl Geometry {
             base_uuid: [0; 16],
             base_fingerprint: 0,
             commit_depth: 0,
+            resize_chunks: 0,
         }
     }
 }
@@ -411,6 +429,31 @@ mod tests {
         assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadDataOffset { .. })));
         let m = Geometry::from_header(&h, u64::MAX).unwrap_err().to_string();
         assert!(m.contains(&format!("{:#x}", raw.data_offset)), "{m}");
+    }
+
+    /// A resize may leave room between regions (below the table, after it), and
+    /// while one is under way `resize_chunks` extends the physical chunks.
+    #[test]
+    fn gaps_between_regions_and_an_interrupted_resize() {
+        let g = Geometry::new(&CreateParams { virtual_size: 64 << 20, base_size: 32 << 20, ..tib() }).unwrap();
+        let mut h = g.header(BaseFormat::Raw, "b");
+        let shift = 32u64 << 20;
+        h.table_offset += shift;
+        h.bitmap_offset += shift + (1 << 20);
+        h.journal_offset += shift + (1 << 20);
+        h.data_offset = (h.journal_offset + h.journal_len).next_multiple_of(1 << 20);
+        let moved = Geometry::from_header(&h, u64::MAX).unwrap();
+        assert_eq!((moved.phys_chunks, moved.table_len), (64, 4096));
+        assert_eq!(moved.max_storage_size(), h.data_offset + (64 << 20));
+        h.incompat |= crate::format::header::INCOMPAT_RESIZING;
+        h.resize_chunks = 70;
+        let resizing = Geometry::from_header(&h, u64::MAX).unwrap();
+        assert_eq!(resizing.phys_chunks, 70);
+        assert_eq!(resizing.max_storage_size(), h.data_offset + (70 << 20));
+        for n in [0, 63, u32::MAX] {
+            h.resize_chunks = n;
+            assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadResizeChunks { .. })), "{n}");
+        }
     }
 
     /// Offsets near the top of the address space give an error, not an overflow.

@@ -18,6 +18,11 @@
 //! aligned to the chunk size (to 1 MiB when the table is off) so that chunks and
 //! guest blocks sit on host-filesystem block boundaries.
 //!
+//! There may be unused space before the table and between the table and the
+//! bitmap (the journal without a base); nothing reads it. Create leaves none;
+//! a resize that moves the metadata (see Resize below) leaves the old metadata
+//! area before the table, and room for the table to grow after it.
+//!
 //! Every region is bounded by what the geometry (virtual size, block size,
 //! chunk size, base size) needs, and open refuses a header that says
 //! otherwise, before reading any region:
@@ -54,7 +59,7 @@
 //! | 0    | 8    | magic                 | `b"FVD\0img\x01"`                                    |
 //! | 8    | 4    | version               | 1                                                    |
 //! | 12   | 4    | header_len            | 4096                                                 |
-//! | 16   | 8    | incompatible features | bit 0: table present; other bits must be 0 to open   |
+//! | 16   | 8    | incompatible features | bit 0: table present; bit 1: resizing (a resize that moves the metadata is under way: table entries may name physical chunks below `resize_chunks`); other bits must be 0 to open |
 //! | 24   | 8    | compatible features   | bit 0 prefetched (base fully copied: never opened again), bit 1 copy-on-read by default, bit 2 prefetch by default; unknown bits ignored |
 //! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal); bit 1: frozen (a snapshot layer: write-opens refused); bit 2: invalid (a commit changed a layer below it: never opened again); bit 3: committing (a commit from this image down its chain is under way: identity checks of the layers below are relaxed) |
 //! | 40   | 8    | virtual_size          | guest-visible bytes, multiple of 512                 |
@@ -83,13 +88,16 @@
 //! | 1216 | 16   | base_uuid             | an fvd base's `uuid` as recorded at create or rebase; zeros: a raw base, or none recorded |
 //! | 1232 | 8    | base_fingerprint      | a raw base's fingerprint (CRC-32 of its size and 16 sampled 4 KiB blocks, see `image::identity`) as recorded; 0: none recorded |
 //! | 1240 | 4    | commit_depth          | with flag bit 3: the layer a commit writes into (1 the base, 2 the base's base, ...); 0 otherwise |
+//! | 1244 | 4    | resize_chunks         | with incompatible bit 1: how many physical chunks table entries may name (at least the number of chunks, below 2^32); 0 otherwise |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table
 //!
 //! One `u32` per virtual chunk: 0 means unallocated, `p + 1` means the chunk's
 //! data lives at `data_offset + p × chunk_size`. No two entries may name the same
-//! `p`. Without a table, guest offset X lives at `data_offset + X` (raw layout).
+//! `p`, and `p` is below the number of chunks (below `resize_chunks` while
+//! incompatible bit 1 is set). Without a table, guest offset X lives at
+//! `data_offset + X` (raw layout).
 //!
 //! # Bitmap
 //!
@@ -117,6 +125,24 @@
 //! carries a sequence below the new one, so no block left in the region (one a
 //! replay applied, or one past a torn block that a replay never reached) is ever
 //! valid again: replay after a later crash sees only blocks written since.
+
+//!
+//! # Resize
+//!
+//! A resize only grows the virtual size; the bitmap (the base's blocks) and the
+//! journal keep their lengths. The raw layout changes the header alone. With a
+//! table, `table_len` follows the new number of chunks: in place while
+//! `table_offset + table_len` stays at or before the next region, else the
+//! metadata moves to the start of the data area: the new `table_offset` is the
+//! old `data_offset`, the bitmap and the journal end `k` chunks later at the new
+//! `data_offset`, and every entry `p + 1` becomes `p + 1 - k` (chunks in the
+//! first `k` slots are copied to free slots first). Until the one header write
+//! that switches the geometry, the image keeps its old geometry and is marked
+//! dirty, so a crash is recovered as any other; when it has fewer than `k` free
+//! chunks, the copies go past its number of chunks and the header carries
+//! incompatible bit 1 with `resize_chunks` meanwhile, which a reader without
+//! it refuses rather than misread the table. Images without bit 1 are what
+//! every earlier writer wrote, and read as before.
 
 pub mod header;
 pub mod journal;

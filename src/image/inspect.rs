@@ -127,6 +127,13 @@ pub fn check(s: &dyn Storage) -> CheckReport {
             s.name()
         ));
     }
+    if h.is_resizing() {
+        r.notes.push(format!(
+            "{}: a resize that moves the metadata was interrupted; the image reads as before it. \
+             Run 'fvd resize' on it again to complete it",
+            s.name()
+        ));
+    }
     if h.is_frozen() {
         r.notes.push(format!("{}: a frozen snapshot layer (write-opens are refused)", s.name()));
     }
@@ -139,7 +146,7 @@ pub fn check(s: &dyn Storage) -> CheckReport {
     r.allocated_chunks = loaded.table.iter().filter(|&&e| e != 0).count() as u64;
     if geo.has_table() && problems.is_empty() {
         {
-            let mut used = vec![false; geo.chunks() as usize];
+            let mut used = vec![false; geo.phys_chunks as usize];
             let mut hwm = 0usize;
             for &e in &loaded.table {
                 if e != 0 {

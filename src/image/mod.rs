@@ -23,6 +23,7 @@ mod pacing;
 mod prefetch;
 pub mod rebase;
 mod repair;
+pub mod resize;
 pub mod snapshot;
 pub mod volatile;
 mod zero_scan;

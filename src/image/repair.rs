@@ -73,7 +73,7 @@ pub fn repair_metadata(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
     let mut done: Vec<String> = stopped.into_iter().collect();
     let geo = l.geo.clone();
     let cb = geo.chunk_bytes();
-    let limit = geo.chunks().min(s.size().saturating_sub(geo.data_offset) / cb.max(1));
+    let limit = geo.phys_chunks.min(s.size().saturating_sub(geo.data_offset) / cb.max(1));
     // Newest first: the entry a newer record set wins its chunk.
     let mut order: Vec<usize> = (0..l.table.len()).filter(|&v| l.table[v] != 0).collect();
     order.sort_by_key(|&v| (std::cmp::Reverse(ages[v]), v));

@@ -91,7 +91,7 @@ pub fn apply_record(geo: &Geometry, table: &mut [u32], bitmap: &mut BitmapBits, 
 pub fn validate_table(geo: &Geometry, table: &[u32], storage_size: u64) -> Result<u32, MetaError> {
     let chunk = geo.chunk_bytes();
     let by_storage = storage_size.saturating_sub(geo.data_offset) / chunk.max(1);
-    let limit = geo.chunks().min(by_storage);
+    let limit = geo.phys_chunks.min(by_storage);
     let mut owner: Vec<u32> = vec![u32::MAX; limit as usize];
     let mut hwm = 0u32;
     for (v, &e) in table.iter().enumerate() {

@@ -125,4 +125,8 @@ impl Storage for ZeroedDevice {
     fn set_initialised_end(&self, end: u64) {
         self.end.set(end.min(self.device));
     }
+
+    fn capacity(&self) -> Option<u64> {
+        Some(self.device)
+    }
 }

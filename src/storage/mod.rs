@@ -84,6 +84,11 @@ pub trait Storage: Send + Sync {
     }
     /// Hands the mark kept in the image's header back to the storage at open.
     fn set_initialised_end(&self, _end: u64) {}
+    /// Storage of a fixed size (a plain block device): the most it can ever hold.
+    /// `None`: it grows (files, LVs).
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// How [`open_image_storage`] opens an image's storage.
@@ -193,5 +198,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn set_initialised_end(&self, end: u64) {
         (**self).set_initialised_end(end)
+    }
+    fn capacity(&self) -> Option<u64> {
+        (**self).capacity()
     }
 }

@@ -337,6 +337,10 @@ impl Storage for SimStorage {
         None
     }
 
+    fn capacity(&self) -> Option<u64> {
+        (self.limit != u64::MAX).then_some(self.limit)
+    }
+
     /// A simulated disk has no holes: a range "has data" when it is not all zeros.
     fn has_data(&self, off: u64, len: u64) -> bool {
         let mut buf = vec![0u8; len as usize];

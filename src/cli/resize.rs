@@ -1,0 +1,87 @@
+//! `fvd resize`: growing an image.
+
+use super::{fail, CliError};
+use clap::Args;
+use fvd::image::resize::{self, ResizeKind};
+use fvd::units::{human, parse_size};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+#[command(after_help = "Offline: fvd resize IMAGE SIZE grows IMAGE (no daemon may serve it) to SIZE bytes \
+(k/M/G/T suffixes; +SIZE grows by that much). The guest sees the old content and zeros past the old end. \
+The table grows in place while it has room; past that the metadata moves to the start of the data area \
+(with room for the table to double). Crash-safe: after a crash the image reads as before, and running the \
+same command again completes it. Shrinking is refused, and so are frozen snapshot layers.\n\
+Online (fvd resize -n ID SIZE, a device a daemon serves) is not available yet.")]
+pub struct ResizeArgs {
+    /// The device ID of a running daemon (online resize: not available yet).
+    #[arg(short = 'n', long = "number")]
+    pub id: Option<u32>,
+    /// IMAGE SIZE (offline), or SIZE (with -n).
+    #[arg(required = true, num_args = 1..=2)]
+    pub args: Vec<String>,
+    #[arg(long, value_parser = ["human", "json"], default_value = "human")]
+    pub output: String,
+}
+
+/// SIZE, or +SIZE added to `current`.
+fn new_size(arg: &str, current: u64) -> Result<u64, CliError> {
+    let (plus, num) = match arg.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, arg),
+    };
+    let n = parse_size(num).map_err(|e| fail(format!("bad size '{arg}': {e}")))?.0;
+    if plus {
+        current.checked_add(n).ok_or_else(|| fail(format!("bad size '{arg}': too large")))
+    } else {
+        Ok(n)
+    }
+}
+
+pub fn run(a: ResizeArgs) -> Result<i32, CliError> {
+    let (image, size) = match (a.id, a.args.as_slice()) {
+        (None, [image, size]) => (PathBuf::from(image), size.clone()),
+        (Some(id), [_]) => {
+            return Err(fail(format!(
+                "resizing a live device (-n {id}) is not available yet: stop it ('fvd stop -n {id}'), \
+                 run 'fvd resize IMAGE SIZE', and start it again"
+            )))
+        }
+        (None, _) => return Err(fail("give IMAGE SIZE, or -n ID SIZE for a device a daemon serves")),
+        (Some(_), _) => return Err(fail("with -n ID give only SIZE")),
+    };
+    let t0 = std::time::Instant::now();
+    super::chain_cmds::refuse_if_in_use(&fvd::image::snapshot::chain_paths(&image)[..1], "a resize")?;
+    let current = fvd::image::snapshot::header_at(&image)?.virtual_size;
+    let size = new_size(&size, current)?;
+    let r = resize::grow(&image, size)?;
+    if a.output == "json" {
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    if r.recovered {
+        println!("{} was not closed cleanly (or a resize was interrupted): recovered first", image.display());
+    }
+    let how = match r.kind {
+        ResizeKind::Unchanged => {
+            println!("{} is already {} ({} bytes): nothing to do", image.display(), human(r.new_size), r.new_size);
+            return Ok(0);
+        }
+        ResizeKind::Header => "header only".to_string(),
+        ResizeKind::MovedMetadata => {
+            format!("metadata moved to the start of the data area, {} chunk(s) moved", r.moved_chunks)
+        }
+    };
+    println!(
+        "Image resized: {} -> {} ({} bytes; {how}); growth up to {} needs no metadata move",
+        human(r.old_size),
+        human(r.new_size),
+        r.new_size,
+        human(r.room)
+    );
+    Ok(0)
+}
