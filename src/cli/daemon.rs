@@ -287,6 +287,41 @@ pub fn snapshot_live(id: u32, new: &std::path::Path, output: &str) -> Result<i32
             Ok(0)
         }
         Reply::Error(e) => Err(fail(format!("device {id}: online snapshot to {}: {e}", new.display()))),
+        Reply::Resized(_) => Err(fail(format!("device {id}: the daemon answered a snapshot with a resize"))),
+    }
+}
+
+/// `fvd resize -n ID SIZE`: grows the image a daemon serves and the device with it.
+pub fn resize_live(id: u32, size_arg: &str, output: &str) -> Result<i32, CliError> {
+    use fvd::ublk::channel::{ask, Reply, Request};
+    let rd = RunDir::system();
+    let st = rd.read(id).map_err(err)?.ok_or(DaemonError::UnknownId(id)).map_err(err)?;
+    if !kernel::daemon_alive(st.pid) {
+        return Err(fail(format!("device {id}: its daemon is not running; run 'fvd recover -n {id}' first")));
+    }
+    let size = super::resize::new_size(size_arg, st.virtual_size)?;
+    match ask(&rd, id, &Request::Resize { size }, SNAPSHOT_WAIT).map_err(err)? {
+        Reply::Resized(r) => {
+            if output == "json" {
+                let mut v = serde_json::to_value(&r)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("device".into(), serde_json::json!(st.device));
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{} grown online: {} -> {} ({}; requests held {:.3} ms)",
+                    st.device,
+                    fvd::units::human(r.old_size),
+                    fvd::units::human(r.new_size),
+                    r.kind,
+                    r.held_ms
+                );
+            }
+            Ok(0)
+        }
+        Reply::Error(e) => Err(fail(format!("device {id}: online resize to {size} bytes: {e}"))),
+        Reply::Snapshot(_) => Err(fail(format!("device {id}: the daemon answered a resize with a snapshot"))),
     }
 }
 

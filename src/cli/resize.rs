@@ -12,9 +12,10 @@ use std::path::PathBuf;
 The table grows in place while it has room; past that the metadata moves to the start of the data area \
 (with room for the table to double). Crash-safe: after a crash the image reads as before, and running the \
 same command again completes it. Shrinking is refused, and so are frozen snapshot layers.\n\
-Online (fvd resize -n ID SIZE, a device a daemon serves) is not available yet.")]
+Online: fvd resize -n ID SIZE grows the image a daemon serves and the device with it (requests are held \
+meanwhile); it needs a ublk driver with UBLK_F_UPDATE_SIZE (Linux 6.16 and later) and says so otherwise.")]
 pub struct ResizeArgs {
-    /// The device ID of a running daemon (online resize: not available yet).
+    /// The device ID of a running daemon (online resize).
     #[arg(short = 'n', long = "number")]
     pub id: Option<u32>,
     /// IMAGE SIZE (offline), or SIZE (with -n).
@@ -25,7 +26,7 @@ pub struct ResizeArgs {
 }
 
 /// SIZE, or +SIZE added to `current`.
-fn new_size(arg: &str, current: u64) -> Result<u64, CliError> {
+pub(super) fn new_size(arg: &str, current: u64) -> Result<u64, CliError> {
     let (plus, num) = match arg.strip_prefix('+') {
         Some(rest) => (true, rest),
         None => (false, arg),
@@ -41,12 +42,7 @@ fn new_size(arg: &str, current: u64) -> Result<u64, CliError> {
 pub fn run(a: ResizeArgs) -> Result<i32, CliError> {
     let (image, size) = match (a.id, a.args.as_slice()) {
         (None, [image, size]) => (PathBuf::from(image), size.clone()),
-        (Some(id), [_]) => {
-            return Err(fail(format!(
-                "resizing a live device (-n {id}) is not available yet: stop it ('fvd stop -n {id}'), \
-                 run 'fvd resize IMAGE SIZE', and start it again"
-            )))
-        }
+        (Some(id), [size]) => return super::daemon::resize_live(id, size, &a.output),
         (None, _) => return Err(fail("give IMAGE SIZE, or -n ID SIZE for a device a daemon serves")),
         (Some(_), _) => return Err(fail("with -n ID give only SIZE")),
     };

@@ -19,6 +19,8 @@ use std::time::Duration;
 pub enum Request {
     /// An online snapshot to NEW, an absolute path.
     Snapshot { new: PathBuf },
+    /// An online resize to this many bytes.
+    Resize { size: u64 },
 }
 
 /// What the daemon answers.
@@ -26,6 +28,7 @@ pub enum Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
     Snapshot(Taken),
+    Resized(super::resize::Resized),
     Error(String),
 }
 
@@ -59,6 +62,13 @@ fn serve_one(c: UnixStream, snap: &Snapshotter) {
         Err(e) => Reply::Error(format!("reading the request: {e}")),
         Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Reply::Error(format!("bad request: {e}")),
+            Ok(Request::Resize { size }) => {
+                tracing::info!(size, "online resize asked");
+                match snap.resize(size) {
+                    Ok(r) => Reply::Resized(r),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
             Ok(Request::Snapshot { new }) => {
                 tracing::info!(new = %new.display(), "online snapshot asked");
                 match snap.take(&new) {

@@ -29,6 +29,7 @@ pub mod params;
 pub mod queue;
 pub mod report;
 pub mod request;
+pub mod resize;
 pub mod serve;
 pub mod setup;
 pub mod signals;

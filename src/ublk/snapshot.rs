@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The longest the requests in flight may take to finish before a snapshot gives up.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+pub(super) const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Environment variable of the crash tests: `hold`, `freeze` or `create`
 /// makes the daemon kill itself (SIGKILL) right after that step of an online
@@ -92,13 +92,13 @@ pub enum SnapshotError {
 
 /// Takes online snapshots of the image the gate serves.
 pub struct Snapshotter {
-    gate: Arc<Gate<Image>>,
-    run_dir: RunDir,
-    id: u32,
+    pub(super) gate: Arc<Gate<Image>>,
+    pub(super) run_dir: RunDir,
+    pub(super) id: u32,
     /// The daemon's options for opening a top (the volatile log is per image).
     open: OpenOptions,
-    /// Taken while a snapshot runs; true once the daemon stops.
-    stopping: Mutex<bool>,
+    /// Taken while a snapshot (or an online resize) runs; true once the daemon stops.
+    pub(super) stopping: Mutex<bool>,
 }
 
 impl Snapshotter {
@@ -111,7 +111,7 @@ impl Snapshotter {
         *self.stopping.lock().unwrap_or_else(|p| p.into_inner()) = true;
     }
 
-    fn options_for(&self, image: &Path) -> OpenOptions {
+    pub(super) fn options_for(&self, image: &Path) -> OpenOptions {
         OpenOptions { volatile_log: self.run_dir.volatile_log(image), ..self.open.clone() }
     }
 
@@ -245,15 +245,15 @@ impl Snapshotter {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn ring() -> Result<crate::io::uring::Uring, DaemonError> {
+pub(super) fn ring() -> Result<crate::io::uring::Uring, DaemonError> {
     crate::io::uring::Uring::new(64).map_err(|source| DaemonError::Sys { what: "io_uring setup", source })
 }
 
-fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
+pub(super) fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Sys { what, source }
 }
 
