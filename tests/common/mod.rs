@@ -6,7 +6,7 @@ pub mod bin;
 
 use fvd::format::layout::CreateParams;
 use fvd::format::{BaseFormat, Geometry};
-use fvd::image::{create_on, Base, Image, OpenOptions};
+use fvd::image::{create_on, Base, Image, Layer, OpenOptions};
 use fvd::io::SyncOnly;
 use fvd::storage::{SimStorage, Storage};
 use std::path::Path;
