@@ -218,6 +218,11 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
             BaseFormat::None => break,
             BaseFormat::Raw => {
                 let s = FileStorage::open(&path, OpenMode::ReadOnly).map_err(|e| err(source_text(&e)))?;
+                // A resize is named as such before the fingerprint (which covers
+                // the size too) reports a content change.
+                if s.size() != above.base_size {
+                    return Err(err(size_changed(above.base_size, s.size())));
+                }
                 if !relaxed {
                     if let Some(why) =
                         identity::raw_mismatch(&above, &s).map_err(|e| err(format!("fingerprint read: {e}")))?
@@ -245,11 +250,7 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
             }
         };
         if layer.size() != above.base_size {
-            return Err(err(format!(
-                "size changed from {:#x} to {:#x} bytes since the image was created over it; refusing to use it",
-                above.base_size,
-                layer.size()
-            )));
+            return Err(err(size_changed(above.base_size, layer.size())));
         }
         layers.push(layer);
         match next {
@@ -261,6 +262,10 @@ pub fn open_base(image: &Path, header: &Header) -> Result<Option<Base>, ImageErr
         }
     }
     Ok((!layers.is_empty()).then(|| Base::new(layers)))
+}
+
+fn size_changed(recorded: u64, now: u64) -> String {
+    format!("size changed from {recorded:#x} to {now:#x} bytes since the image was created over it; refusing to use it")
 }
 
 fn source_text(e: &crate::storage::StorageError) -> String {
