@@ -12,8 +12,9 @@ use super::{identity, Image, ImageError, OpenOptions};
 use crate::format::{BaseFormat, Header};
 use crate::io::{self, IoEngine};
 use crate::meta::depth::{DepthIndex, MAX_LAYERS};
+use crate::meta::Source;
 use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::units::BlockIdx;
+use crate::units::{BlockIdx, Bytes};
 use futures::future::join_all;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ impl Layer {
                 source,
             }),
             // A layer's size is a multiple of 512, so `n` is too.
-            Layer::Fvd(img) => img.read(e, off, &mut buf[..n]).await,
+            Layer::Fvd(img) => img.read_held(e, off, &mut buf[..n]).await,
         }
     }
 }
@@ -146,14 +147,14 @@ impl Base {
                 return self.layers[0].read(e, buf, off).await;
             };
             let mut runs = index.runs(off, buf.len() as u64);
-            let first = runs.next();
-            if let (Some((_, len, layer)), None) = (first, index.runs(off, buf.len() as u64).nth(1)) {
-                debug_assert_eq!(len as usize, buf.len());
-                return self.read_run(e, buf, off, layer).await;
+            let Some(first) = runs.next() else { return Ok(()) };
+            if first.1 == buf.len() as u64 {
+                // One layer holds it all (the common case): no fan-out.
+                return self.read_run(e, buf, off, first.2).await;
             }
             let mut futs = Vec::new();
             let mut rest = &mut *buf;
-            for (roff, len, layer) in first.into_iter().chain(runs) {
+            for (roff, len, layer) in std::iter::once(first).chain(runs) {
                 let (piece, tail) = rest.split_at_mut(len as usize);
                 rest = tail;
                 futs.push(self.read_run(e, piece, roff, layer));
@@ -276,11 +277,36 @@ fn source_text(e: &crate::storage::StorageError) -> String {
 }
 
 impl Image {
+    /// Reads a range that this image, a layer of a chain, holds in full (the
+    /// chain's index says so): within one chunk, straight from its storage,
+    /// without a request's plan; a range across chunks goes the usual way.
+    async fn read_held<E: IoEngine>(&self, e: &E, off: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let geo = &self.meta.geo;
+        let len = buf.len() as u64;
+        let one_chunk = match geo.chunk_size {
+            None => true,
+            Some(c) => off / c as u64 == (off + len.max(1) - 1) / c as u64,
+        };
+        if !one_chunk || off % 512 != 0 || len % 512 != 0 || self.meta.check_range(Bytes(off), len).is_err() {
+            return self.read(e, off, buf).await;
+        }
+        debug_assert!(self.meta.block_in_image(BlockIdx(off / geo.block_size as u64)));
+        match self.meta.storage_offset(Bytes(off)) {
+            Some(so) => self.read_piece(e, Source::Image(so), buf).await,
+            // Unallocated: never written, or a zero block of its base.
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
     /// Opens an image as a layer of a chain: read-only, without its own base
     /// (the chain reads below it).
     pub(crate) fn open_layer(path: &Path) -> Result<Image, ImageError> {
         let opts = OpenOptions { read_only: true, chain_member: true, ..OpenOptions::default() };
-        let storage = crate::storage::open_image_storage(path, &crate::storage::StorageOptions::new(OpenMode::ReadOnly))?;
+        let storage =
+            crate::storage::open_image_storage(path, &crate::storage::StorageOptions::new(OpenMode::ReadOnly))?;
         Image::open_on(path, storage, None, &opts)
     }
 }

@@ -175,11 +175,7 @@ impl Image {
         let header = read_header(storage.as_ref())?;
         // Once the whole base is in the image the base is never opened again:
         // it may have been moved away.
-        let base = if header.is_prefetched() {
-            None
-        } else {
-            open_base(path, &header)?
-        };
+        let base = if header.is_prefetched() { None } else { open_base(path, &header)? };
         Image::open_on(path, storage, base, opts)
     }
 

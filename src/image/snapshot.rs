@@ -37,7 +37,8 @@ impl Image {
 pub fn base_reference(image: &Path, new: &Path) -> PathBuf {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let img = canon(image);
-    let new_dir = new.parent().filter(|d| !d.as_os_str().is_empty()).map(canon).unwrap_or_else(|| canon(Path::new(".")));
+    let new_dir =
+        new.parent().filter(|d| !d.as_os_str().is_empty()).map(canon).unwrap_or_else(|| canon(Path::new(".")));
     match (img.parent(), img.file_name()) {
         (Some(d), Some(name)) if d == new_dir => PathBuf::from(name),
         _ => img,

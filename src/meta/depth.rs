@@ -94,7 +94,12 @@ mod tests {
         let r: Vec<_> = idx.runs(512, 5 * 4096).collect();
         assert_eq!(
             r,
-            vec![(512, 4096 - 512, Some(1)), (4096, 4096, Some(0)), (8192, 4096, Some(1)), (12288, 2 * 4096 + 512, Some(2))]
+            vec![
+                (512, 4096 - 512, Some(1)),
+                (4096, 4096, Some(0)),
+                (8192, 4096, Some(1)),
+                (12288, 2 * 4096 + 512, Some(2))
+            ]
         );
         let none = DepthIndex::build(2 * 4096, 4096, 1, |_, off| off == 0);
         assert_eq!(none.runs(0, 8192).collect::<Vec<_>>(), vec![(0, 4096, Some(0)), (4096, 4096, None)]);
