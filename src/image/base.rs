@@ -56,6 +56,35 @@ impl Layer {
         }
     }
 
+    /// Which of the index blocks `64w..64w+64` (of `1 << shift` bytes, no
+    /// larger than this layer's blocks) this layer holds, one bit each: its
+    /// bitmap word itself when the sizes match.
+    fn held_mask(&self, shift: u32, w: u64) -> u64 {
+        let Layer::Fvd(i) = self else { return u64::MAX };
+        let m = i.meta();
+        if m.all_present() {
+            return u64::MAX;
+        }
+        let bb = m.geo.base_blocks();
+        let r = i.block_size().trailing_zeros().saturating_sub(shift);
+        if r == 0 {
+            // Blocks past the base are the image's own.
+            let past = match bb.saturating_sub(w * 64) {
+                n if n >= 64 => 0,
+                n => u64::MAX << n,
+            };
+            return m.bitmap.word(w) | past;
+        }
+        (0..64u64).fold(0, |acc, j| {
+            let b = (w * 64 + j) >> r;
+            if b >= bb || m.bitmap.test(BlockIdx(b)) {
+                acc | 1 << j
+            } else {
+                acc
+            }
+        })
+    }
+
     /// Reads the layer's own bytes; bytes past its end read as zeros.
     async fn read<E: IoEngine>(&self, e: &E, buf: &mut [u8], off: u64) -> Result<(), ImageError> {
         let n = (self.size().saturating_sub(off) as usize).min(buf.len());
@@ -99,7 +128,18 @@ impl Base {
                 })
                 .min()
                 .unwrap_or(4096);
-            DepthIndex::build(layers[0].size(), gran, layers.len(), |k, off| layers[k].holds(off))
+            let shift = gran.trailing_zeros();
+            let index =
+                DepthIndex::build_masked(layers[0].size(), gran, layers.len(), |k, w| layers[k].held_mask(shift, w));
+            debug_assert!(
+                index.blocks() >= (1 << 16)
+                    || (0..index.blocks()).all(|b| {
+                        let off = b << shift;
+                        index.layer_at(off) == (0..layers.len()).find(|&k| layers[k].holds(off))
+                    }),
+                "the index from bitmap words agrees with asking each layer"
+            );
+            index
         });
         Base { layers, index }
     }

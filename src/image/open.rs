@@ -259,14 +259,24 @@ impl Image {
             cor: cor_on.then(|| super::CorQueue::new(COR_QUEUE_LIMIT)),
             prefetch: Default::default(),
             path: path.to_path_buf(),
-            meta: Meta::with_progress(
-                loaded.geo,
-                loaded.table,
-                loaded.bitmap,
-                hwm,
-                loaded.header.prefetch_cursor,
-                loaded.header.is_prefetched(),
-            ),
+            meta: if opts.chain_member && opts.read_only {
+                Meta::for_layer(
+                    loaded.geo,
+                    loaded.table,
+                    loaded.bitmap,
+                    loaded.header.prefetch_cursor,
+                    loaded.header.is_prefetched(),
+                )
+            } else {
+                Meta::with_progress(
+                    loaded.geo,
+                    loaded.table,
+                    loaded.bitmap,
+                    hwm,
+                    loaded.header.prefetch_cursor,
+                    loaded.header.is_prefetched(),
+                )
+            },
             storage,
             base,
             header: Mutex::new(loaded.header),
