@@ -15,6 +15,16 @@ use rand::{Rng, SeedableRng};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+/// The tests of this file run one at a time: an image's lock (flock) lives as
+/// long as any copy of its descriptor, and a child one test spawns (`fvd …`)
+/// holds copies of every descriptor open in this process until it execs, so
+/// another test reopening an image it just closed could find it locked.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
@@ -109,6 +119,7 @@ fn build_chain(dir: &Path, depth: usize, size: u64, seed: u64) -> Vec<Vec<u8>> {
 
 #[test]
 fn sixteen_deep_chain_reads_as_the_model() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let depth = 16;
     let size = 2 * MIB;
@@ -194,6 +205,7 @@ fn mixed_chain(dir: &Path, size: u64, rng: &mut rand::rngs::StdRng) -> (PathBuf,
 
 #[test]
 fn raw_bottom_under_fvd_layers_of_mixed_block_sizes() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     let (top, mut model) = mixed_chain(d.path(), 4 * MIB, &mut rng);
@@ -227,6 +239,7 @@ fn one_error_line(args: &[&str]) -> String {
 
 #[test]
 fn a_replaced_middle_layer_is_refused_and_named() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let size = MIB;
     build_chain(d.path(), 4, size, 31);
@@ -260,6 +273,7 @@ fn a_replaced_middle_layer_is_refused_and_named() {
 
 #[test]
 fn a_raw_bottom_changed_in_a_sampled_block_is_refused_and_named() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(41);
     let (top, _) = mixed_chain(d.path(), 4 * MIB, &mut rng);
@@ -281,6 +295,7 @@ fn a_raw_bottom_changed_in_a_sampled_block_is_refused_and_named() {
 
 #[test]
 fn a_frozen_layer_refuses_writes_and_opens_read_only() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let models = build_chain(d.path(), 3, MIB, 51);
     let mid = layer(d.path(), 1);
@@ -303,6 +318,7 @@ fn a_frozen_layer_refuses_writes_and_opens_read_only() {
 
 #[test]
 fn prefetch_through_a_chain_makes_the_top_stand_alone() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(61);
     let (top, mut model) = mixed_chain(d.path(), 4 * MIB, &mut rng);
@@ -330,6 +346,7 @@ fn prefetch_through_a_chain_makes_the_top_stand_alone() {
 
 #[test]
 fn copy_on_read_at_the_top_of_a_chain() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(71);
     let (top, mut model) = mixed_chain(d.path(), 4 * MIB, &mut rng);
@@ -357,6 +374,7 @@ fn copy_on_read_at_the_top_of_a_chain() {
 
 #[test]
 fn a_chain_that_loops_is_refused() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let opts = CreateOptions { size: Some(MIB), block_size: 4096, journal_size: 256 * KIB, ..Default::default() };
