@@ -159,5 +159,16 @@ fn check_of_a_dirty_image_notes_chunks_recovery_wipes() {
     let (code, out) = fvd_merged(&["check", img]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("Note:") && !out.contains("not closed cleanly"), "{out}");
-    ok(&["io", img, "-c", "read -P 1 0 1M", "-c", "read -P 0 4M 1M", "-c", "read -P 3 8M 1M", "-c", "read -P 0 20M 1M"]);
+    ok(&[
+        "io",
+        img,
+        "-c",
+        "read -P 1 0 1M",
+        "-c",
+        "read -P 0 4M 1M",
+        "-c",
+        "read -P 3 8M 1M",
+        "-c",
+        "read -P 0 20M 1M",
+    ]);
 }

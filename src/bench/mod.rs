@@ -3,6 +3,7 @@
 //! the matching state, in one run, and prints the ratios.
 
 mod base_cost;
+mod chain;
 mod load;
 mod meta_cost;
 
@@ -34,6 +35,10 @@ pub struct BenchArgs {
     /// Only the metadata figures (sizes, open and replay time), no load.
     #[arg(long)]
     pub meta_only: bool,
+    /// Only the chain comparison: 4 KiB random reads through the top of a
+    /// chain of N read-only layers against a chain of one, in one run.
+    #[arg(long, value_name = "N")]
+    pub chain: Option<usize>,
 }
 
 struct Ctx {
@@ -184,6 +189,19 @@ fn make_base(p: &Path, size: u64) -> Result<(), String> {
 
 pub fn run(a: BenchArgs) -> Result<i32, String> {
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    if let Some(depth) = a.chain {
+        let c = Ctx {
+            dir: a.dir.clone(),
+            size: a.size,
+            runtime: a.runtime,
+            direct: !a.buffered,
+            repeat: a.repeat.max(1),
+            ring: Uring::new(256).map_err(|e| format!("io_uring: {e}"))?,
+            rows: Vec::new(),
+        };
+        chain::run(&c, depth)?;
+        return Ok(0);
+    }
     meta_cost::print(&a.dir)?;
     base_cost::print(&a.dir, a.size.min(1 << 30))?;
     if a.meta_only {

@@ -2,8 +2,8 @@
 
 use super::{fail, CliError};
 use clap::Args;
-use fvd::image::snapshot;
 use fvd::format::header::uuid_text;
+use fvd::image::snapshot;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]

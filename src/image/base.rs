@@ -12,8 +12,9 @@ use super::{identity, Image, ImageError, OpenOptions};
 use crate::format::{BaseFormat, Header};
 use crate::io::{self, IoEngine};
 use crate::meta::depth::{DepthIndex, MAX_LAYERS};
+use crate::meta::Source;
 use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::units::BlockIdx;
+use crate::units::{BlockIdx, Bytes};
 use futures::future::join_all;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,35 @@ impl Layer {
         }
     }
 
+    /// Which of the index blocks `64w..64w+64` (of `1 << shift` bytes, no
+    /// larger than this layer's blocks) this layer holds, one bit each: its
+    /// bitmap word itself when the sizes match.
+    fn held_mask(&self, shift: u32, w: u64) -> u64 {
+        let Layer::Fvd(i) = self else { return u64::MAX };
+        let m = i.meta();
+        if m.all_present() {
+            return u64::MAX;
+        }
+        let bb = m.geo.base_blocks();
+        let r = i.block_size().trailing_zeros().saturating_sub(shift);
+        if r == 0 {
+            // Blocks past the base are the image's own.
+            let past = match bb.saturating_sub(w * 64) {
+                n if n >= 64 => 0,
+                n => u64::MAX << n,
+            };
+            return m.bitmap.word(w) | past;
+        }
+        (0..64u64).fold(0, |acc, j| {
+            let b = (w * 64 + j) >> r;
+            if b >= bb || m.bitmap.test(BlockIdx(b)) {
+                acc | 1 << j
+            } else {
+                acc
+            }
+        })
+    }
+
     /// Reads the layer's own bytes; bytes past its end read as zeros.
     async fn read<E: IoEngine>(&self, e: &E, buf: &mut [u8], off: u64) -> Result<(), ImageError> {
         let n = (self.size().saturating_sub(off) as usize).min(buf.len());
@@ -70,7 +100,7 @@ impl Layer {
                 source,
             }),
             // A layer's size is a multiple of 512, so `n` is too.
-            Layer::Fvd(img) => img.read(e, off, &mut buf[..n]).await,
+            Layer::Fvd(img) => img.read_held(e, off, &mut buf[..n]).await,
         }
     }
 }
@@ -104,7 +134,18 @@ impl Base {
                 })
                 .min()
                 .unwrap_or(4096);
-            DepthIndex::build(layers[0].size(), gran, layers.len(), |k, off| layers[k].holds(off))
+            let shift = gran.trailing_zeros();
+            let index =
+                DepthIndex::build_masked(layers[0].size(), gran, layers.len(), |k, w| layers[k].held_mask(shift, w));
+            debug_assert!(
+                index.blocks() >= (1 << 16)
+                    || (0..index.blocks()).all(|b| {
+                        let off = b << shift;
+                        index.layer_at(off) == (0..layers.len()).find(|&k| layers[k].holds(off))
+                    }),
+                "the index from bitmap words agrees with asking each layer"
+            );
+            index
         });
         Base { layers, index }
     }
@@ -152,14 +193,14 @@ impl Base {
                 return self.layers[0].read(e, buf, off).await;
             };
             let mut runs = index.runs(off, buf.len() as u64);
-            let first = runs.next();
-            if let (Some((_, len, layer)), None) = (first, index.runs(off, buf.len() as u64).nth(1)) {
-                debug_assert_eq!(len as usize, buf.len());
-                return self.read_run(e, buf, off, layer).await;
+            let Some(first) = runs.next() else { return Ok(()) };
+            if first.1 == buf.len() as u64 {
+                // One layer holds it all (the common case): no fan-out.
+                return self.read_run(e, buf, off, first.2).await;
             }
             let mut futs = Vec::new();
             let mut rest = &mut *buf;
-            for (roff, len, layer) in first.into_iter().chain(runs) {
+            for (roff, len, layer) in std::iter::once(first).chain(runs) {
                 let (piece, tail) = rest.split_at_mut(len as usize);
                 rest = tail;
                 futs.push(self.read_run(e, piece, roff, layer));
@@ -284,11 +325,36 @@ fn source_text(e: &crate::storage::StorageError) -> String {
 }
 
 impl Image {
+    /// Reads a range that this image, a layer of a chain, holds in full (the
+    /// chain's index says so): within one chunk, straight from its storage,
+    /// without a request's plan; a range across chunks goes the usual way.
+    async fn read_held<E: IoEngine>(&self, e: &E, off: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let geo = &self.meta.geo;
+        let len = buf.len() as u64;
+        let one_chunk = match geo.chunk_size {
+            None => true,
+            Some(c) => off / c as u64 == (off + len.max(1) - 1) / c as u64,
+        };
+        if !one_chunk || off % 512 != 0 || len % 512 != 0 || self.meta.check_range(Bytes(off), len).is_err() {
+            return self.read(e, off, buf).await;
+        }
+        debug_assert!(self.meta.block_in_image(BlockIdx(off / geo.block_size as u64)));
+        match self.meta.storage_offset(Bytes(off)) {
+            Some(so) => self.read_piece(e, Source::Image(so), buf).await,
+            // Unallocated: never written, or a zero block of its base.
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
     /// Opens an image as a layer of a chain: read-only, without its own base
     /// (the chain reads below it).
     pub(crate) fn open_layer(path: &Path) -> Result<Image, ImageError> {
         let opts = OpenOptions { read_only: true, chain_member: true, ..OpenOptions::default() };
-        let storage = crate::storage::open_image_storage(path, &crate::storage::StorageOptions::new(OpenMode::ReadOnly))?;
+        let storage =
+            crate::storage::open_image_storage(path, &crate::storage::StorageOptions::new(OpenMode::ReadOnly))?;
         Image::open_on(path, storage, None, &opts)
     }
 }

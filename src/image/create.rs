@@ -1,9 +1,9 @@
 //! Creating a new image.
 
 use super::base::resolve;
+use super::identity::BaseId;
 use super::ImageError;
 use crate::format::layout::CreateParams;
-use super::identity::BaseId;
 use crate::format::{BaseFormat, Geometry, Header, HEADER_AREA};
 use crate::storage::{open_image_storage, FileStorage, OpenMode, Storage, StorageOptions};
 use std::path::{Path, PathBuf};

@@ -91,7 +91,7 @@ impl Image {
         Ok(())
     }
 
-    async fn read_piece<E: IoEngine>(&self, e: &E, src: Source, buf: &mut [u8]) -> Result<(), ImageError> {
+    pub(super) async fn read_piece<E: IoEngine>(&self, e: &E, src: Source, buf: &mut [u8]) -> Result<(), ImageError> {
         match src {
             Source::Image(so) => {
                 // Storage bytes at or past the storage's size read as zeros: past a

@@ -175,11 +175,7 @@ impl Image {
         let header = read_header(storage.as_ref())?;
         // Once the whole base is in the image the base is never opened again:
         // it may have been moved away.
-        let base = if header.is_prefetched() {
-            None
-        } else {
-            open_base(path, &header)?
-        };
+        let base = if header.is_prefetched() { None } else { open_base(path, &header)? };
         Image::open_on(path, storage, base, opts)
     }
 
@@ -263,14 +259,24 @@ impl Image {
             cor: cor_on.then(|| super::CorQueue::new(COR_QUEUE_LIMIT)),
             prefetch: Default::default(),
             path: path.to_path_buf(),
-            meta: Meta::with_progress(
-                loaded.geo,
-                loaded.table,
-                loaded.bitmap,
-                hwm,
-                loaded.header.prefetch_cursor,
-                loaded.header.is_prefetched(),
-            ),
+            meta: if opts.chain_member && opts.read_only {
+                Meta::for_layer(
+                    loaded.geo,
+                    loaded.table,
+                    loaded.bitmap,
+                    loaded.header.prefetch_cursor,
+                    loaded.header.is_prefetched(),
+                )
+            } else {
+                Meta::with_progress(
+                    loaded.geo,
+                    loaded.table,
+                    loaded.bitmap,
+                    hwm,
+                    loaded.header.prefetch_cursor,
+                    loaded.header.is_prefetched(),
+                )
+            },
             storage,
             base,
             header: Mutex::new(loaded.header),

@@ -27,6 +27,11 @@ impl Bitmap {
         Bitmap { words: w, bits }
     }
 
+    /// Bits `64w..64w+64` (0 past the end).
+    pub fn word(&self, w: u64) -> u64 {
+        self.words.get(w as usize).map_or(0, |x| x.load(Ordering::Acquire))
+    }
+
     pub fn bits(&self) -> u64 {
         self.bits
     }

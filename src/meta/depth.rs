@@ -24,18 +24,58 @@ pub struct DepthIndex {
 impl DepthIndex {
     /// Builds the index of `size` bytes at granularity `gran` (a power of two):
     /// for each block, the first layer `k` in `0..layers` for which
-    /// `holds(k, offset)` is true.
+    /// `holds(k, offset)` is true. One call per block and layer asked; see
+    /// [`DepthIndex::build_masked`] for the fast way.
     pub fn build(size: u64, gran: u32, layers: usize, holds: impl Fn(usize, u64) -> bool) -> DepthIndex {
+        let shift = gran.trailing_zeros();
+        DepthIndex::build_masked(size, gran, layers, |k, w| {
+            (0..64).filter(|j| holds(k, (w * 64 + j) << shift)).fold(0, |m, j| m | 1 << j)
+        })
+    }
+
+    /// Builds the index of `size` bytes at granularity `gran` (a power of two)
+    /// from `mask(k, w)`: the blocks `64w..64w+64` layer `k` holds, one bit each
+    /// (bit j for block 64w+j; bits past the end are ignored). Layers are asked
+    /// top first, and only for words that still have blocks no layer above
+    /// holds: each block is assigned once, and a layer that holds nothing of a
+    /// word costs one call for 64 blocks.
+    pub fn build_masked(size: u64, gran: u32, layers: usize, mask: impl Fn(usize, u64) -> u64) -> DepthIndex {
         debug_assert!(gran.is_power_of_two() && layers <= MAX_LAYERS);
         let shift = gran.trailing_zeros();
-        let blocks = size.div_ceil(gran as u64) as usize;
-        let depth = (0..blocks)
-            .map(|i| {
-                let off = (i as u64) << shift;
-                (0..layers).find(|&k| holds(k, off)).map_or(0, |k| k as u8 + 1)
+        let blocks = size.div_ceil(gran as u64);
+        let mut depth = vec![0u8; blocks as usize];
+        let words = blocks.div_ceil(64);
+        let mut open: Vec<u64> = (0..words)
+            .map(|w| match blocks - w * 64 {
+                n if n >= 64 => u64::MAX,
+                n => (1u64 << n) - 1,
             })
             .collect();
+        for k in 0..layers {
+            let mut left = false;
+            for (w, o) in open.iter_mut().enumerate() {
+                if *o == 0 {
+                    continue;
+                }
+                let mut m = mask(k, w as u64) & *o;
+                *o &= !m;
+                left |= *o != 0;
+                while m != 0 {
+                    let j = m.trailing_zeros() as u64;
+                    depth[(w as u64 * 64 + j) as usize] = k as u8 + 1;
+                    m &= m - 1;
+                }
+            }
+            if !left {
+                break;
+            }
+        }
         DepthIndex { shift, depth }
+    }
+
+    /// Blocks the index covers.
+    pub fn blocks(&self) -> u64 {
+        self.depth.len() as u64
     }
 
     /// Bytes of memory the index holds.
@@ -94,8 +134,31 @@ mod tests {
         let r: Vec<_> = idx.runs(512, 5 * 4096).collect();
         assert_eq!(
             r,
-            vec![(512, 4096 - 512, Some(1)), (4096, 4096, Some(0)), (8192, 4096, Some(1)), (12288, 2 * 4096 + 512, Some(2))]
+            vec![
+                (512, 4096 - 512, Some(1)),
+                (4096, 4096, Some(0)),
+                (8192, 4096, Some(1)),
+                (12288, 2 * 4096 + 512, Some(2))
+            ]
         );
+        // Across words, with a partial last word.
+        let big = DepthIndex::build(200 * 4096, 4096, 3, |k, off| match k {
+            0 => (off / 4096) % 7 == 0,
+            1 => (off / 4096) % 3 == 0,
+            _ => (off / 4096) < 150,
+        });
+        for b in 0..200u64 {
+            let want = if b % 7 == 0 {
+                Some(0)
+            } else if b % 3 == 0 {
+                Some(1)
+            } else if b < 150 {
+                Some(2)
+            } else {
+                None
+            };
+            assert_eq!(big.layer_at(b * 4096), want, "block {b}");
+        }
         let none = DepthIndex::build(2 * 4096, 4096, 1, |_, off| off == 0);
         assert_eq!(none.runs(0, 8192).collect::<Vec<_>>(), vec![(0, 4096, Some(0)), (4096, 4096, None)]);
     }

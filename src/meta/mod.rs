@@ -153,6 +153,38 @@ impl Meta {
         }
     }
 
+    /// As [`Meta::with_progress`], for a read-only layer of a chain: only what
+    /// reads need, the table and the live bitmap (4 bytes per chunk and one bit
+    /// per block). The copies a writer keeps (the journal's view, the recorded
+    /// bitmap) are left empty: a layer is never written through this image.
+    pub fn for_layer(geo: Geometry, table: Vec<u32>, bitmap: BitmapBits, cursor: u64, prefetched: bool) -> Meta {
+        let live = Bitmap::new(bitmap.as_raw_slice(), geo.base_blocks());
+        drop(bitmap);
+        let cursor = cursor.min(geo.base_blocks());
+        live.set_range(BlockIdx(0), cursor);
+        let t = Table::new(&table);
+        drop(table);
+        Meta {
+            table: t,
+            recorded: Bitmap::new(&[], 0),
+            bitmap: live,
+            prefetch_cursor: std::sync::atomic::AtomicU64::new(cursor),
+            all_present: std::sync::atomic::AtomicBool::new(prefetched),
+            persist: Persist::new(Vec::new(), BitmapBits::new()),
+            alloc: Allocator::new(0, Vec::new()),
+            locks: BlockLocks::default(),
+            inflight: Inflight::default(),
+            geo,
+        }
+    }
+
+    /// Bytes of memory the table and the bitmaps hold.
+    pub fn memory_bytes(&self) -> u64 {
+        self.table.len() as u64 * 4
+            + (self.bitmap.bits().div_ceil(64) + self.recorded.bits().div_ceil(64)) * 8
+            + self.persist.memory_bytes()
+    }
+
     /// Enters the guest chunks under `[off, off+len)` (none without a table:
     /// a raw layout never moves data). Take it before planning a request.
     pub fn enter(&self, off: Bytes, len: u64) -> Option<InflightGuard<'_>> {

@@ -74,6 +74,12 @@ impl Persist {
         }
     }
 
+    /// Bytes of memory its copies of the table and bitmap hold.
+    pub fn memory_bytes(&self) -> u64 {
+        let i = self.lock();
+        i.table.len() as u64 * 4 + i.bitmap.as_raw_slice().len() as u64 * 8
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
