@@ -50,6 +50,23 @@ fn crash_after(dir: &Path, img: &str, cmds: &[&str], done: usize) {
     std::thread::sleep(Duration::from_millis(100));
     child.kill().expect("kill -9");
     child.wait().unwrap();
+    wait_unlocked(Path::new(img));
+}
+
+/// Waits (up to 10 s) until nothing holds the image's lock: a process another test
+/// thread forks at this moment holds a copy of the killed child's descriptors only
+/// until it execs, but on a loaded machine that can outlast the next spawn.
+fn wait_unlocked(img: &Path) {
+    use std::os::fd::AsRawFd;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let Ok(f) = File::open(img) else { return };
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return; // released when `f` closes
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

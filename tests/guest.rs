@@ -118,7 +118,7 @@ fn guest_scenarios() {
 /// paths, udev) at a few minutes in all: CI runs both kernels in one job.
 /// (40-recover passes there too, run by hand: `tests/guest/run --kernel new 40-recover`;
 /// it is left out of CI for time.)
-const NEW_KERNEL_SCENARIOS: &[&str] = &["00-kernel", "10-fs", "70-errors", "80-udev"];
+const NEW_KERNEL_SCENARIOS: &[&str] = &["00-kernel", "10-fs", "67-resize-online", "70-errors", "80-udev"];
 
 fn list(s: String) -> Vec<String> {
     s.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(str::to_owned).collect()
