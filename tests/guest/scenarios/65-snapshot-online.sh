@@ -49,7 +49,7 @@ img=$WORK/disk.fvd
 run "$FVD" create -s 1G "$img"
 dev=$("$FVD" start --queues 2 "$img")
 id=${dev#/dev/ublkb}
-fio_job "$dev" 256M --output="$RESULTS/fio-write.txt" &
+fio_job "$dev" 128M --output="$RESULTS/fio-write.txt" &
 fio_pid=$!
 sleep 2
 for n in 1 2 3; do
@@ -70,7 +70,7 @@ grep -q "\"image\": \"$WORK/snap3.fvd\"" "$RESULTS/list.json" || fail "the state
 grep -h "online snapshot taken" "/run/fvd/$id.log" | sed 's/\x1b\[[0-9;]*m//g'
 [[ $(grep -c "online snapshot taken" "/run/fvd/$id.log") -eq 3 ]] || fail "the log does not show 3 snapshots"
 step "verify-only pass over the chain"
-fio_job "$dev" 256M --verify_only --output="$RESULTS/fio-verify.txt" ||
+fio_job "$dev" 128M --verify_only --output="$RESULTS/fio-verify.txt" ||
     { cat "$RESULTS/fio-verify.txt"; fail "fio verify-only failed"; }
 fio_ok "$RESULTS/fio-verify.txt"
 run "$FVD" stop -n "$id"
@@ -81,7 +81,7 @@ done
 run "$FVD" check "$WORK/snap3.fvd"
 step "restart the top: the data is all there"
 dev=$("$FVD" start "$WORK/snap3.fvd")
-fio_job "$dev" 256M --verify_only --output="$RESULTS/fio-verify2.txt" ||
+fio_job "$dev" 128M --verify_only --output="$RESULTS/fio-verify2.txt" ||
     { cat "$RESULTS/fio-verify2.txt"; fail "fio verify-only after a restart failed"; }
 fio_ok "$RESULTS/fio-verify2.txt"
 run "$FVD" stop -n "${dev#/dev/ublkb}"
