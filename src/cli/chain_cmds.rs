@@ -101,20 +101,9 @@ pub fn commit(a: CommitArgs) -> Result<i32, CliError> {
     };
     chain.truncate(depth + 1);
     refuse_if_in_use(&chain, "a commit")?;
-    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
-    let progress = |done: u64, total: u64| {
-        bar.borrow_mut().get_or_insert_with(|| super::progress_bar(total)).set_position(done);
-    };
-    let r = fvd::image::fold::commit(&a.image, a.base.as_deref(), a.keep, &progress)?;
-    if let Some(b) = bar.borrow_mut().take() {
-        b.finish_and_clear();
-    }
+    let r = super::with_progress(|p| fvd::image::fold::commit(&a.image, a.base.as_deref(), a.keep, p))?;
     if a.output == "json" {
-        let mut v = serde_json::to_value(&r)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::print_json_timed(&r, t0)?;
         return Ok(0);
     }
     println!(
@@ -152,21 +141,10 @@ pub struct RebaseArgs {
 pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
     let t0 = std::time::Instant::now();
     refuse_if_in_use(&snapshot::chain_paths(&a.image)[..1], "a rebase")?;
-    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
-    let progress = |done: u64, total: u64| {
-        bar.borrow_mut().get_or_insert_with(|| super::progress_bar(total)).set_position(done);
-    };
     let new = (!a.base.is_empty()).then(|| std::path::Path::new(&a.base));
-    let r = fvd::image::rebase::rebase(&a.image, new, a.unsafe_mode, &progress)?;
-    if let Some(b) = bar.borrow_mut().take() {
-        b.finish_and_clear();
-    }
+    let r = super::with_progress(|p| fvd::image::rebase::rebase(&a.image, new, a.unsafe_mode, p))?;
     if a.output == "json" {
-        let mut v = serde_json::to_value(&r)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::print_json_timed(&r, t0)?;
         return Ok(0);
     }
     match (new, a.unsafe_mode) {

@@ -83,6 +83,30 @@ pub(crate) fn progress_bar(total: u64) -> indicatif::ProgressBar {
     pb
 }
 
+/// Runs `f` with a progress callback `(done, total)` that draws a bar on a
+/// terminal (see [`progress_bar`]), created at the first call and cleared at the end.
+pub(crate) fn with_progress<T, E>(f: impl FnOnce(&dyn Fn(u64, u64)) -> Result<T, E>) -> Result<T, E> {
+    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    let progress = |done: u64, total: u64| {
+        bar.borrow_mut().get_or_insert_with(|| progress_bar(total)).set_position(done);
+    };
+    let r = f(&progress);
+    if let Some(b) = bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    r
+}
+
+/// Prints `report` as pretty JSON with the command's run time added as `seconds`.
+pub(crate) fn print_json_timed(report: &impl serde::Serialize, t0: std::time::Instant) -> Result<(), CliError> {
+    let mut v = serde_json::to_value(report)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
 pub fn fail(msg: impl Into<String>) -> CliError {
     CliError { msg: msg.into(), code: 1 }
 }

@@ -52,11 +52,7 @@ pub fn run(a: ResizeArgs) -> Result<i32, CliError> {
     let size = new_size(&size, current)?;
     let r = resize::grow(&image, size)?;
     if a.output == "json" {
-        let mut v = serde_json::to_value(&r)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("seconds".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::print_json_timed(&r, t0)?;
         return Ok(0);
     }
     if r.recovered {
