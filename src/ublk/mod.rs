@@ -35,5 +35,6 @@ pub mod signals;
 pub mod snapshot;
 pub mod spawn;
 pub mod state;
+pub mod zc;
 
 pub use error::DaemonError;

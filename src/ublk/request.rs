@@ -1,7 +1,8 @@
 //! One block request: decoded from the ublk I/O descriptor, carried out on the
 //! image, answered with a byte count or a negative errno.
 
-use crate::image::Image;
+use super::zc::ZcQueue;
+use crate::image::{Image, ImageError};
 use crate::io::IoEngine;
 use libublk::sys;
 
@@ -67,17 +68,39 @@ impl Policy {
 /// for reads and writes). Returns what the block layer is told: bytes
 /// transferred (reads, writes), 0 (other operations) or a negative errno.
 pub async fn execute<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u8], pol: Policy) -> i32 {
+    execute_on(img, e, req, buf, pol, None).await
+}
+
+/// A request whose data sits in the buffer the kernel registered for its tag
+/// (zero copy), and its queue's helpers.
+#[derive(Clone, Copy)]
+pub struct Zc<'a> {
+    pub q: &'a ZcQueue,
+    pub tag: u16,
+}
+
+/// As [`execute`]; with `zc`, reads and writes move the data straight
+/// between the request's registered buffer and the image's storage, and
+/// those that need the bytes in the daemon copy them through `buf`.
+pub async fn execute_on<E: IoEngine>(
+    img: &Image,
+    e: &E,
+    req: Request,
+    buf: &mut [u8],
+    pol: Policy,
+    zc: Option<Zc<'_>>,
+) -> i32 {
     let len = req.len as usize;
     if matches!(req.op, Op::Read | Op::Write { .. }) && (len > buf.len() || len > i32::MAX as usize) {
         tracing::warn!(op = ?req.op, len, buf = buf.len(), "request larger than its buffer");
         return -libc::EINVAL;
     }
-    let r = match req.op {
-        Op::Read => img.read(e, req.off, &mut buf[..len]).await,
-        Op::Write { fua } => img.write(e, req.off, &buf[..len], fua).await,
-        Op::Flush => img.flush(e).await,
-        Op::Discard => img.discard(e, req.off, req.len).await,
-        Op::WriteZeroes => img.write_zeroes(e, req.off, req.len).await,
+    let r = match (req.op, zc) {
+        (Op::Read, Some(z)) => read_zc(img, e, req, &mut buf[..len], z).await,
+        (Op::Write { fua }, Some(z)) => write_zc(img, e, req, &mut buf[..len], fua, z).await,
+        (Op::Read, None) => img.read(e, req.off, &mut buf[..len]).await,
+        (Op::Write { fua }, None) => img.write(e, req.off, &buf[..len], fua).await,
+        (op, _) => execute_other(img, e, op, req).await,
     };
     let r = match r {
         Ok(()) if changes_data(req.op) && !pol.lazy_metadata => settle(img, e).await,
@@ -90,6 +113,55 @@ pub async fn execute<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u
             tracing::warn!(op = ?req.op, off = req.off, len = req.len, error = %err, "request failed");
             -err.errno()
         }
+    }
+}
+
+/// An error of a fixed-buffer operation that the copy path may not hit: the
+/// storage refused the request's pages (O_DIRECT alignment), or the buffer.
+fn copy_may_work(err: &ImageError) -> bool {
+    matches!(err, ImageError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EFAULT | libc::EOPNOTSUPP)))
+}
+
+fn bounce_err(img: &Image, off: u64) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io { path: img.name(), what: "zero-copy bounce", offset: off, source }
+}
+
+async fn read_zc<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u8], z: Zc<'_>) -> Result<(), ImageError> {
+    match img.read_fixed(e, req.off, req.len, ZcQueue::buf(z.tag), z.q.zero_fd()).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(err) if copy_may_work(&err) => tracing::debug!(error = %err, "zero-copy read refused: copy path"),
+        Err(err) => return Err(err),
+    }
+    img.read(e, req.off, buf).await?;
+    z.q.deliver(e, z.tag, buf).await.map_err(bounce_err(img, req.off))
+}
+
+async fn write_zc<E: IoEngine>(
+    img: &Image,
+    e: &E,
+    req: Request,
+    buf: &mut [u8],
+    fua: bool,
+    z: Zc<'_>,
+) -> Result<(), ImageError> {
+    match img.write_fixed(e, req.off, req.len, ZcQueue::buf(z.tag), fua).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        // Writing the same bytes again at the same place is harmless.
+        Err(err) if copy_may_work(&err) => tracing::debug!(error = %err, "zero-copy write refused: copy path"),
+        Err(err) => return Err(err),
+    }
+    z.q.fetch(e, z.tag, buf).await.map_err(bounce_err(img, req.off))?;
+    img.write(e, req.off, buf, fua).await
+}
+
+async fn execute_other<E: IoEngine>(img: &Image, e: &E, op: Op, req: Request) -> Result<(), ImageError> {
+    match op {
+        Op::Flush => img.flush(e).await,
+        Op::Discard => img.discard(e, req.off, req.len).await,
+        Op::WriteZeroes => img.write_zeroes(e, req.off, req.len).await,
+        Op::Read | Op::Write { .. } => unreachable!("reads and writes are matched by the caller"),
     }
 }
 
