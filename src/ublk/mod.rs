@@ -16,6 +16,7 @@
 //!   serves; [`snapshot`]: online snapshots (hold, freeze, switch) and their
 //!   completion or roll back after a crash; [`channel`]: the daemon's control
 //!   socket.
+//! - [`zc`]: zero copy (auto buffer registration) and its copy path.
 
 pub mod background;
 pub mod channel;
