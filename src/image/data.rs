@@ -211,7 +211,14 @@ impl Image {
         self.write_data(e, off, len, Data::Fixed(fb), fua).await
     }
 
-    async fn write_data<E: IoEngine>(&self, e: &E, off: u64, len: u64, data: Data<'_>, fua: bool) -> Result<bool, ImageError> {
+    async fn write_data<E: IoEngine>(
+        &self,
+        e: &E,
+        off: u64,
+        len: u64,
+        data: Data<'_>,
+        fua: bool,
+    ) -> Result<bool, ImageError> {
         self.check_write(e, off, len).await?;
         let (inflight, plan) = self.allocate_and_plan(e, off, len).await?;
         if let Data::Fixed(_) = data {
@@ -282,7 +289,10 @@ impl Image {
             Data::Mem(d) => io::write_at(e, s, d, so).await.map_err(self.data_err("write", so)),
             Data::Fixed(f) => match s.raw_fd() {
                 Some(fd) => io::write_fixed(e, fd, f, len, so).await.map_err(self.data_err("write", so)),
-                None => Err(ImageError::Invalid { path: self.name(), why: "zero-copy write to storage without a descriptor".into() }),
+                None => Err(ImageError::Invalid {
+                    path: self.name(),
+                    why: "zero-copy write to storage without a descriptor".into(),
+                }),
             },
             Data::Zeros => io::punch(e, s, so, len as u64).await.map_err(self.data_err("punch", so)),
         }
@@ -340,7 +350,10 @@ impl Image {
                 Data::Zeros => {}
                 // write_data sends such writes down the copy path.
                 Data::Fixed(_) => {
-                    return Err(ImageError::Invalid { path: self.name(), why: "zero-copy write merging with the base".into() })
+                    return Err(ImageError::Invalid {
+                        path: self.name(),
+                        why: "zero-copy write merging with the base".into(),
+                    })
                 }
             }
             let target = so(start)?;

@@ -124,13 +124,21 @@ impl FixedBuf {
 
 /// Reads `len` bytes of `fd` at `off` into the registered buffer `fb`. A read
 /// that ends early (end of file) fills the rest from `zero_fd` (/dev/zero).
-pub async fn read_fixed<E: IoEngine>(e: &E, fd: i32, zero_fd: i32, fb: FixedBuf, len: usize, off: u64) -> io::Result<()> {
+pub async fn read_fixed<E: IoEngine>(
+    e: &E,
+    fd: i32,
+    zero_fd: i32,
+    fb: FixedBuf,
+    len: usize,
+    off: u64,
+) -> io::Result<()> {
     let mut done = 0usize;
     let mut src = (fd, off);
     while done < len {
         let n = (len - done).min(1 << 30) as u32;
         let at = (fb.off + done) as u64;
-        let sqe = opcode::ReadFixed::new(types::Fd(src.0), at as *mut u8, n, fb.index).offset(src.1 + done as u64).build();
+        let sqe =
+            opcode::ReadFixed::new(types::Fd(src.0), at as *mut u8, n, fb.index).offset(src.1 + done as u64).build();
         // SAFETY: a fixed-buffer read points at no daemon memory: its address
         // is an offset into the kernel's registered buffer `fb.index`, which
         // belongs to one request until that request is committed, and the
@@ -155,7 +163,8 @@ pub async fn write_fixed<E: IoEngine>(e: &E, fd: i32, fb: FixedBuf, len: usize, 
     while done < len {
         let n = (len - done).min(1 << 30) as u32;
         let at = (fb.off + done) as u64;
-        let sqe = opcode::WriteFixed::new(types::Fd(fd), at as *const u8, n, fb.index).offset(off + done as u64).build();
+        let sqe =
+            opcode::WriteFixed::new(types::Fd(fd), at as *const u8, n, fb.index).offset(off + done as u64).build();
         // SAFETY: as in `read_fixed`: the address is an offset into the
         // kernel's registered buffer, valid until the request's task commits,
         // which it does only after this awaited operation completed.
@@ -192,8 +201,9 @@ pub async fn write_fd<E: IoEngine>(e: &E, fd: i32, buf: &[u8], off: u64) -> io::
     let mut done = 0usize;
     while done < buf.len() {
         let rest = &buf[done..];
-        let sqe =
-            opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len().min(1 << 30) as u32).offset(off + done as u64).build();
+        let sqe = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len().min(1 << 30) as u32)
+            .offset(off + done as u64)
+            .build();
         // SAFETY: `rest` is borrowed across the await below and only read; awaited at once.
         let n = check(unsafe { e.submit(sqe) }.await)?;
         if n == 0 {
