@@ -8,6 +8,7 @@ use fvd::ublk::report::Reporter;
 use fvd::ublk::serve::serve;
 use fvd::ublk::spawn::{detach, startup_log};
 use fvd::ublk::state::RunDir;
+use fvd::ublk::zc::ZeroCopy;
 use fvd::ublk::{kernel, DaemonError};
 use fvd::units::human;
 use std::path::PathBuf;
@@ -62,6 +63,12 @@ pub struct StartArgs {
     /// (default: 1 GiB, or an LV's fvd-grow-unit=SIZE tag; k/M/G suffixes).
     #[arg(long, value_parser = |s: &str| fvd::units::parse_size(s).map(|b| b.0))]
     pub grow_unit: Option<u64>,
+    /// Zero copy: request data moves between the kernel's pages and the
+    /// image's storage without passing through the daemon (UBLK_F_AUTO_BUF_REG,
+    /// Linux 6.16 and later). auto: when the driver has it; on: fail without it.
+    /// Default: $FVD_ZERO_COPY, else auto.
+    #[arg(long, value_name = "auto|on|off")]
+    pub zero_copy: Option<ZeroCopy>,
 }
 
 #[derive(Args, Debug)]
@@ -134,6 +141,13 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
     if a.depth == 0 || u32::from(a.depth) > libublk::sys::UBLK_MAX_QUEUE_DEPTH {
         return Err(fail(format!("--depth must be 1 to {}", libublk::sys::UBLK_MAX_QUEUE_DEPTH)));
     }
+    let zero_copy = match a.zero_copy {
+        Some(z) => z,
+        None => match std::env::var("FVD_ZERO_COPY") {
+            Ok(v) if !v.is_empty() => v.parse().map_err(|e: String| fail(format!("FVD_ZERO_COPY: {e}")))?,
+            _ => ZeroCopy::Auto,
+        },
+    };
     let rd = RunDir::system();
     rd.check_writable().map_err(err)?;
     let log = (!a.foreground).then(|| startup_log(&rd));
@@ -152,6 +166,7 @@ pub fn start(a: StartArgs) -> Result<i32, CliError> {
         commit_interval: (!a.commit_interval.is_zero()).then_some(a.commit_interval),
         grow_unit: a.grow_unit,
         unprivileged,
+        zero_copy,
         run_dir: rd.clone(),
         log: log.clone(),
         recoveries: 0,

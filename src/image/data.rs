@@ -17,6 +17,26 @@ use std::sync::atomic::Ordering;
 /// on chunks freed by discards (each after a 1 ms pause but the first).
 const FREED_RETRIES: u32 = 100;
 
+/// Where a write's bytes come from.
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    Mem(&'a [u8]),
+    /// The request's registered buffer (zero copy).
+    Fixed(io::FixedBuf),
+    Zeros,
+}
+
+impl<'a> Data<'a> {
+    /// The part of the data at `off` (bytes from the request's start), `len` long.
+    fn part(self, off: usize, len: usize) -> Data<'a> {
+        match self {
+            Data::Mem(b) => Data::Mem(&b[off..off + len]),
+            Data::Fixed(f) => Data::Fixed(f.at(off)),
+            Data::Zeros => Data::Zeros,
+        }
+    }
+}
+
 fn first_error(results: Vec<Result<(), ImageError>>) -> Result<(), ImageError> {
     results.into_iter().collect()
 }
@@ -91,6 +111,53 @@ impl Image {
         Ok(())
     }
 
+    /// Reads `len` bytes at guest offset `off` straight into the request's
+    /// registered buffer `fb` (zero copy), with `zero_fd` (/dev/zero) for
+    /// ranges that read as zeros. Ok(false): this read needs its bytes in the
+    /// daemon (copy-on-read, a base, storage without a descriptor or past its
+    /// end); nothing was read, and the caller takes the copy path.
+    pub async fn read_fixed<E: IoEngine>(
+        &self,
+        e: &E,
+        off: u64,
+        len: u64,
+        fb: io::FixedBuf,
+        zero_fd: i32,
+    ) -> Result<bool, ImageError> {
+        self.check_request(off, len, false)?;
+        let Some(fd) = self.storage.raw_fd() else {
+            return Ok(false);
+        };
+        if self.cor.is_some() {
+            return Ok(false);
+        }
+        let _inflight = self.meta.enter(Bytes(off), len);
+        let plan = self.meta.plan_read(Bytes(off), len).map_err(self.meta_err())?;
+        let end = self.storage.size();
+        let direct = |p: &Piece| match p.src {
+            Source::Image(so) => so + p.len as u64 <= end,
+            Source::Zero | Source::Copy(_) => true,
+            Source::Base(_) => self.base.is_none(),
+        };
+        if !plan.iter().all(direct) {
+            return Ok(false);
+        }
+        let piece = |p: &Piece| {
+            let (src, so) = match p.src {
+                Source::Image(so) => (fd, so),
+                _ => (zero_fd, 0),
+            };
+            let (f, len) = (fb.at(p.buf_off), p.len);
+            async move { io::read_fixed(e, src, zero_fd, f, len, so).await.map_err(self.data_err("read", so)) }
+        };
+        if let [p] = plan.as_slice() {
+            piece(p).await?;
+        } else {
+            first_error(join_all(plan.iter().map(piece)).await)?;
+        }
+        Ok(true)
+    }
+
     pub(super) async fn read_piece<E: IoEngine>(&self, e: &E, src: Source, buf: &mut [u8]) -> Result<(), ImageError> {
         match src {
             Source::Image(so) => {
@@ -121,13 +188,52 @@ impl Image {
     /// Writes `buf` at guest offset `off`. With `fua` (or in writethrough mode)
     /// the data and its metadata are durable when this returns.
     pub async fn write<E: IoEngine>(&self, e: &E, off: u64, buf: &[u8], fua: bool) -> Result<(), ImageError> {
-        let len = buf.len() as u64;
+        self.write_data(e, off, buf.len() as u64, Data::Mem(buf), fua).await.map(|_| ())
+    }
+
+    /// Writes `len` bytes at guest offset `off` straight from the request's
+    /// registered buffer `fb` (zero copy). Ok(false): this write needs its
+    /// bytes in the daemon (a copy-on-write merge with the base, storage
+    /// without a descriptor); nothing was written (its chunks may have been
+    /// allocated, which a retry finds done), and the caller takes the copy
+    /// path. The metadata path is the same as `write`'s.
+    pub async fn write_fixed<E: IoEngine>(
+        &self,
+        e: &E,
+        off: u64,
+        len: u64,
+        fb: io::FixedBuf,
+        fua: bool,
+    ) -> Result<bool, ImageError> {
+        if self.storage.raw_fd().is_none() {
+            return Ok(false);
+        }
+        self.write_data(e, off, len, Data::Fixed(fb), fua).await
+    }
+
+    async fn write_data<E: IoEngine>(
+        &self,
+        e: &E,
+        off: u64,
+        len: u64,
+        data: Data<'_>,
+        fua: bool,
+    ) -> Result<bool, ImageError> {
         self.check_write(e, off, len).await?;
         let (inflight, plan) = self.allocate_and_plan(e, off, len).await?;
+        if let Data::Fixed(_) = data {
+            // A copy-on-write of part of a block merges the request's bytes
+            // with the base's in the daemon.
+            let bs = self.meta.geo.block_size as u64;
+            let whole = |p: &Piece| (off + p.buf_off as u64) % bs == 0 && p.len as u64 % bs == 0;
+            if !plan.iter().all(|p| !matches!(p.src, Source::Copy(_)) || whole(p)) {
+                return Ok(false);
+            }
+        }
         let r = if let [p] = plan.as_slice() {
-            self.write_piece(e, off, p, Some(buf)).await
+            self.write_piece(e, off, p, data).await
         } else {
-            let futs = plan.iter().map(|p| self.write_piece(e, off, p, Some(&buf[p.buf_off..p.buf_off + p.len])));
+            let futs = plan.iter().map(|p| self.write_piece(e, off, p, data.part(p.buf_off, p.len)));
             first_error(join_all(futs).await)
         };
         drop(inflight);
@@ -141,7 +247,7 @@ impl Image {
         if fua || self.opts.writethrough {
             self.flush(e).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Allocates the chunks under a write and plans it. A discard that frees
@@ -167,14 +273,8 @@ impl Image {
         }
     }
 
-    /// Writes (or, with `data` None, zeroes) one planned piece.
-    async fn write_piece<E: IoEngine>(
-        &self,
-        e: &E,
-        req_off: u64,
-        p: &Piece,
-        data: Option<&[u8]>,
-    ) -> Result<(), ImageError> {
+    /// Writes (or zeroes) one planned piece.
+    async fn write_piece<E: IoEngine>(&self, e: &E, req_off: u64, p: &Piece, data: Data<'_>) -> Result<(), ImageError> {
         match p.src {
             Source::Image(so) => self.put(e, so, p.len, data).await,
             Source::Copy(_) => self.copy_in(e, req_off + p.buf_off as u64, p.len, data).await,
@@ -183,11 +283,18 @@ impl Image {
     }
 
     /// Writes `data` (or zeros) at storage offset `so`.
-    async fn put<E: IoEngine>(&self, e: &E, so: u64, len: usize, data: Option<&[u8]>) -> Result<(), ImageError> {
+    async fn put<E: IoEngine>(&self, e: &E, so: u64, len: usize, data: Data<'_>) -> Result<(), ImageError> {
         let s = self.storage.as_ref();
         match data {
-            Some(d) => io::write_at(e, s, d, so).await.map_err(self.data_err("write", so)),
-            None => io::punch(e, s, so, len as u64).await.map_err(self.data_err("punch", so)),
+            Data::Mem(d) => io::write_at(e, s, d, so).await.map_err(self.data_err("write", so)),
+            Data::Fixed(f) => match s.raw_fd() {
+                Some(fd) => io::write_fixed(e, fd, f, len, so).await.map_err(self.data_err("write", so)),
+                None => Err(ImageError::Invalid {
+                    path: self.name(),
+                    why: "zero-copy write to storage without a descriptor".into(),
+                }),
+            },
+            Data::Zeros => io::punch(e, s, so, len as u64).await.map_err(self.data_err("punch", so)),
         }
     }
 
@@ -205,7 +312,7 @@ impl Image {
     /// the base: either whole blocks (written as they are), or part of one
     /// block (the rest of the block is read from the base and written with it).
     /// The bits are set only after the block's data write has completed.
-    async fn copy_in<E: IoEngine>(&self, e: &E, goff: u64, len: usize, data: Option<&[u8]>) -> Result<(), ImageError> {
+    async fn copy_in<E: IoEngine>(&self, e: &E, goff: u64, len: usize, data: Data<'_>) -> Result<(), ImageError> {
         let geo = &self.meta.geo;
         let bs = geo.block_size as u64;
         let first = goff / bs;
@@ -238,8 +345,16 @@ impl Image {
                 rh?;
                 rt?;
             }
-            if let Some(d) = data {
-                blk[head..tail].copy_from_slice(d);
+            match data {
+                Data::Mem(d) => blk[head..tail].copy_from_slice(d),
+                Data::Zeros => {}
+                // write_data sends such writes down the copy path.
+                Data::Fixed(_) => {
+                    return Err(ImageError::Invalid {
+                        path: self.name(),
+                        why: "zero-copy write merging with the base".into(),
+                    })
+                }
             }
             let target = so(start)?;
             io::write_at(e, self.storage.as_ref(), &blk, target)
@@ -381,6 +496,6 @@ impl Image {
         }
         let _inflight = self.meta.enter(Bytes(s), end - s);
         let plan = self.meta.plan_write(Bytes(s), end - s).map_err(self.meta_err())?;
-        first_error(join_all(plan.iter().map(|p| self.write_piece(e, s, p, None))).await)
+        first_error(join_all(plan.iter().map(|p| self.write_piece(e, s, p, Data::Zeros))).await)
     }
 }

@@ -105,6 +105,123 @@ pub async fn write_at<E: IoEngine>(e: &E, s: &dyn Storage, buf: &[u8], off: u64)
     Ok(())
 }
 
+/// A request's data in a buffer the kernel registered on the queue's ring
+/// (ublk zero copy, `UBLK_F_AUTO_BUF_REG`): the registered buffer's index,
+/// and a byte offset into it. The daemon never sees those bytes: fixed-buffer
+/// reads and writes move them between the request's pages and a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedBuf {
+    pub index: u16,
+    pub off: usize,
+}
+
+impl FixedBuf {
+    /// The same buffer, `off` bytes further on.
+    pub fn at(self, off: usize) -> FixedBuf {
+        FixedBuf { index: self.index, off: self.off + off }
+    }
+}
+
+/// Reads `len` bytes of `fd` at `off` into the registered buffer `fb`. A read
+/// that ends early (end of file) fills the rest from `zero_fd` (/dev/zero).
+pub async fn read_fixed<E: IoEngine>(
+    e: &E,
+    fd: i32,
+    zero_fd: i32,
+    fb: FixedBuf,
+    len: usize,
+    off: u64,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    let mut src = (fd, off);
+    while done < len {
+        let n = (len - done).min(1 << 30) as u32;
+        let at = (fb.off + done) as u64;
+        let sqe =
+            opcode::ReadFixed::new(types::Fd(src.0), at as *mut u8, n, fb.index).offset(src.1 + done as u64).build();
+        // SAFETY: a fixed-buffer read points at no daemon memory: its address
+        // is an offset into the kernel's registered buffer `fb.index`, which
+        // belongs to one request until that request is committed, and the
+        // request's task commits only after this awaited operation completed.
+        let got = check(unsafe { e.submit(sqe) }.await)?;
+        if got == 0 {
+            if src.0 == zero_fd {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read of zeros"));
+            }
+            // Past the end of the file: the rest reads as zeros.
+            src = (zero_fd, 0);
+            continue;
+        }
+        done += got;
+    }
+    Ok(())
+}
+
+/// Writes `len` bytes of the registered buffer `fb` to `fd` at `off`.
+pub async fn write_fixed<E: IoEngine>(e: &E, fd: i32, fb: FixedBuf, len: usize, off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let n = (len - done).min(1 << 30) as u32;
+        let at = (fb.off + done) as u64;
+        let sqe =
+            opcode::WriteFixed::new(types::Fd(fd), at as *const u8, n, fb.index).offset(off + done as u64).build();
+        // SAFETY: as in `read_fixed`: the address is an offset into the
+        // kernel's registered buffer, valid until the request's task commits,
+        // which it does only after this awaited operation completed.
+        let got = check(unsafe { e.submit(sqe) }.await)?;
+        if got == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        }
+        done += got;
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes of a descriptor at `off` (the zero-copy
+/// bounce file: always fully there).
+pub async fn read_fd<E: IoEngine>(e: &E, fd: i32, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let sqe = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), rest.len().min(1 << 30) as u32)
+            .offset(off + done as u64)
+            .build();
+        // SAFETY: `rest` is borrowed mutably across the await below; awaited at once.
+        let n = check(unsafe { e.submit(sqe) }.await)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` to a descriptor at `off`.
+pub async fn write_fd<E: IoEngine>(e: &E, fd: i32, buf: &[u8], off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let sqe = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len().min(1 << 30) as u32)
+            .offset(off + done as u64)
+            .build();
+        // SAFETY: `rest` is borrowed across the await below and only read; awaited at once.
+        let n = check(unsafe { e.submit(sqe) }.await)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Deallocates a range of a descriptor (fallocate punch).
+pub async fn punch_fd<E: IoEngine>(e: &E, fd: i32, off: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let sqe = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();
+    // SAFETY: fallocate points at no memory.
+    check(unsafe { e.submit(sqe) }.await).map(|_| ())
+}
+
 /// Makes completed writes durable (fdatasync).
 pub async fn sync<E: IoEngine>(e: &E, s: &dyn Storage) -> io::Result<()> {
     let Some(fd) = s.raw_fd() else {

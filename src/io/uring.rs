@@ -39,6 +39,19 @@ impl Uring {
         })
     }
 
+    /// Registers `buf` as fixed buffer 0 (tests of the zero-copy path, which
+    /// on a ublk queue uses buffers the kernel registers).
+    ///
+    /// # Safety
+    /// `buf` must stay valid, and be touched by nothing else while an
+    /// operation on it is in flight, for as long as the ring lives.
+    #[cfg(test)]
+    pub(crate) unsafe fn register_buffer(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: the caller keeps `buf` valid for the ring's life (above).
+        unsafe { self.ring.borrow().submitter().register_buffers(&[iov]) }
+    }
+
     /// Runs `fut` (and anything it spawns on `exe`) to completion, driving the ring.
     pub fn run<'a, T: 'a>(
         &self,

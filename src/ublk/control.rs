@@ -123,6 +123,7 @@ pub fn recover(rd: &RunDir, id: u32) -> Result<String, DaemonError> {
         commit_interval: (st.commit_interval_ms > 0).then(|| Duration::from_millis(st.commit_interval_ms)),
         grow_unit: st.grow_unit,
         unprivileged: false,
+        zero_copy: super::zc::ZeroCopy::Auto,
         run_dir: rd.clone(),
         log: Some(rd.log_path(id)),
         recoveries: st.recoveries + 1,

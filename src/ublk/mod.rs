@@ -16,6 +16,7 @@
 //!   serves; [`snapshot`]: online snapshots (hold, freeze, switch) and their
 //!   completion or roll back after a crash; [`channel`]: the daemon's control
 //!   socket.
+//! - [`zc`]: zero copy (auto buffer registration) and its copy path.
 
 pub mod background;
 pub mod channel;
@@ -36,5 +37,6 @@ pub mod signals;
 pub mod snapshot;
 pub mod spawn;
 pub mod state;
+pub mod zc;
 
 pub use error::DaemonError;

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub commit_interval: Option<std::time::Duration>,
     /// Growth step of the image's storage (None: the storage's default).
     pub grow_unit: Option<u64>,
+    /// Zero copy (`--zero-copy`; a recovered device keeps what it was added with).
+    pub zero_copy: super::zc::ZeroCopy,
     /// Add the device as an unprivileged one (the caller lacks CAP_SYS_ADMIN).
     pub unprivileged: bool,
     pub run_dir: RunDir,

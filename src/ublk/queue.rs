@@ -3,12 +3,13 @@
 use super::background::{self, Background};
 use super::engine::{keep_bell_armed, QueueEngine};
 use super::gate::Gate;
-use super::request::{decode, execute, Policy};
+use super::request::{decode, execute_on, Policy, Zc};
+use super::zc::ZcQueue;
 use crate::image::Image;
 use crate::io::wake::{Bell, CrossThread};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
-use libublk::{BufDesc, UblkError};
+use libublk::{sys, BufDesc, UblkError};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
@@ -37,14 +38,31 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, gate: Arc<Gate<Image>>, pol: Policy,
     // Every task is wrapped, so that no wake from another queue's thread,
     // whatever it waited for, can leave this one asleep.
     let _registered = bell.register();
+    // Zero copy when the device was added with it (a recovered device keeps
+    // the flags it was added with).
+    let zc = if q.support_auto_buf_zc() {
+        match ZcQueue::new(q.dev.dev_info.max_io_buf_bytes) {
+            Ok(z) => Some(Rc::new(z)),
+            Err(e) => {
+                tracing::error!(queue = qid, error = %e, "zero-copy set-up failed");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
     let tags_live = Rc::new(Cell::new(0usize));
     for tag in q.tags() {
-        let (q, gate, live) = (q.clone(), gate.clone(), tags_live.clone());
+        let (q, gate, live, zc) = (q.clone(), gate.clone(), tags_live.clone(), zc.clone());
         live.set(live.get() + 1);
         tasks.push(exe.spawn(CrossThread::new(async move {
-            match tag_task(&q, qid, tag, &gate, pol).await {
+            let r = match zc {
+                Some(z) => tag_task_zc(&q, qid, tag, &gate, pol, &z).await,
+                None => tag_task(&q, qid, tag, &gate, pol).await,
+            };
+            match r {
                 Err(UblkError::QueueIsDown) | Ok(()) => {}
                 Err(e) => tracing::error!(queue = qid, tag, error = %super::error::ublk_why(&e), "tag task failed"),
             }
@@ -91,7 +109,7 @@ async fn tag_task(q: &UblkQueue<'_>, qid: u16, tag: u16, gate: &Gate<Image>, pol
             Ok(req) => {
                 let pass = gate.enter(usize::from(qid)).await;
                 match pass.get() {
-                    Some(img) => execute(img, &QueueEngine, req, buf.as_mut_slice(), pol.for_image(img)).await,
+                    Some(img) => execute_on(img, &QueueEngine, req, buf.as_mut_slice(), pol.for_image(img), None).await,
                     None => -libc::EIO,
                 }
             }
@@ -100,4 +118,59 @@ async fn tag_task(q: &UblkQueue<'_>, qid: u16, tag: u16, gate: &Gate<Image>, pol
         tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
+}
+
+/// One tag in zero-copy mode: the kernel registers each request's pages as
+/// fixed buffer `tag` on this queue's ring before handing the request over,
+/// and unregisters them when it is committed. `buf` serves only the requests
+/// that take the copy path.
+async fn tag_task_zc(
+    q: &UblkQueue<'_>,
+    qid: u16,
+    tag: u16,
+    gate: &Gate<Image>,
+    pol: Policy,
+    zq: &ZcQueue,
+) -> Result<(), UblkError> {
+    // When auto registration fails (the index is taken), the kernel hands the
+    // request over anyway with UBLK_IO_F_NEED_REG_BUF, and we register it.
+    let reg = sys::ublk_auto_buf_reg { index: tag, flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8, ..Default::default() };
+    let desc = BufDesc::AutoReg(reg);
+    let mut buf = crate::io::AlignedBuf::zeroed(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, desc.clone(), 0, None).await?;
+    loop {
+        let iod = *q.get_iod(tag);
+        let by_hand = iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 && has_data(&iod);
+        let registered = !by_hand || {
+            let r = q.submit_register_io_buf(tag, tag).await;
+            if r < 0 {
+                tracing::warn!(queue = qid, tag, errno = -r, "registering a request buffer by hand failed");
+            }
+            r >= 0
+        };
+        let res = match decode(&iod) {
+            Ok(_) if !registered => -libc::EIO,
+            Ok(req) => {
+                let pass = gate.enter(usize::from(qid)).await;
+                match pass.get() {
+                    Some(img) => {
+                        let z = Some(Zc { q: zq, tag });
+                        execute_on(img, &QueueEngine, req, &mut buf, pol.for_image(img), z).await
+                    }
+                    None => -libc::EIO,
+                }
+            }
+            Err(errno) => errno,
+        };
+        if by_hand && registered {
+            let _ = q.submit_unregister_io_buf(tag, tag).await;
+        }
+        tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");
+        q.submit_io_commit_cmd(tag, desc.clone(), res).await?;
+    }
+}
+
+/// Reads and writes carry data; other requests have no buffer.
+fn has_data(iod: &sys::ublksrv_io_desc) -> bool {
+    matches!(iod.op_flags & 0xff, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE)
 }

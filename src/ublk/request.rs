@@ -1,7 +1,8 @@
 //! One block request: decoded from the ublk I/O descriptor, carried out on the
 //! image, answered with a byte count or a negative errno.
 
-use crate::image::Image;
+use super::zc::ZcQueue;
+use crate::image::{Image, ImageError};
 use crate::io::IoEngine;
 use libublk::sys;
 
@@ -67,17 +68,39 @@ impl Policy {
 /// for reads and writes). Returns what the block layer is told: bytes
 /// transferred (reads, writes), 0 (other operations) or a negative errno.
 pub async fn execute<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u8], pol: Policy) -> i32 {
+    execute_on(img, e, req, buf, pol, None).await
+}
+
+/// A request whose data sits in the buffer the kernel registered for its tag
+/// (zero copy), and its queue's helpers.
+#[derive(Clone, Copy)]
+pub struct Zc<'a> {
+    pub q: &'a ZcQueue,
+    pub tag: u16,
+}
+
+/// As [`execute`]; with `zc`, reads and writes move the data straight
+/// between the request's registered buffer and the image's storage, and
+/// those that need the bytes in the daemon copy them through `buf`.
+pub async fn execute_on<E: IoEngine>(
+    img: &Image,
+    e: &E,
+    req: Request,
+    buf: &mut [u8],
+    pol: Policy,
+    zc: Option<Zc<'_>>,
+) -> i32 {
     let len = req.len as usize;
     if matches!(req.op, Op::Read | Op::Write { .. }) && (len > buf.len() || len > i32::MAX as usize) {
         tracing::warn!(op = ?req.op, len, buf = buf.len(), "request larger than its buffer");
         return -libc::EINVAL;
     }
-    let r = match req.op {
-        Op::Read => img.read(e, req.off, &mut buf[..len]).await,
-        Op::Write { fua } => img.write(e, req.off, &buf[..len], fua).await,
-        Op::Flush => img.flush(e).await,
-        Op::Discard => img.discard(e, req.off, req.len).await,
-        Op::WriteZeroes => img.write_zeroes(e, req.off, req.len).await,
+    let r = match (req.op, zc) {
+        (Op::Read, Some(z)) => read_zc(img, e, req, &mut buf[..len], z).await,
+        (Op::Write { fua }, Some(z)) => write_zc(img, e, req, &mut buf[..len], fua, z).await,
+        (Op::Read, None) => img.read(e, req.off, &mut buf[..len]).await,
+        (Op::Write { fua }, None) => img.write(e, req.off, &buf[..len], fua).await,
+        (op, _) => execute_other(img, e, op, req).await,
     };
     let r = match r {
         Ok(()) if changes_data(req.op) && !pol.lazy_metadata => settle(img, e).await,
@@ -90,6 +113,55 @@ pub async fn execute<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u
             tracing::warn!(op = ?req.op, off = req.off, len = req.len, error = %err, "request failed");
             -err.errno()
         }
+    }
+}
+
+/// An error of a fixed-buffer operation that the copy path may not hit: the
+/// storage refused the request's pages (O_DIRECT alignment), or the buffer.
+fn copy_may_work(err: &ImageError) -> bool {
+    matches!(err, ImageError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EFAULT | libc::EOPNOTSUPP)))
+}
+
+fn bounce_err(img: &Image, off: u64) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io { path: img.name(), what: "zero-copy bounce", offset: off, source }
+}
+
+async fn read_zc<E: IoEngine>(img: &Image, e: &E, req: Request, buf: &mut [u8], z: Zc<'_>) -> Result<(), ImageError> {
+    match img.read_fixed(e, req.off, req.len, ZcQueue::buf(z.tag), z.q.zero_fd()).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(err) if copy_may_work(&err) => tracing::debug!(error = %err, "zero-copy read refused: copy path"),
+        Err(err) => return Err(err),
+    }
+    img.read(e, req.off, buf).await?;
+    z.q.deliver(e, z.tag, buf).await.map_err(bounce_err(img, req.off))
+}
+
+async fn write_zc<E: IoEngine>(
+    img: &Image,
+    e: &E,
+    req: Request,
+    buf: &mut [u8],
+    fua: bool,
+    z: Zc<'_>,
+) -> Result<(), ImageError> {
+    match img.write_fixed(e, req.off, req.len, ZcQueue::buf(z.tag), fua).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        // Writing the same bytes again at the same place is harmless.
+        Err(err) if copy_may_work(&err) => tracing::debug!(error = %err, "zero-copy write refused: copy path"),
+        Err(err) => return Err(err),
+    }
+    z.q.fetch(e, z.tag, buf).await.map_err(bounce_err(img, req.off))?;
+    img.write(e, req.off, buf, fua).await
+}
+
+async fn execute_other<E: IoEngine>(img: &Image, e: &E, op: Op, req: Request) -> Result<(), ImageError> {
+    match op {
+        Op::Flush => img.flush(e).await,
+        Op::Discard => img.discard(e, req.off, req.len).await,
+        Op::WriteZeroes => img.write_zeroes(e, req.off, req.len).await,
+        Op::Read | Op::Write { .. } => unreachable!("reads and writes are matched by the caller"),
     }
 }
 
@@ -171,6 +243,60 @@ mod tests {
         // Past the end, and a buffer too small for the request.
         assert_eq!(run(Request { op: Op::Read, off: 8 << 20, len: 512 }, &mut back), -libc::EINVAL);
         assert_eq!(run(Request { op: Op::Read, off: 0, len: 16384 }, &mut back), -libc::EINVAL);
+        img.close().unwrap();
+    }
+
+    /// The zero-copy path on a host ring, with a buffer of ours registered
+    /// where a ublk queue has the kernel's (a user buffer's fixed-buffer
+    /// address is its own address, a kernel buffer's an offset from 0).
+    #[test]
+    fn fixed_buffer_reads_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x5au8; 4 << 20]).unwrap();
+        let p = dir.path().join("t.fvd");
+        let opts = CreateOptions {
+            size: Some(8 << 20),
+            base: Some(base),
+            block_size: 64 << 10,
+            chunk_size: Some(1 << 20),
+            journal_size: 1 << 20,
+            ..Default::default()
+        };
+        create(&p, &opts).unwrap();
+        let img = Image::open(&p, &OpenOptions::default()).unwrap();
+        let ring = Uring::new(64).unwrap();
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let zfd = std::os::fd::AsRawFd::as_raw_fd(&zero);
+        let mut reg = crate::io::AlignedBuf::zeroed(256 << 10);
+        // SAFETY: `reg` outlives `ring` (declared before it is dropped below),
+        // and is only read between the awaited operations.
+        unsafe { ring.register_buffer(&mut reg) }.unwrap();
+        let fb = crate::io::FixedBuf { index: 0, off: reg.as_ptr() as usize };
+        macro_rules! run {
+            ($f:expr) => {
+                ring.block_on($f).unwrap()
+            };
+        }
+
+        // Past the base (4 MiB): plain fixed writes and reads.
+        reg[..128 << 10].fill(0xc3);
+        assert!(run!(img.write_fixed(&ring, 6 << 20, 128 << 10, fb, false)).unwrap());
+        reg.fill(0);
+        assert!(run!(img.read_fixed(&ring, 6 << 20, 192 << 10, fb, zfd)).unwrap());
+        assert!(reg[..128 << 10].iter().all(|&b| b == 0xc3));
+        assert!(reg[128 << 10..192 << 10].iter().all(|&b| b == 0), "unallocated: zeros from /dev/zero");
+        // Over the base: whole blocks are written fixed, part of a block is not
+        // (copy-on-write merge), and a read through the base is not.
+        reg[..64 << 10].fill(0x11);
+        assert!(run!(img.write_fixed(&ring, 1 << 20, 64 << 10, fb, false)).unwrap());
+        assert!(!run!(img.write_fixed(&ring, 2 << 20, 4096, fb, false)).unwrap());
+        assert!(!run!(img.read_fixed(&ring, 0, 4096, fb, zfd)).unwrap());
+        let mut back = vec![0u8; 128 << 10];
+        run!(img.read(&ring, 1 << 20, &mut back)).unwrap();
+        assert!(back[..64 << 10].iter().all(|&b| b == 0x11));
+        assert!(back[64 << 10..].iter().all(|&b| b == 0x5a));
+        drop(ring);
         img.close().unwrap();
     }
 

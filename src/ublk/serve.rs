@@ -92,8 +92,14 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         unprivileged: o.unprivileged,
         snapshot_pending: None,
         snapshots: o.snapshots,
+        zero_copy: info.flags & u64::from(libublk::sys::UBLK_F_AUTO_BUF_REG) != 0,
         last_snapshot_held_ms: o.last_snapshot_held_ms,
     };
+    tracing::info!(
+        zero_copy = st.zero_copy,
+        "data path: {}",
+        if st.zero_copy { "zero copy (auto buffer registration)" } else { "copy" }
+    );
     // Written before the device appears: udev's helper reads it on "add".
     o.run_dir.write(&st)?;
     // A stop signal that comes while the device is still being set up can't

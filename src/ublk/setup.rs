@@ -13,13 +13,23 @@ pub const IO_BUF_BYTES: u32 = 512 << 10;
 /// The device's control handle: added, or taken back for recovery.
 pub(super) fn make_ctrl(o: &ServeOptions) -> Result<UblkCtrl, DaemonError> {
     // The kernel gives unprivileged devices no user recovery.
-    let flags = if o.unprivileged {
+    let mut flags = if o.unprivileged {
         u64::from(sys::UBLK_F_UNPRIVILEGED_DEV)
     } else {
         u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE)
     };
     match o.mode {
         Mode::Add { id } => {
+            let features = UblkCtrl::get_features();
+            if super::zc::resolve(o.zero_copy, features, o.unprivileged)? {
+                flags |= super::zc::FLAGS;
+            }
+            tracing::info!(
+                asked = ?o.zero_copy,
+                driver_features = format!("{:#x}", features.unwrap_or(0)),
+                zero_copy = flags & super::zc::FLAGS != 0,
+                "zero copy"
+            );
             // Checked here because libublk, when adding with an ID that is
             // taken, deletes the device that has it while cleaning up.
             if let Some(id) = id.filter(|&i| kernel::device_exists(i)) {

@@ -53,6 +53,9 @@ pub struct DeviceState {
     /// Online snapshots taken on this device.
     #[serde(default)]
     pub snapshots: u32,
+    /// Served with zero copy (UBLK_F_AUTO_BUF_REG).
+    #[serde(default)]
+    pub zero_copy: bool,
     /// How long the last one held requests, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_snapshot_held_ms: Option<f64>,
@@ -240,6 +243,7 @@ pub(crate) mod tests {
             unprivileged: false,
             snapshot_pending: None,
             snapshots: 0,
+            zero_copy: false,
             last_snapshot_held_ms: None,
         }
     }

@@ -36,6 +36,23 @@ expect_fail "$WORK/nope.fvd: no such image file" "$FVD" start "$WORK/nope.fvd"
 head -c 1M /dev/zero >"$WORK/zeros.img"
 expect_fail "$WORK/zeros.img" "$FVD" start "$WORK/zeros.img"
 
+step "zero copy: on where the driver has no auto buffer registration (before 6.16) fails"
+expect_fail "--zero-copy is auto, on or off" "$FVD" start --zero-copy maybe "$img"
+kv=$(uname -r)
+kmaj=${kv%%.*} kmin=${kv#*.}
+kmin=${kmin%%.*}
+if ((kmaj > 6 || (kmaj == 6 && kmin >= 16))); then
+    dev=$("$FVD" start --zero-copy on "$img") || fail "--zero-copy on failed on $kv"
+    "$FVD" list --output json | grep -q '"zero-copy": *true' || fail "fvd list does not show zero copy"
+    "$FVD" stop -n "${dev#/dev/ublkb}" >/dev/null
+else
+    expect_fail "no auto buffer registration (UBLK_F_AUTO_BUF_REG" "$FVD" start --zero-copy on "$img"
+    expect_fail "no auto buffer registration (UBLK_F_AUTO_BUF_REG" env FVD_ZERO_COPY=on "$FVD" start "$img"
+    dev=$("$FVD" start "$img") || fail "--zero-copy auto (the default) must fall back to copy on $kv"
+    "$FVD" list --output json | grep -q '"zero-copy": *false' || fail "fvd list does not show the copy path"
+    "$FVD" stop -n "${dev#/dev/ublkb}" >/dev/null
+fi
+
 step "bad and unknown IDs"
 expect_fail "no fvd device with ID 99" "$FVD" stop -n 99
 expect_fail "no fvd device with ID 99" "$FVD" recover -n 99

@@ -3,7 +3,9 @@
 # I/O), rublk's loop target (a libublk server, the same ublk path fvd takes; built pinned
 # by scripts/setup-guest into target/rublk) and fvd: no table, the default layout, the
 # default layout with its run dir off tmpfs (no volatile log: allocations are journaled
-# before writes complete), and copy-on-write over a base. One more job: 4 KiB random
+# before writes complete), and copy-on-write over a base, all in copy mode
+# (--zero-copy off); and the default layout in zero copy (fvd-zc, where the kernel has
+# UBLK_F_AUTO_BUF_REG), against rublk's loop -z. One more job: 4 KiB random
 # first writes on a fresh image, where most writes allocate. Every backing file sits on
 # the guest's tmpfs. Prints IOPS or MiB/s, p99 latency and the ratios to rublk and to
 # loop into $RESULTS/perf.txt (and JSON in perf.json).
@@ -79,7 +81,7 @@ losetup -d "$loop"
 rm -f "$WORK/loop.raw"
 
 head -c $SIZE /dev/urandom >"$WORK/base.raw"
-for kind in notable default journaled cow; do
+for kind in notable default journaled cow zc; do
     step "fvd, $kind"
     img=$WORK/$kind.fvd
     case $kind in
@@ -89,7 +91,18 @@ for kind in notable default journaled cow; do
     esac
     rundir=/run/fvd
     [[ $kind == journaled ]] && rundir=$RESULTS/run # 9p: not tmpfs
-    dev=$(FVD_RUN_DIR=$rundir "$FVD" start "$img")
+    zc=off
+    if [[ $kind == zc ]]; then
+        if ! dev=$(FVD_RUN_DIR=$rundir "$FVD" start --zero-copy on "$img" 2>"$RESULTS/fvd-zc-start.txt"); then
+            printf 'fvd zero copy not available on this kernel: %s\n' "$(head -c 300 "$RESULTS/fvd-zc-start.txt")"
+            rm -f "$img"
+            continue
+        fi
+        FVD_RUN_DIR=$rundir "$FVD" list --output json | grep -q '"zero-copy": *true' ||
+            fail "fvd-zc: fvd list does not show zero copy"
+    else
+        dev=$(FVD_RUN_DIR=$rundir "$FVD" start --zero-copy $zc "$img")
+    fi
     if [[ $kind == cow ]]; then
         # Reads first, from the base; then writes, each copying its block's rest.
         cow_jobs "$dev" "fvd-$kind"
@@ -106,7 +119,7 @@ rm -f "$WORK/base.raw"
 # yet allocated (the file stays sparse: only the written 4 KiB take memory).
 step "fvd, first writes: 4 KiB random writes on a fresh 64 GiB image (most allocate a chunk)"
 "$FVD" create -s 64G "$WORK/alloc.fvd" >/dev/null
-dev=$("$FVD" start "$WORK/alloc.fvd")
+dev=$("$FVD" start --zero-copy off "$WORK/alloc.fvd")
 fio --name=alloc-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
     --iodepth=32 --size=64G --time_based --runtime="$RUNTIME" --norandommap --randrepeat=0 \
     --output-format=json --output="$RESULTS/fvd-default-alloc-4k.json"
@@ -128,7 +141,8 @@ def value(tag, job):
     p99 = side["clat_ns"]["percentile"].get("99.000000", 0) / 1000
     return v, p99
 targets = [("loop", "loop"), ("rublk", "rublk loop"), ("rublk-zc", "rublk loop -z"), ("fvd-notable", "fvd no-table"),
-           ("fvd-default", "fvd default"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow")]
+           ("fvd-default", "fvd default"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow"),
+           ("fvd-zc", "fvd zero copy")]
 jobs = [("randwrite-4k", "IOPS"), ("randread-4k", "IOPS"), ("seqwrite-1M", "MiB/s"), ("alloc-4k", "IOPS")]
 print(f"fio in a TCG guest (kernel {kernel}, {cpus} CPUs); backing files on the guest's tmpfs")
 print("value, p99 latency in us, ratio to rublk, ratio to loop ('-': not run)")
@@ -146,6 +160,13 @@ for job, unit in jobs:
         vs_l = f"{v[0] / l[0]:.2f}" if l else "-"
         print(f"{job:<14}{unit:>6} {name:<15}{v[0]:>9.0f}{v[1]:>9.0f}{vs_r:>8}{vs_l:>7}")
         out.setdefault(job, {})[t] = {"value": v[0], "p99_us": v[1], "unit": unit}
+for job, unit in jobs:
+    z, c, rz = value("fvd-zc", job), value("fvd-default", job), value("rublk-zc", job)
+    if z and c:
+        line = f"{job}: fvd zero copy / fvd copy (default layout) = {z[0] / c[0]:.2f}"
+        if rz:
+            line += f"; fvd zero copy / rublk loop -z = {z[0] / rz[0]:.2f}"
+        print(line)
 a, o = value("fvd-default", "alloc-4k"), value("fvd-default", "randwrite-4k")
 if a and o:
     print(f"fvd default: 4k first writes (allocating) / 4k overwrites = {a[0] / o[0]:.2f}")
