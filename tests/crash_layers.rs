@@ -102,13 +102,7 @@ fn read_all_of(img: &Image) -> Result<Vec<u8>, ImageError> {
 
 /// Writes `n` random block-aligned extents with pattern ids from `id`, into the
 /// image and the model.
-fn scribble(
-    img: &Image,
-    model: &mut [u8],
-    rng: &mut rand::rngs::StdRng,
-    id: u64,
-    n: usize,
-) -> Result<(), ImageError> {
+fn scribble(img: &Image, model: &mut [u8], rng: &mut rand::rngs::StdRng, id: u64, n: usize) -> Result<(), ImageError> {
     for i in 0..n {
         let len = rng.gen_range(1..=3) * BLOCK as u64 / 2;
         let off = rng.gen_range(0..(SIZE - len) / 512) * 512;
@@ -179,13 +173,18 @@ fn events(op: &dyn Operation, w: &World) -> i64 {
     BIG - cut.left()
 }
 
-fn explore(op: &dyn Operation, w: &World, model: &[u8], level: u32, rng: &mut rand::rngs::StdRng, c: &mut Counts, path: &str) {
+fn explore(
+    op: &dyn Operation,
+    w: &World,
+    model: &[u8],
+    level: u32,
+    rng: &mut rand::rngs::StdRng,
+    c: &mut Counts,
+    path: &str,
+) {
     let total = events(op, w);
-    let cuts: Vec<i64> = if level == 0 {
-        (0..total).collect()
-    } else {
-        (0..FANOUT).map(|_| rng.gen_range(0..total.max(1))).collect()
-    };
+    let cuts: Vec<i64> =
+        if level == 0 { (0..total).collect() } else { (0..FANOUT).map(|_| rng.gen_range(0..total.max(1))).collect() };
     for cut_at in cuts {
         let what = format!("{path} cut at event {cut_at} of {total}");
         let cut = PowerCut::after(cut_at);
@@ -371,8 +370,12 @@ impl Operation for Snapshot {
 
     fn finished(&self, d: &Disks, model: &[u8], what: &str) {
         assert!(header_of(d["c"].as_ref()).expect("header").is_frozen(), "{what}: c frozen");
-        let write_open =
-            Image::open_on(Path::new("c"), Box::new(d["c"].clone()), chain(d, "c").expect("chain"), &OpenOptions::default());
+        let write_open = Image::open_on(
+            Path::new("c"),
+            Box::new(d["c"].clone()),
+            chain(d, "c").expect("chain"),
+            &OpenOptions::default(),
+        );
         assert!(matches!(write_open, Err(ImageError::Frozen { .. })), "{what}: a frozen layer refuses a write-open");
         self.verify(d, model, what);
     }

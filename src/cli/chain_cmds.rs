@@ -149,7 +149,9 @@ pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
     }
     match (new, a.unsafe_mode) {
         (None, _) => println!("{} now stands alone", a.image.display()),
-        (Some(b), true) => println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display()),
+        (Some(b), true) => {
+            println!("{} now records {} as its base (unsafe: nothing copied)", a.image.display(), b.display())
+        }
         (Some(b), false) => println!("{} is now over {}", a.image.display(), b.display()),
     }
     if !a.unsafe_mode {

@@ -144,7 +144,12 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
             if a.output == "json" {
                 all.push(v);
             } else {
-                println!("image: {}\nfile format: raw\nvirtual size: {} ({} bytes)\ndepth: {depth}", path.display(), human(s.size()), s.size());
+                println!(
+                    "image: {}\nfile format: raw\nvirtual size: {} ({} bytes)\ndepth: {depth}",
+                    path.display(),
+                    human(s.size()),
+                    s.size()
+                );
             }
         }
     }

@@ -240,9 +240,7 @@ pub fn commit(
     }
     let fmt = layer.format();
     let target_path = paths[depth - 1].clone();
-    let rebase_to = (depth > 1).then(|| {
-        (base_reference(&target_path, image).display().to_string(), fmt, layer.size())
-    });
+    let rebase_to = (depth > 1).then(|| (base_reference(&target_path, image).display().to_string(), fmt, layer.size()));
     let rw = StorageOptions::new(OpenMode::ReadWrite);
     let between: Vec<Box<dyn Storage>> =
         paths[..depth - 1].iter().map(|p| open_image_storage(p, &rw)).collect::<Result<_, _>>()?;

@@ -30,7 +30,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::ThreadId;
 
 /// An eventfd that wakes the thread of the ring that polls it.
 pub struct Bell {
@@ -93,12 +92,26 @@ impl Drop for Registered {
     }
 }
 
+thread_local! {
+    /// A byte per thread whose address names the thread (see [`this_thread`]).
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+/// This thread, cheaply: the address of its [`THREAD_MARK`] (unlike
+/// `std::thread::current()`, no reference count is touched). Live threads
+/// never share it; a thread that starts after another ended may get the
+/// ended one's, which only matters to wakers of that ended thread, and
+/// those have no thread left to wake.
+fn this_thread() -> usize {
+    THREAD_MARK.with(|m| m as *const u8 as usize)
+}
+
 /// Wakes `inner`, and rings `bell` when the wake comes from another thread
 /// than `owner`, the thread that polled the future and may be asleep.
 struct BellWaker {
     inner: Waker,
     bell: Arc<Bell>,
-    owner: ThreadId,
+    owner: usize,
 }
 
 impl Wake for BellWaker {
@@ -110,19 +123,30 @@ impl Wake for BellWaker {
         // Queue the task first, then ring: when the owner wakes up, the task
         // is already runnable.
         self.inner.wake_by_ref();
-        if std::thread::current().id() != self.owner {
+        if this_thread() != self.owner {
             self.bell.ring();
         }
     }
 }
 
+/// The waker a [`CrossThread`] hands its future, kept while the executor
+/// polls it with the same waker on the same bell's thread.
+struct Cached {
+    /// The executor's waker it wraps.
+    inner: Waker,
+    /// Compared only, never read through; `waker` holds the bell alive, so
+    /// no other bell can take its address while this is kept.
+    bell: *const Bell,
+    waker: Waker,
+}
+
 /// A future whose wakes from other threads ring the bell registered for the
 /// thread that polls it (without a registered bell, it is the bare future).
+/// A poll with the waker of the poll before costs a thread-local lookup and
+/// two comparisons: no allocation, no reference count.
 pub struct CrossThread<F> {
     fut: Pin<Box<F>>,
-    /// The executor's waker and our wrapper around it (with the bell it
-    /// rings), reused while the executor hands out the same waker.
-    cached: Option<(Waker, Arc<Bell>, Waker)>,
+    cached: Option<Cached>,
 }
 
 impl<F: Future> CrossThread<F> {
@@ -135,22 +159,23 @@ impl<F: Future> Future for CrossThread<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        let Some(bell) = THREAD_BELL.with(|t| t.borrow().clone()) else {
-            return this.fut.as_mut().poll(cx);
+        let CrossThread { fut, cached } = &mut *self;
+        let Some(bell) = THREAD_BELL.with(|t| t.borrow().as_ref().map(Arc::as_ptr)) else {
+            return fut.as_mut().poll(cx);
         };
-        let reuse = matches!(&this.cached, Some((inner, b, _)) if inner.will_wake(cx.waker()) && Arc::ptr_eq(b, &bell));
+        let reuse = matches!(cached, Some(c) if c.bell == bell && c.inner.will_wake(cx.waker()));
         if !reuse {
-            let owner = std::thread::current().id();
-            let w = Waker::from(Arc::new(BellWaker { inner: cx.waker().clone(), bell: bell.clone(), owner }));
-            this.cached = Some((cx.waker().clone(), bell, w));
+            let Some(bell) = THREAD_BELL.with(|t| t.borrow().clone()) else {
+                return fut.as_mut().poll(cx);
+            };
+            let inner = cx.waker().clone();
+            let waker =
+                Waker::from(Arc::new(BellWaker { inner: inner.clone(), bell: bell.clone(), owner: this_thread() }));
+            *cached = Some(Cached { inner, bell: Arc::as_ptr(&bell), waker });
         }
-        match &this.cached {
-            Some((_, _, w)) => {
-                let w = w.clone();
-                this.fut.as_mut().poll(&mut Context::from_waker(&w))
-            }
-            None => this.fut.as_mut().poll(cx),
+        match cached {
+            Some(c) => fut.as_mut().poll(&mut Context::from_waker(&c.waker)),
+            None => fut.as_mut().poll(cx),
         }
     }
 }

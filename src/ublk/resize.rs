@@ -47,7 +47,9 @@ pub enum ResizeError {
     Drain(#[from] super::gate::DrainTimeout),
     #[error("{why}; the device goes on with the image as it is now ({size:#x} bytes)")]
     Failed { why: String, size: u64 },
-    #[error("{why}; reopening the image failed too ({reopen}): the device now fails requests, stop it and start it again")]
+    #[error(
+        "{why}; reopening the image failed too ({reopen}): the device now fails requests, stop it and start it again"
+    )]
     Broken { why: String, reopen: String },
     #[error("the image grew to {size:#x} bytes, but the kernel refused the device's new size: {why}")]
     Kernel { why: String, size: u64 },

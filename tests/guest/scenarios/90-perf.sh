@@ -23,27 +23,42 @@ at_exit "\"$FVD\" stop --all >/dev/null 2>&1 || true"
 SIZE=256M
 RUNTIME=${FVD_PERF_RUNTIME:-8}
 
-# jobs DEV TAG: seq write 1M over the whole device (also fills it, so the
-# random reads read data), then 4k random writes and reads at QD32.
+# cpu_of PID: the server process's user and system CPU ticks so far (all threads);
+# "0 0" without a server (the kernel loop device).
+cpu_of() {
+    if [[ -n $1 ]]; then awk '{print $14, $15}' "/proc/$1/stat"; else echo "0 0"; fi
+}
+
+# measured PID TAG JOB FIO-ARGS...: runs one fio job and keeps, beside its JSON, the
+# server's CPU ticks during it ($RESULTS/TAG-JOB.cpu: user, system, ticks per second).
+measured() {
+    local pid=$1 tag=$2 job=$3 u0 s0 u1 s1
+    shift 3
+    read -r u0 s0 < <(cpu_of "$pid")
+    fio --name="$job" "$@" --output-format=json --output="$RESULTS/$tag-$job.json"
+    read -r u1 s1 < <(cpu_of "$pid")
+    echo "$((u1 - u0)) $((s1 - s0)) $(getconf CLK_TCK)" >"$RESULTS/$tag-$job.cpu"
+}
+
+# jobs DEV TAG [PID]: seq write 1M over the whole device (also fills it, so the
+# random reads read data), then 4k random writes and reads at QD32. PID: the server.
 jobs() {
-    local dev=$1 tag=$2
-    fio --name=seqwrite-1M --filename="$dev" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
-        --iodepth=8 --size=$SIZE --output-format=json --output="$RESULTS/$tag-seqwrite-1M.json"
+    local dev=$1 tag=$2 pid=${3:-}
+    measured "$pid" "$tag" seqwrite-1M --filename="$dev" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+        --iodepth=8 --size=$SIZE
     for rw in randwrite randread; do
-        fio --name=$rw-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=$rw --bs=4k \
-            --iodepth=32 --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=1 \
-            --output-format=json --output="$RESULTS/$tag-$rw-4k.json"
+        measured "$pid" "$tag" $rw-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=$rw --bs=4k \
+            --iodepth=32 --size=$SIZE --time_based --runtime="$RUNTIME"
     done
 }
 
-# cow_jobs DEV TAG: over a base, random reads first (from the base), then random
+# cow_jobs DEV TAG PID: over a base, random reads first (from the base), then random
 # writes (each first write to a block copies the block's rest from the base).
 cow_jobs() {
-    local dev=$1 tag=$2 rw
+    local dev=$1 tag=$2 pid=$3 rw
     for rw in randread randwrite; do
-        fio --name=$rw-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=$rw --bs=4k \
-            --iodepth=32 --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=1 \
-            --output-format=json --output="$RESULTS/$tag-$rw-4k.json"
+        measured "$pid" "$tag" $rw-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=$rw --bs=4k \
+            --iodepth=32 --size=$SIZE --time_based --runtime="$RUNTIME"
     done
 }
 
@@ -55,14 +70,14 @@ if [[ -x $RUBLK ]]; then
         fail "rublk add loop failed: $(cat "$RESULTS/rublk-add.txt")"
     at_exit "\"$RUBLK\" del -n 9 >/dev/null 2>&1 || true"
     wait_for_path /dev/ublkb9 10 || fail "rublk's /dev/ublkb9 did not appear"
-    jobs /dev/ublkb9 rublk
+    jobs /dev/ublkb9 rublk "$(pgrep -n -x rublk)"
     "$RUBLK" del -n 9
     # Zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later): the request's pages go
     # straight to the file, never through the server's memory.
     if "$RUBLK" add loop -n 9 -q "$(nproc)" -f "$WORK/rublk.raw" -z --quiet >"$RESULTS/rublk-zc-add.txt" 2>&1 &&
         wait_for_path /dev/ublkb9 10; then
         step "rublk loop, zero copy (-z)"
-        jobs /dev/ublkb9 rublk-zc
+        jobs /dev/ublkb9 rublk-zc "$(pgrep -n -x rublk)"
         "$RUBLK" del -n 9
     else
         printf 'rublk loop -z not available on this kernel: %s\n' "$(head -c 300 "$RESULTS/rublk-zc-add.txt")"
@@ -103,11 +118,12 @@ for kind in notable default journaled cow zc; do
     else
         dev=$(FVD_RUN_DIR=$rundir "$FVD" start --zero-copy $zc "$img")
     fi
+    pid=$(FVD_RUN_DIR=$rundir daemon_pid "${dev#/dev/ublkb}")
     if [[ $kind == cow ]]; then
         # Reads first, from the base; then writes, each copying its block's rest.
-        cow_jobs "$dev" "fvd-$kind"
+        cow_jobs "$dev" "fvd-$kind" "$pid"
     else
-        jobs "$dev" "fvd-$kind"
+        jobs "$dev" "fvd-$kind" "$pid"
     fi
     FVD_RUN_DIR=$rundir "$FVD" stop -n "${dev#/dev/ublkb}" >/dev/null
     "$FVD" check "$img" >/dev/null
@@ -120,9 +136,9 @@ rm -f "$WORK/base.raw"
 step "fvd, first writes: 4 KiB random writes on a fresh 64 GiB image (most allocate a chunk)"
 "$FVD" create -s 64G "$WORK/alloc.fvd" >/dev/null
 dev=$("$FVD" start --zero-copy off "$WORK/alloc.fvd")
-fio --name=alloc-4k --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=32 --size=64G --time_based --runtime="$RUNTIME" --norandommap --randrepeat=0 \
-    --output-format=json --output="$RESULTS/fvd-default-alloc-4k.json"
+measured "$(daemon_pid "${dev#/dev/ublkb}")" fvd-default alloc-4k --filename="$dev" --ioengine=io_uring \
+    --direct=1 --rw=randwrite --bs=4k --iodepth=32 --size=64G --time_based --runtime="$RUNTIME" \
+    --norandommap --randrepeat=0
 "$FVD" stop -n "${dev#/dev/ublkb}" >/dev/null
 "$FVD" check "$WORK/alloc.fvd" | tail -n 1
 rm -f "$WORK/alloc.fvd"
@@ -139,14 +155,22 @@ def value(tag, job):
     side = j["read"] if job.startswith("randread") else j["write"]
     v = side["bw"] / 1024 if job.startswith("seq") else side["iops"]
     p99 = side["clat_ns"]["percentile"].get("99.000000", 0) / 1000
-    return v, p99
+    # The server's CPU per request (user + system, all its threads), in us.
+    cpu = None
+    if os.path.exists(f"{res}/{tag}-{job}.cpu") and tag != "loop":
+        u, s, hz = map(int, open(f"{res}/{tag}-{job}.cpu").read().split())
+        n = side["total_ios"]
+        if n:
+            cpu = ((u + s) / hz * 1e6 / n, u / hz * 1e6 / n)
+    return v, p99, cpu
 targets = [("loop", "loop"), ("rublk", "rublk loop"), ("rublk-zc", "rublk loop -z"), ("fvd-notable", "fvd no-table"),
            ("fvd-default", "fvd default"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow"),
            ("fvd-zc", "fvd zero copy")]
 jobs = [("randwrite-4k", "IOPS"), ("randread-4k", "IOPS"), ("seqwrite-1M", "MiB/s"), ("alloc-4k", "IOPS")]
 print(f"fio in a TCG guest (kernel {kernel}, {cpus} CPUs); backing files on the guest's tmpfs")
-print("value, p99 latency in us, ratio to rublk, ratio to loop ('-': not run)")
-print(f"{'job':<14}{'unit':>6} {'target':<15}{'value':>9}{'p99 us':>9}{'/rublk':>8}{'/loop':>7}")
+print("value, p99 latency in us, ratio to rublk, ratio to loop ('-': not run), the server's CPU")
+print("per request in us (all its threads, user + system; of which user), from /proc")
+print(f"{'job':<14}{'unit':>6} {'target':<15}{'value':>9}{'p99 us':>9}{'/rublk':>8}{'/loop':>7}{'cpu us':>8}{'user':>6}")
 out = {}
 for job, unit in jobs:
     base = {t: value(t, job) for t, _ in targets}
@@ -158,8 +182,10 @@ for job, unit in jobs:
         l = base.get("loop")
         vs_r = f"{v[0] / r[0]:.2f}" if r else "-"
         vs_l = f"{v[0] / l[0]:.2f}" if l else "-"
-        print(f"{job:<14}{unit:>6} {name:<15}{v[0]:>9.0f}{v[1]:>9.0f}{vs_r:>8}{vs_l:>7}")
-        out.setdefault(job, {})[t] = {"value": v[0], "p99_us": v[1], "unit": unit}
+        cpu, user = (f"{v[2][0]:.1f}", f"{v[2][1]:.1f}") if v[2] else ("-", "-")
+        print(f"{job:<14}{unit:>6} {name:<15}{v[0]:>9.0f}{v[1]:>9.0f}{vs_r:>8}{vs_l:>7}{cpu:>8}{user:>6}")
+        out.setdefault(job, {})[t] = {"value": v[0], "p99_us": v[1], "unit": unit,
+                                      "cpu_us": v[2][0] if v[2] else None, "user_us": v[2][1] if v[2] else None}
 for job, unit in jobs:
     z, c, rz = value("fvd-zc", job), value("fvd-default", job), value("rublk-zc", job)
     if z and c:
