@@ -183,3 +183,47 @@ fn resize_grows_and_refuses_what_it_cannot_do() {
     ok(&["resize", s(&raw), "1G"]);
     ok(&["io", s(&raw), "-c", "read -P 0x55 15M 1M", "-c", "read -P 0 16M 16M"]);
 }
+
+/// Completions and man pages come from the command line's definitions, and
+/// `--log-format json` logs one JSON object per line.
+#[test]
+fn completions_manpages_and_json_logs() {
+    let bash = ok(&["completions", "bash"]);
+    assert!(bash.contains("_fvd()") && bash.contains("resize"), "no fvd completion function");
+    let st = std::process::Command::new("bash").arg("-n").arg("-c").arg(&bash).status().unwrap();
+    assert!(st.success(), "the bash completion script does not parse");
+    for sh in ["zsh", "fish"] {
+        assert!(ok(&["completions", sh]).contains("snapshot"), "{sh}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let man = d.path().join("man");
+    let listed = ok(&["manpages", s(&man)]);
+    for page in ["fvd.1", "fvd-start.1", "fvd-stop.1", "fvd-resize.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is not a man page");
+        assert!(listed.contains(page), "{page} not listed: {listed}");
+    }
+    assert!(std::fs::read_to_string(man.join("fvd-stop.1")).unwrap().contains("image"));
+
+    // `convert` logs what it wrote at info: one JSON object per line.
+    let raw = d.path().join("src.raw");
+    std::fs::write(&raw, vec![0x5au8; 1 << 20]).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fvd"))
+        .args(["--log-format", "json", "convert", s(&raw)])
+        .arg(d.path().join("j.fvd"))
+        .env("RUST_LOG", "fvd=info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.iter().any(|l| l.contains("convert wrote non-zero data")), "{err}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{l}");
+    }
+    // Without RUST_LOG asking for more, the default filter stays at warnings.
+    let (code, _, err) = fvd(&["--log-format", "text", "info", s(&d.path().join("missing.fvd"))]);
+    assert_ne!(code, 0);
+    assert!(err.contains("missing.fvd"), "{err}");
+}

@@ -77,6 +77,9 @@ pub struct StopArgs {
     pub id: Option<i32>,
     #[arg(long)]
     pub all: bool,
+    /// Stop the device that serves this image (what fvd@.service's ExecStop uses).
+    #[arg(long, conflicts_with_all = ["id", "all"])]
+    pub image: Option<std::path::PathBuf>,
     /// Seconds to wait for a daemon to finish its stop.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -186,10 +189,24 @@ pub fn stop(a: StopArgs) -> Result<i32, CliError> {
     // own daemons.
     kernel::privilege("fvd stop").map_err(err)?;
     let rd = RunDir::system();
-    let ids: Vec<u32> = match (a.id, a.all) {
-        (Some(id), false) => vec![device_id(id)?],
-        (None, true) => rd.list().map_err(err)?.iter().map(|s| s.id).collect(),
-        _ => return Err(fail("fvd stop: give -n ID or --all")),
+    let ids: Vec<u32> = match (a.id, a.all, &a.image) {
+        (Some(id), false, None) => vec![device_id(id)?],
+        (None, true, None) => rd.list().map_err(err)?.iter().map(|s| s.id).collect(),
+        (None, false, Some(img)) => {
+            let want = std::fs::canonicalize(img).map_err(|e| fail(format!("{}: {e}", img.display())))?;
+            let ids: Vec<u32> = rd
+                .list()
+                .map_err(err)?
+                .iter()
+                .filter(|s| std::fs::canonicalize(&s.image).is_ok_and(|p| p == want))
+                .map(|s| s.id)
+                .collect();
+            if ids.is_empty() {
+                return Err(fail(format!("no device serves {}", img.display())));
+            }
+            ids
+        }
+        _ => return Err(fail("fvd stop: give -n ID, --image IMAGE or --all")),
     };
     let mut failed = None;
     for id in ids {

@@ -8,12 +8,17 @@ mod image_cmds;
 mod io_cmd;
 mod prefetch;
 mod resize;
+mod shell;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "fvd", version, about = "Fast Virtual Disk: FVD images served as Linux block devices through ublk")]
 pub struct Cli {
+    /// Log line format on stderr (a daemon's log file): human-readable text, or one JSON
+    /// object per line for log shippers. RUST_LOG selects what is logged.
+    #[arg(long, global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -34,7 +39,7 @@ enum Cmd {
     Commit(chain_cmds::CommitArgs),
     /// Move an image onto another base (safe: it reads the same), or make it stand alone (-b "").
     Rebase(chain_cmds::RebaseArgs),
-    /// Grow an image (offline; -n ID for a live device is not available yet).
+    /// Grow an image (offline, or -n ID: a live device, where the kernel allows it).
     Resize(resize::ResizeArgs),
     /// Run qemu-io style commands against an image.
     Io(io_cmd::IoArgs),
@@ -52,6 +57,10 @@ enum Cmd {
     List(daemon::ListArgs),
     /// Take over a device whose daemon died (ublk user recovery).
     Recover(daemon::RecoverArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(shell::CompletionsArgs),
+    /// Write the manual pages (fvd.1 and one per command) into a folder.
+    Manpages(shell::ManpagesArgs),
 }
 
 /// A failed command: one line for the user, and the exit status.
@@ -120,7 +129,7 @@ pub fn main() -> i32 {
         Cmd::Recover(_) => true,
         _ => false,
     };
-    crate::logging::init(detaching);
+    crate::logging::init(detaching, cli.log_format);
     if !daemon {
         // A closed pipe (`fvd info | head`) ends a tool quietly, as it does
         // any other command-line tool, instead of a panic in println!.
@@ -144,6 +153,8 @@ pub fn main() -> i32 {
         Cmd::Stop(a) => daemon::stop(a),
         Cmd::List(a) => daemon::list(a),
         Cmd::Recover(a) => daemon::recover(a),
+        Cmd::Completions(a) => shell::completions(a),
+        Cmd::Manpages(a) => shell::manpages(a),
     };
     match r {
         Ok(code) => code,

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod error;
 pub mod gate;
 pub mod kernel;
+pub mod notify;
 pub mod options;
 pub mod params;
 pub mod queue;

@@ -15,6 +15,9 @@ impl Reporter {
     pub(super) fn live(self, dev: &str) {
         let r = match self {
             Reporter::Stdout => {
+                // A service manager that started us in the foreground
+                // (systemd's Type=notify) learns it too.
+                super::notify::tell(&format!("READY=1\nSTATUS=serving {dev}\nMAINPID={}", std::process::id()));
                 let mut out = std::io::stdout();
                 writeln!(out, "{dev}").and_then(|_| out.flush())
             }

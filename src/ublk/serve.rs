@@ -186,6 +186,7 @@ fn finish(
     ran: Result<i32, libublk::UblkError>,
 ) -> Result<(), DaemonError> {
     let _ = o.run_dir.update(id, |s| s.state = "stopping".into());
+    super::notify::tell("STOPPING=1\nSTATUS=stopping: closing the image");
     let closed = match gate.current() {
         Some(img) => {
             let vlog = o.run_dir.volatile_log(img.path());
