@@ -103,9 +103,18 @@ pub async fn copy_on_read_loop(gate: Arc<Gate<Image>>, q: u16, tags_live: Rc<Cel
     }
 }
 
+/// First and longest wait before a prefetch that failed tries again.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Prefetches the base until done or cancelled; a hold (online snapshot)
-/// stops it, and it goes on with the new top once the gate opens.
+/// stops it, and it goes on with the new top once the gate opens. A failure
+/// (a base that went away: an NBD server down, a device gone) is retried
+/// after a wait that doubles up to 30 s, from the cursor it reached: once
+/// the base is back, the prefetch goes on where it stopped. Requests meanwhile
+/// read what is local and get the base's errors for the rest.
 pub async fn prefetch(gate: Arc<Gate<Image>>, q: u16, bg: Background, cancel: Arc<AtomicBool>) {
+    let mut retry = RETRY_FIRST;
     loop {
         let pass = gate.enter(usize::from(q)).await;
         let Some(img) = pass.get() else { return };
@@ -121,12 +130,19 @@ pub async fn prefetch(gate: Arc<Gate<Image>>, q: u16, bg: Background, cancel: Ar
         tracing::info!(image = %img.path().display(), "prefetch started");
         match img.prefetch(&QueueEngine, &opts).await {
             Ok(()) => {
+                retry = RETRY_FIRST;
                 let (c, t, state) = img.prefetch_progress();
                 tracing::info!(cursor = c, blocks = t, state = ?state, "prefetch stopped");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "prefetch failed; the image keeps using its base");
-                return;
+                let (c, t, _) = img.prefetch_progress();
+                tracing::warn!(error = %e, cursor = c, blocks = t, retry_in_s = retry.as_secs(), "prefetch failed; the image keeps using its base, and prefetch tries again");
+                drop(pass);
+                if !wait_unless_stopped(retry, &cancel).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
             }
         }
         let held = gate.closing().load(Ordering::Acquire) && img.prefetch.state() != crate::image::PrefetchState::Done;
@@ -135,6 +151,19 @@ pub async fn prefetch(gate: Arc<Gate<Image>>, q: u16, bg: Background, cancel: Ar
             return;
         }
     }
+}
+
+/// Waits `d`, in steps of 100 ms; false as soon as the queue stops (`cancel`).
+/// A hold does not end the wait: the retry passes the gate after it.
+async fn wait_unless_stopped(d: Duration, cancel: &AtomicBool) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if cancel.load(Ordering::Acquire) {
+            return false;
+        }
+        sleep(&QueueEngine, Duration::from_millis(100).min(until - Instant::now())).await;
+    }
+    !cancel.load(Ordering::Acquire)
 }
 
 /// Whether this image wants prefetching: asked for at start, or by default

@@ -171,6 +171,19 @@ make_lv() {
     status=/run/fvd/lv/$1-disk.json
 }
 
+# wait_prefetched IMAGE SECONDS: until the image's header says prefetched; false on time
+# out. (fvd info is captured first: grep -q on a live pipe would SIGPIPE fvd and, under
+# pipefail, turn a match into a failure.)
+wait_prefetched() {
+    local info _
+    for _ in $(seq 1 $(($2 * 2))); do
+        info=$("$FVD" info --output json "$1")
+        [[ $info == *'"prefetched": true'* ]] && return 0
+        sleep 0.5
+    done
+    return 1
+}
+
 daemon_pid() {
     sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "${FVD_RUN_DIR:-/run/fvd}/$1.json"
 }

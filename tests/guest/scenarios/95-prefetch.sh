@@ -33,14 +33,8 @@ sum=$(dd if="$dev" bs=1M iflag=direct status=none | sha256sum | cut -d' ' -f1)
 [[ $sum == "$base_sum" ]] || fail "device content differs from the base during prefetch"
 
 step "wait for prefetch to finish (the header says prefetched)"
-for _ in $(seq 1 240); do
-    # Captured first: grep -q on a live pipe would SIGPIPE fvd and, under
-    # pipefail, turn a match into a failure.
-    info=$("$FVD" info --output json "$img")
-    [[ $info == *'"prefetched": true'* ]] && break
-    sleep 0.5
-done
-[[ $info == *'"prefetched": true'* ]] || fail "prefetch did not finish: $(grep -o '"prefetch-cursor": [0-9]*' <<<"$info")"
+wait_prefetched "$img" 120 ||
+    fail "prefetch did not finish: $("$FVD" info --output json "$img" | grep -o '"prefetch-cursor": [0-9]*')"
 sleep 1.5 # the daemon publishes its status once a second
 run "$FVD" info "$img" >"$RESULTS/info-done.txt"
 cat "$RESULTS/info-done.txt"
