@@ -171,3 +171,25 @@ fn prefetch_resumes_and_frees_the_base() {
     let s = fvd::storage::FileStorage::open(&p, fvd::storage::OpenMode::ReadOnly).unwrap();
     assert_eq!(fvd::image::check(&s).exit_code(), 0);
 }
+
+/// A prefetch held to a rate limit under the back-off floor (2 MiB/s against
+/// the default 4 MiB/s) runs at its limit and never backs off: its own limit
+/// is not contention.
+#[test]
+fn a_rate_limited_prefetch_does_not_back_off() {
+    let d = tempfile::tempdir().unwrap();
+    make_base(d.path());
+    let p = image(d.path(), CreateOptions { block_size: 65536, chunk_size: Some(MIB as u32), ..Default::default() });
+    let ring = Uring::new(64).unwrap();
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let opts = PrefetchOptions { piece: 256 << 10, rate_limit: Some(2 * MIB), ..Default::default() };
+    assert!(opts.floor > 2 * MIB, "the default floor is above this limit");
+    ring.block_on(img.prefetch(&ring, &opts)).unwrap().unwrap();
+    let (cursor, total, _) = img.prefetch_progress();
+    assert_eq!(cursor, total);
+    let live = img.live_status();
+    let pf = live.prefetch.expect("prefetch status");
+    assert_eq!(pf.backoffs, 0, "backed off {} times under its own rate limit", pf.backoffs);
+    assert_eq!(pf.copied_bytes, 4 * MIB, "the base's 4 MiB of data copied");
+    img.close().unwrap();
+}

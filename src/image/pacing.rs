@@ -14,6 +14,13 @@ const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// Throughput is judged over windows of at least this long.
 const WINDOW: Duration = Duration::from_secs(1);
 
+/// The throughput below which prefetch backs off: the configured floor, but
+/// never more than half the rate limit (a prefetch held to its limit is not
+/// slowed by anyone, and must not take that for contention).
+fn floor(o: &PrefetchOptions) -> u64 {
+    o.rate_limit.map_or(o.floor, |limit| o.floor.min(limit / 2))
+}
+
 pub(super) struct Pacing<'o> {
     o: &'o PrefetchOptions,
     started: Instant,
@@ -55,7 +62,7 @@ impl<'o> Pacing<'o> {
             return;
         }
         let rate = self.window.1 as f64 / elapsed.as_secs_f64();
-        if self.window.1 > 0 && rate < o.floor as f64 {
+        if self.window.1 > 0 && rate < floor(o) as f64 {
             let p = &img.prefetch;
             p.set(PrefetchState::BackingOff);
             p.backoffs.fetch_add(1, Ordering::Relaxed);
@@ -71,5 +78,20 @@ impl<'o> Pacing<'o> {
             self.pause = o.pause;
         }
         self.window = (Instant::now(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_under_the_floor_lowers_the_floor() {
+        let o = PrefetchOptions { floor: 4 << 20, rate_limit: Some(2 << 20), ..Default::default() };
+        assert_eq!(floor(&o), 1 << 20);
+        let o = PrefetchOptions { floor: 4 << 20, rate_limit: Some(64 << 20), ..Default::default() };
+        assert_eq!(floor(&o), 4 << 20);
+        let o = PrefetchOptions { floor: 4 << 20, rate_limit: None, ..Default::default() };
+        assert_eq!(floor(&o), 4 << 20);
     }
 }

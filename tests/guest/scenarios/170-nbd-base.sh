@@ -10,6 +10,10 @@
 #      writes go on, the prefetch fails and keeps retrying. Once the server is back, the
 #      daemon is stopped, the export re-attached, and a new daemon's prefetch resumes
 #      from the cursor the first one saved and finishes.
+#   3. Two daemons prefetch from the one server at once, each held to 2 MiB/s: both
+#      finish, neither backs off (their own limit is not contention), and the bytes the
+#      server read for them (rchar of its process) never exceed the two limits' sum
+#      by more than one prefetch piece per daemon in any second.
 # timeout: 600
 
 fvd_prelude
@@ -43,7 +47,9 @@ attach() {
     nbd-client -N golden -u "$SOCK" "$1" -t 5 -R -L >"$RESULTS/nbd-client-${1##*/}.txt" 2>&1 ||
         fail "nbd-client $1 failed: $(cat "$RESULTS/nbd-client-${1##*/}.txt")"
     for _ in $(seq 50); do
-        [[ $(blockdev --getsize64 "$1" 2>/dev/null || echo 0) -gt 0 ]] && return 0
+        if [[ $(blockdev --getsize64 "$1" 2>/dev/null || echo 0) -gt 0 ]]; then
+            return 0
+        fi
         sleep 0.2
     done
     fail "$1 has no size after nbd-client"
@@ -169,4 +175,71 @@ cmp <(dd if="$dev" bs=64k skip=$((32 << 4)) count=16 iflag=direct status=none) "
 nbd-client -d /dev/nbd1 >/dev/null
 kill "$(cat "$WORK/qsd.pid")"
 "$FVD" check "$img2" >/dev/null || fail "fvd check after part 2"
+
+step "part 3: two daemons prefetch from the one server at once, each held to 2 MiB/s"
+serve
+attach /dev/nbd0
+attach /dev/nbd1
+run "$FVD" create --base /dev/nbd0 "$WORK/a.fvd" >/dev/null
+run "$FVD" create --base /dev/nbd1 "$WORK/b.fvd" >/dev/null
+# create read the whole base (zero detection) through the page cache: empty it, so that
+# every prefetch read goes to the server.
+blockdev --flushbufs /dev/nbd0 /dev/nbd1
+echo 3 >/proc/sys/vm/drop_caches
+python3 - "$WORK/sampling" >"$RESULTS/server-rate.json" <<'PY' &
+import json, os, sys, time
+# The bytes the server read from the golden image for its clients: rchar in its
+# /proc/PID/io (every read system call of all its threads), sampled every 0.25 s until
+# the flag file goes away.
+pid = open(os.path.join(os.path.dirname(sys.argv[1]), "qsd.pid")).read().strip()
+def read():
+    for line in open(f"/proc/{pid}/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise SystemExit("no rchar")
+open(sys.argv[1], "w").close()
+t0, b0 = time.monotonic(), read()
+samples = [(0.0, 0)]
+while os.path.exists(sys.argv[1]):
+    time.sleep(0.25)
+    samples.append((time.monotonic() - t0, read() - b0))
+peak = 0.0
+for i, (t, b) in enumerate(samples):
+    for t2, b2 in samples[i + 1:]:
+        if t2 - t >= 1.0:
+            peak = max(peak, (b2 - b) / (t2 - t))
+            break
+total_t, total_b = samples[-1]
+print(json.dumps({"seconds": round(total_t, 2), "bytes": total_b, "peak_1s": round(peak), "mean": round(total_b / max(total_t, 1e-9))}))
+PY
+sampler=$!
+wait_for_path "$WORK/sampling" 10 || fail "the sampler did not start"
+ts=$(date +%s.%N)
+deva=$(run "$FVD" start --prefetch --prefetch-rate 2M "$WORK/a.fvd" | tail -n 1)
+devb=$(run "$FVD" start --prefetch --prefetch-rate 2M "$WORK/b.fvd" | tail -n 1)
+wait_prefetched "$WORK/a.fvd" 60 || fail "the first daemon's prefetch did not finish"
+ta=$(since "$ts")
+wait_prefetched "$WORK/b.fvd" 60 || fail "the second daemon's prefetch did not finish"
+tb=$(since "$ts")
+rm -f "$WORK/sampling"
+wait "$sampler"
+sleep 1.5 # the daemons publish their status once a second
+backoffs=$("$FVD" list --output json | grep -oE '"backoffs": [0-9]+' | awk '{s += $2} END {print s + 0}')
+[[ $backoffs == 0 ]] || fail "a prefetch held to its own limit backed off ($backoffs times)"
+printf 'both finished: %s s and %s s after the first start; back-offs: %s; server side: %s\n' "$ta" "$tb" \
+    "$backoffs" "$(cat "$RESULTS/server-rate.json")"
+python3 - "$RESULTS/server-rate.json" <<'PY' || fail "the server was asked for more than the two limits allow"
+import json, sys
+r = json.load(open(sys.argv[1]))
+limit = 2 * 2 * 2**20           # two daemons at 2 MiB/s
+slack = 2 * 2**20               # one 1 MiB prefetch piece per daemon within a second
+assert r["bytes"] >= 2 * 18 * 2**20, r   # each copied the base's 18.7 MiB of data
+assert r["peak_1s"] <= limit + slack, f"peak {r['peak_1s']} B/s over {limit + slack}"
+assert r["mean"] <= limit * 1.1, f"mean {r['mean']} B/s"
+PY
+"$FVD" stop -n "${deva#/dev/ublkb}" >/dev/null
+"$FVD" stop -n "${devb#/dev/ublkb}" >/dev/null
+nbd-client -d /dev/nbd0 >/dev/null
+nbd-client -d /dev/nbd1 >/dev/null
+kill "$(cat "$WORK/qsd.pid")"
 step "ok"
