@@ -23,9 +23,14 @@ fn floor(o: &PrefetchOptions) -> u64 {
 
 pub(super) struct Pacing<'o> {
     o: &'o PrefetchOptions,
-    started: Instant,
-    /// Bytes copied since the start.
-    total: u64,
+    /// Bytes copied beyond what the rate limit allowed so far, as of `debt_at`
+    /// (never below zero: time spent under the limit, a stall or a back-off,
+    /// earns no credit, so a prefetch that fell behind goes on at its limit
+    /// instead of catching up in a burst). Any second then sees at most the
+    /// limit plus the piece just copied, and the time a copy takes counts
+    /// toward the spacing, so a prefetch whose copies are fast runs at its limit.
+    debt: f64,
+    debt_at: Instant,
     /// Start of the current window and the bytes copied in it.
     window: (Instant, u64),
     /// The next back-off's base pause.
@@ -34,13 +39,13 @@ pub(super) struct Pacing<'o> {
 
 impl<'o> Pacing<'o> {
     pub(super) fn new(o: &'o PrefetchOptions) -> Pacing<'o> {
-        Pacing { o, started: Instant::now(), total: 0, window: (Instant::now(), 0), pause: o.pause }
+        Pacing { o, debt: 0.0, debt_at: Instant::now(), window: (Instant::now(), 0), pause: o.pause }
     }
 
     /// Counts `n` copied bytes.
     pub(super) fn copied(&mut self, n: u64) {
         self.window.1 += n;
-        self.total += n;
+        self.debt += n as f64;
     }
 
     /// Between two pieces: waits while ahead of the rate limit, and backs off
@@ -49,12 +54,15 @@ impl<'o> Pacing<'o> {
     pub(super) async fn pace<E: IoEngine>(&mut self, e: &E, img: &Image) {
         let o = self.o;
         if let Some(limit) = o.rate_limit {
+            let limit = limit.max(1) as f64;
             loop {
-                let ahead = self.total as f64 / limit.max(1) as f64 - self.started.elapsed().as_secs_f64();
-                if ahead <= 0.0 || o.cancelled() {
+                let now = Instant::now();
+                self.debt = (self.debt - limit * (now - self.debt_at).as_secs_f64()).max(0.0);
+                self.debt_at = now;
+                if self.debt <= 0.0 || o.cancelled() {
                     break;
                 }
-                sleep(e, Duration::from_secs_f64(ahead.min(0.1))).await;
+                sleep(e, Duration::from_secs_f64((self.debt / limit).min(0.1))).await;
             }
         }
         let elapsed = self.window.0.elapsed();
