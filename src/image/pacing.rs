@@ -26,9 +26,10 @@ pub(super) struct Pacing<'o> {
     /// Bytes copied beyond what the rate limit allowed so far, as of `debt_at`
     /// (never below zero: time spent under the limit, a stall or a back-off,
     /// earns no credit, so a prefetch that fell behind goes on at its limit
-    /// instead of catching up in a burst). Any second then sees at most the
-    /// limit plus the piece just copied, and the time a copy takes counts
-    /// toward the spacing, so a prefetch whose copies are fast runs at its limit.
+    /// instead of catching up in a burst). Pieces then start at least
+    /// piece/limit apart, so any second sees at most the limit plus two pieces
+    /// (one still being copied as it begins, one begun as it ends); the time a
+    /// copy takes counts toward the spacing, so fast copies run at the limit.
     debt: f64,
     debt_at: Instant,
     /// Start of the current window and the bytes copied in it.
