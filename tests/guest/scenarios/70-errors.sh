@@ -58,7 +58,7 @@ expect_fail "no fvd device with ID 99" "$FVD" stop -n 99
 expect_fail "no fvd device with ID 99" "$FVD" recover -n 99
 expect_fail "bad device ID -1" "$FVD" stop -n -1
 expect_fail "bad device ID -2" "$FVD" start -n -2 "$img"
-expect_fail "give -n ID or --all" "$FVD" stop
+expect_fail "give -n ID, --image IMAGE or --all" "$FVD" stop
 
 step "a running device"
 dev=$("$FVD" start "$img")
