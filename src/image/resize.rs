@@ -86,6 +86,13 @@ pub struct ResizeOutcome {
     pub recovered: bool,
 }
 
+impl ResizeOutcome {
+    /// What this run did (not a recovery of an earlier one).
+    fn of(old_size: u64, new_size: u64, kind: ResizeKind, moved_chunks: u64, room: u64) -> ResizeOutcome {
+        ResizeOutcome { old_size, new_size, kind, moved_chunks, room, recovered: false }
+    }
+}
+
 fn io_error(s: &dyn Storage, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
     let path = s.name().to_string();
     move |source| ImageError::Io { path, what, offset, source }
@@ -264,14 +271,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         // Raw layout: guest offset X at data_offset + X.
         let room = MAX_VIRTUAL;
         if new_size == old {
-            return Ok(ResizeOutcome {
-                old_size: old,
-                new_size,
-                kind: ResizeKind::Unchanged,
-                moved_chunks: 0,
-                room,
-                recovered: false,
-            });
+            return Ok(ResizeOutcome::of(old, new_size, ResizeKind::Unchanged, 0, room));
         }
         let mut nh = h.clone();
         nh.virtual_size = new_size;
@@ -287,14 +287,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
             sync(e, s).await?;
         }
         write_header(e, s, nh).await?;
-        return Ok(ResizeOutcome {
-            old_size: old,
-            new_size,
-            kind: ResizeKind::Header,
-            moved_chunks: 0,
-            room,
-            recovered: false,
-        });
+        return Ok(ResizeOutcome::of(old, new_size, ResizeKind::Header, 0, room));
     };
     let mut table = l.table.clone();
     crate::meta::validate_table(&geo, &table, s.size())
@@ -305,14 +298,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         // An earlier resize may have been cut before this.
         punch_old_metadata(e, s, &h).await?;
         let room = room_of(&h).max(old);
-        return Ok(ResizeOutcome {
-            old_size: old,
-            new_size,
-            kind: ResizeKind::Unchanged,
-            moved_chunks: 0,
-            room,
-            recovered: false,
-        });
+        return Ok(ResizeOutcome::of(old, new_size, ResizeKind::Unchanged, 0, room));
     }
     let chunks1 = new_size.div_ceil(c);
     if chunks1 > max_chunks(c) {
@@ -433,12 +419,11 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     }
     write_header(e, s, nh.clone()).await?;
     punch_old_metadata(e, s, &nh).await?;
-    Ok(ResizeOutcome {
-        old_size: old,
+    Ok(ResizeOutcome::of(
+        old,
         new_size,
-        kind: if k > 0 { ResizeKind::MovedMetadata } else { ResizeKind::Header },
-        moved_chunks: moves.len() as u64,
-        room: room_of(&nh).max(new_size),
-        recovered: false,
-    })
+        if k > 0 { ResizeKind::MovedMetadata } else { ResizeKind::Header },
+        moves.len() as u64,
+        room_of(&nh).max(new_size),
+    ))
 }

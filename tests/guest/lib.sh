@@ -184,6 +184,12 @@ wait_prefetched() {
     return 1
 }
 
+# cpu_of PID: the process's user and system CPU ticks so far (all its threads), from
+# /proc/PID/stat; "0 0" without a PID (a kernel target such as the loop device).
+cpu_of() {
+    if [[ -n $1 ]]; then awk '{print $14, $15}' "/proc/$1/stat"; else echo "0 0"; fi
+}
+
 daemon_pid() {
     sed -nE 's/^  "pid": ([0-9]+),$/\1/p' "${FVD_RUN_DIR:-/run/fvd}/$1.json"
 }

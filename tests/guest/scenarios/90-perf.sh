@@ -23,12 +23,6 @@ at_exit "\"$FVD\" stop --all >/dev/null 2>&1 || true"
 SIZE=256M
 RUNTIME=${FVD_PERF_RUNTIME:-8}
 
-# cpu_of PID: the server process's user and system CPU ticks so far (all threads);
-# "0 0" without a server (the kernel loop device).
-cpu_of() {
-    if [[ -n $1 ]]; then awk '{print $14, $15}' "/proc/$1/stat"; else echo "0 0"; fi
-}
-
 # measured PID TAG JOB FIO-ARGS...: runs one fio job and keeps, beside its JSON, the
 # server's CPU ticks during it ($RESULTS/TAG-JOB.cpu: user, system, ticks per second).
 measured() {

@@ -22,8 +22,6 @@ RUBLK=$FVD_ROOT/target/rublk/bin/rublk
 out=$RESULTS/profile.txt
 : >"$out"
 
-# ticks PID: user and system CPU ticks of the whole process.
-ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 
 # fio_job DEV RW TAG SECS: one 4 KiB QD32 job; prints "requests IOPS".
 fio_job() {
@@ -41,9 +39,9 @@ profile() {
     fio --name=fill --filename="$dev" --ioengine=io_uring --direct=1 --rw=write --bs=1M --iodepth=8 \
         --size=$SIZE --output=/dev/null
     for rw in randwrite randread; do
-        read -r u0 s0 < <(ticks "$pid")
+        read -r u0 s0 < <(cpu_of "$pid")
         read -r n iops < <(fio_job "$dev" $rw "$tag" $RUNTIME)
-        read -r u1 s1 < <(ticks "$pid")
+        read -r u1 s1 < <(cpu_of "$pid")
         python3 -c "
 import sys
 t, rw, iops, hz, n, u, s = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:])
