@@ -27,11 +27,11 @@ pub fn completions(a: CompletionsArgs) -> Result<i32, CliError> {
 
 /// Writes one page for fvd and one per command; prints the paths written.
 pub fn manpages(a: ManpagesArgs) -> Result<i32, CliError> {
-    std::fs::create_dir_all(&a.dir).map_err(|e| super::fail(format!("{}: {e}", a.dir.display())))?;
-    let cmd = Cli::command();
-    clap_mangen::generate_to(cmd, &a.dir).map_err(|e| super::fail(format!("{}: {e}", a.dir.display())))?;
+    let dir_err = |e: std::io::Error| super::fail(format!("{}: {e}", a.dir.display()));
+    std::fs::create_dir_all(&a.dir).map_err(dir_err)?;
+    clap_mangen::generate_to(Cli::command(), &a.dir).map_err(dir_err)?;
     let mut pages: Vec<_> = std::fs::read_dir(&a.dir)
-        .map_err(|e| super::fail(format!("{}: {e}", a.dir.display())))?
+        .map_err(dir_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "1"))
         .collect();
