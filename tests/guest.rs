@@ -80,17 +80,17 @@ fn guest_scenarios() {
     let fvd = fvd.canonicalize().expect("canonicalize the fvd path");
 
     let scenarios = list(env::var("FVD_GUEST_SCENARIOS").unwrap_or_default());
-    let default_ok = run_guest(&root, &fvd, &[], &scenarios);
+    let default = run_guest(&root, &fvd, &[], &scenarios);
 
     // The second kernel (the newest of trixie-backports, 7.x): the scenarios that cover
     // the daemon's own paths (ublk set-up, requests, recovery, errors, a base), not the
     // long LVM ones, which exercise lvm2 and device-mapper more than the kernel's ublk.
-    let new_ok = if env::var("FVD_GUEST_NEW_KERNEL").as_deref() == Ok("0") {
+    let new = if env::var("FVD_GUEST_NEW_KERNEL").as_deref() == Ok("0") {
         say("guest_scenarios: second kernel skipped (FVD_GUEST_NEW_KERNEL=0)");
-        true
+        Ok(())
     } else if !has_kernel_in(&root, "target/guest-kernel-new") {
         say("SKIP guest_scenarios on the second kernel: none in target/guest-kernel-new (scripts/setup-guest)");
-        true
+        Ok(())
     } else {
         // A subset asked for with FVD_GUEST_SCENARIOS narrows the default list too.
         let new = list(env::var("FVD_GUEST_NEW_SCENARIOS").unwrap_or_else(|_| {
@@ -103,14 +103,16 @@ fn guest_scenarios() {
         }));
         if new.is_empty() {
             say("guest_scenarios: none of the chosen scenarios runs on the second kernel");
-            true
+            Ok(())
         } else {
             say(&format!("guest_scenarios: on the second kernel: {}", new.join(" ")));
             run_guest(&root, &fvd, &["--kernel", "new"], &new)
         }
     };
-    assert!(default_ok, "tests/guest/run failed; logs in target/guest-results/<scenario>/");
-    assert!(new_ok, "tests/guest/run --kernel new failed; logs in target/guest-results-new/<scenario>/");
+    // The verdict names what failed and shows its last lines: in a long log (a CI run
+    // keeps only the end) this is what stays in view.
+    let failures: Vec<String> = [default.err(), new.err()].into_iter().flatten().collect();
+    assert!(failures.is_empty(), "guest scenarios failed:\n{}", failures.join("\n"));
 }
 
 /// What runs on the second kernel too (FVD_GUEST_NEW_SCENARIOS overrides).
@@ -124,7 +126,9 @@ fn list(s: String) -> Vec<String> {
     s.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
-fn run_guest(root: &Path, fvd: &Path, opts: &[&str], scenarios: &[String]) -> bool {
+/// Runs tests/guest/run; on failure, says which scenarios failed (from the runner's
+/// `failed` file) with the last lines each printed.
+fn run_guest(root: &Path, fvd: &Path, opts: &[&str], scenarios: &[String]) -> Result<(), String> {
     // Inherited stdout/stderr: the runner's lines stream as they come.
     let status = Command::new("bash")
         .arg(root.join("tests/guest/run"))
@@ -135,8 +139,33 @@ fn run_guest(root: &Path, fvd: &Path, opts: &[&str], scenarios: &[String]) -> bo
         .current_dir(root)
         .status()
         .expect("could not run tests/guest/run");
-    if !status.success() {
-        say(&format!("tests/guest/run {} failed: {status}", opts.join(" ")));
+    if status.success() {
+        return Ok(());
     }
-    status.success()
+    let results = root.join(if opts.contains(&"new") { "target/guest-results-new" } else { "target/guest-results" });
+    let failed = std::fs::read_to_string(results.join("failed")).unwrap_or_default();
+    let mut msg = format!(
+        "tests/guest/run {} failed ({status}); failed scenarios: {}; logs in {}/<scenario>/",
+        opts.join(" "),
+        if failed.trim().is_empty() {
+            "none named (see the runner's output)".to_owned()
+        } else {
+            failed.split_whitespace().collect::<Vec<_>>().join(" ")
+        },
+        results.strip_prefix(root).unwrap_or(&results).display()
+    );
+    for name in failed.split_whitespace() {
+        let log = std::fs::read_to_string(results.join(name).join("console.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        msg.push_str(&format!("\n--- {name}: last lines of its console.log\n"));
+        for line in &lines[lines.len().saturating_sub(VERDICT_LINES)..] {
+            msg.push_str("    ");
+            msg.push_str(line);
+            msg.push('\n');
+        }
+    }
+    Err(msg)
 }
+
+/// How many of a failed scenario's last lines the verdict shows.
+const VERDICT_LINES: usize = 15;

@@ -206,7 +206,9 @@ fn scenarios_share_a_boot_and_a_failure_ends_it() {
     assert!(!r.ok, "{}", r.out);
     assert_eq!(r.boots, 2, "{}", r.out);
     assert!(r.out.contains("FAIL fails") && r.out.contains("PASS pass ") && r.out.contains("PASS pass2 "), "{}", r.out);
-    assert!(r.out.contains("guest: 2 passed, 1 failed"), "{}", r.out);
+    assert!(r.out.contains("guest: 2 passed, 1 failed (fails)"), "{}", r.out);
+    let failed = fs::read_to_string(t.root.join("target/guest-results/failed")).unwrap();
+    assert_eq!(failed, "fails\n", "the failed scenarios, one per line, for tests/guest.rs's verdict");
     // Without --keep-going nothing runs after the failure.
     let r = run_args(&t, "ok", &["fails", "pass"]);
     assert_eq!(r.boots, 1, "{}", r.out);
