@@ -8,6 +8,7 @@
 //!   ok                 boots every time
 //!   fail-first:N       dies (exit 255, a QEMU-style abort on stderr) on its first N boots
 //!   die-after-start    runs the scenario, then dies as if the emulator aborted, no status
+//!   assert-after-start:N   the same on its first N boots, with a QEMU assertion on stderr
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -31,7 +32,10 @@ case $FAKE_VNG_MODE in
             echo "qemu-system-x86_64: hw/pci/msix.c:228: msix_table_mmio_write: Assertion failed." >&2
             exit 255
         fi ;;
-    die-after-start)
+    die-after-start | assert-after-start:*)
+        if [[ $FAKE_VNG_MODE == assert-after-start:* && $boots -gt ${FAKE_VNG_MODE#assert-after-start:} ]]; then
+            exec bash -c "$exec_cmd"
+        fi
         # The entry script sits in target/guest-results/.boot: once a scenario has
         # started, the "guest" dies with everything in it.
         root=$(dirname "$(dirname "${exec_cmd#bash }")")
@@ -42,7 +46,11 @@ case $FAKE_VNG_MODE in
             sleep 0.05
         done
         kill -9 -- "-$guest" 2>/dev/null || kill -9 "$guest"
-        echo "qemu-system-x86_64: aborted after the scenario started" >&2
+        if [[ $FAKE_VNG_MODE == assert-after-start:* ]]; then
+            echo "qemu-system-x86_64: system/physmem.c:2678: iotlb_to_section: Assertion \`section_index < d->map.sections_nb' failed." >&2
+        else
+            echo "qemu-system-x86_64: aborted after the scenario started" >&2
+        fi
         exit 255 ;;
 esac
 exec bash -c "$exec_cmd"
@@ -224,4 +232,27 @@ fn scenarios_share_a_boot_and_a_failure_ends_it() {
         let log = fs::read_to_string(res.join("console.log")).unwrap();
         assert!(log.contains(&format!("guest: {name} exited 0")), "{name}: {log}");
     }
+}
+
+#[test]
+fn a_scenario_the_emulator_aborted_in_runs_again() {
+    if !have_tools() {
+        eprintln!("SKIP: timeout or flock missing on this host");
+        return;
+    }
+    let t = tree();
+    // Aborted once while the scenario ran: a second boot runs it, and it passes; the
+    // aborted run's logs stay beside the new ones.
+    let r = run_args(&t, "assert-after-start:1", &["slow", "pass"]);
+    assert!(r.ok, "{}", r.out);
+    assert_eq!(r.boots, 2, "{}", r.out);
+    assert!(r.out.contains("RETRY slow: the emulator aborted during the scenario (qemu-system-x86_64:"), "{}", r.out);
+    assert!(r.out.contains("PASS slow ") && r.out.contains("PASS pass "), "{}", r.out);
+    let res = t.root.join("target/guest-results/slow");
+    assert!(res.join("kernel.log.abort1").exists() && res.join("status").exists(), "logs kept and the rerun's status");
+    // Aborting every time: after two reruns it fails.
+    let r = run_args(&t, "assert-after-start:9", &["slow"]);
+    assert!(!r.ok, "{}", r.out);
+    assert_eq!(r.boots, 3, "{}", r.out);
+    assert!(r.out.contains("FAIL slow"), "{}", r.out);
 }
