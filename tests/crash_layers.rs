@@ -19,6 +19,7 @@
 
 mod common;
 
+use common::world::*;
 use common::*;
 use fvd::format::layout::CreateParams;
 use fvd::format::{BaseFormat, Geometry};
@@ -30,7 +31,6 @@ use fvd::storage::{PowerCut, SimStorage, Storage};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 const SIZE: u64 = 2 << 20;
 const BLOCK: u32 = 16 << 10;
@@ -39,20 +39,6 @@ const CHUNK: u32 = 64 << 10;
 const DEPTH: u32 = 2;
 /// Random cut points tried at each deeper level.
 const FANOUT: usize = 2;
-
-/// Durable bytes of every disk, by name (a header's base path names a disk).
-type World = BTreeMap<String, Vec<u8>>;
-type Disks = BTreeMap<String, Arc<SimStorage>>;
-
-fn disks(w: &World, cut: &Arc<PowerCut>) -> Disks {
-    w.iter()
-        .map(|(n, b)| (n.clone(), Arc::new(SimStorage::from_bytes(n, b.clone()).with_power_cut(cut.clone()))))
-        .collect()
-}
-
-fn crash_all(d: &Disks, rng: &mut rand::rngs::StdRng) -> World {
-    d.iter().map(|(n, s)| (n.clone(), s.crash(rng))).collect()
-}
 
 fn geo(base_size: u64) -> Geometry {
     Geometry::new(&CreateParams {
@@ -94,25 +80,6 @@ fn open(d: &Disks, name: &str, rw: bool) -> Result<Image, ImageError> {
     Image::open_on(Path::new(name), Box::new(d[name].clone()), chain(d, name)?, &opts)
 }
 
-fn read_all_of(img: &Image) -> Result<Vec<u8>, ImageError> {
-    let mut buf = vec![0u8; img.size() as usize];
-    run(img.read(&SyncOnly, 0, &mut buf))?;
-    Ok(buf)
-}
-
-/// Writes `n` random block-aligned extents with pattern ids from `id`, into the
-/// image and the model.
-fn scribble(img: &Image, model: &mut [u8], rng: &mut rand::rngs::StdRng, id: u64, n: usize) -> Result<(), ImageError> {
-    for i in 0..n {
-        let len = rng.gen_range(1..=3) * BLOCK as u64 / 2;
-        let off = rng.gen_range(0..(SIZE - len) / 512) * 512;
-        let bytes = data(id * 1000 + i as u64, len as usize);
-        run(img.write(&SyncOnly, off, &bytes, false))?;
-        model[off as usize..(off + len) as usize].copy_from_slice(&bytes);
-    }
-    Ok(())
-}
-
 /// The starting world: raw `r`, frozen `a` over it, frozen `b` over `a`, and the
 /// live top `c` over `b`, each layer with writes of its own; `c` closed cleanly.
 /// Returns it and what `c` reads.
@@ -131,7 +98,7 @@ fn start(seed: u64) -> (World, Vec<u8>) {
         w.insert(name.into(), s.durable_bytes());
         let d = disks(&w, &never);
         let img = open(&d, name, true).expect("open");
-        scribble(&img, &mut model, &mut rng, id, 6).expect("write");
+        scribble(&img, &mut model, &mut rng, BLOCK, id, 6).expect("write");
         if name == "c" {
             run(img.close_async(&SyncOnly)).expect("close");
         } else {
@@ -219,7 +186,7 @@ fn finish(op: &dyn Operation, w: &World, model: &[u8], rng: &mut rand::rngs::Std
     let mut m2 = model.to_vec();
     let flushed = (|| -> Result<(), ImageError> {
         let img = open(&d, op.live(), true)?;
-        scribble(&img, &mut m2, rng, 77, 4)?;
+        scribble(&img, &mut m2, rng, BLOCK, 77, 4)?;
         run(img.flush(&SyncOnly))
     })();
     let after = crash_all(&d, rng);

@@ -22,6 +22,7 @@
 
 mod common;
 
+use common::world::*;
 use common::*;
 use fvd::format::layout::CreateParams;
 use fvd::format::{BaseFormat, Geometry};
@@ -41,19 +42,6 @@ const BLOCK: u32 = 16 << 10;
 const DEPTH: u32 = 2;
 /// Random cut points tried at each deeper level.
 const FANOUT: usize = 2;
-
-type World = BTreeMap<String, Vec<u8>>;
-type Disks = BTreeMap<String, Arc<SimStorage>>;
-
-fn disks(w: &World, cut: &Arc<PowerCut>) -> Disks {
-    w.iter()
-        .map(|(n, b)| (n.clone(), Arc::new(SimStorage::from_bytes(n, b.clone()).with_power_cut(cut.clone()))))
-        .collect()
-}
-
-fn crash_all(d: &Disks, rng: &mut rand::rngs::StdRng) -> World {
-    d.iter().map(|(n, s)| (n.clone(), s.crash(rng))).collect()
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -75,32 +63,6 @@ fn base_of(d: &Disks) -> Option<Base> {
 fn open(d: &Disks, rw: bool) -> Result<Image, ImageError> {
     let opts = OpenOptions { read_only: !rw, ..OpenOptions::default() };
     Image::open_on(Path::new("img"), Box::new(d["img"].clone()), base_of(d), &opts)
-}
-
-fn read_all_of(img: &Image) -> Result<Vec<u8>, ImageError> {
-    let mut buf = vec![0u8; img.size() as usize];
-    run(img.read(&SyncOnly, 0, &mut buf))?;
-    Ok(buf)
-}
-
-/// `n` random extents over `[0, size)`, into the image and the model.
-fn scribble(
-    img: &Image,
-    model: &mut Vec<u8>,
-    rng: &mut rand::rngs::StdRng,
-    id: u64,
-    n: usize,
-) -> Result<(), ImageError> {
-    let size = img.size();
-    model.resize(size as usize, 0);
-    for i in 0..n {
-        let len = rng.gen_range(1..=3) * BLOCK as u64 / 2;
-        let off = rng.gen_range(0..(size - len) / 512) * 512;
-        let bytes = data(id * 1000 + i as u64, len as usize);
-        run(img.write(&SyncOnly, off, &bytes, false))?;
-        model[off as usize..(off + len) as usize].copy_from_slice(&bytes);
-    }
-    Ok(())
 }
 
 /// The starting world, the image closed cleanly, and what it reads.
@@ -132,7 +94,7 @@ fn start(case: &Case, seed: u64) -> (World, Vec<u8>) {
         run(img.write(&SyncOnly, 0, &bytes, false)).expect("write");
         model.copy_from_slice(&bytes);
     } else {
-        scribble(&img, &mut model, &mut rng, 2, 12).expect("write");
+        scribble(&img, &mut model, &mut rng, BLOCK, 2, 12).expect("write");
     }
     run(img.close_async(&SyncOnly)).expect("close");
     drop(img);
@@ -236,7 +198,7 @@ fn finish(case: &Case, w: &World, model: &[u8], rng: &mut rand::rngs::StdRng, wh
     let mut m2 = grown.clone();
     let flushed = (|| -> Result<(), ImageError> {
         let img = open(&d, true)?;
-        scribble(&img, &mut m2, rng, 77, 6)?;
+        scribble(&img, &mut m2, rng, BLOCK, 77, 6)?;
         // At least one write past the old end.
         let bytes = data(7777, BLOCK as usize);
         let old = model.len() as u64;

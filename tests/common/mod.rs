@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bin;
+pub mod world;
 
 use fvd::format::layout::CreateParams;
 use fvd::format::{BaseFormat, Geometry};
