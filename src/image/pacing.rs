@@ -5,7 +5,7 @@
 
 use super::prefetch::{PrefetchOptions, PrefetchState};
 use super::Image;
-use crate::io::{sleep, IoEngine};
+use crate::io::{sleep, sleep_unless, IoEngine};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -77,10 +77,7 @@ impl<'o> Pacing<'o> {
             p.backoffs.fetch_add(1, Ordering::Relaxed);
             let jitter = 0.5 + rand::random::<f64>();
             tracing::info!(image = %img.name(), rate_mib = rate / 1048576.0, "prefetch slower than its floor: backing off");
-            let until = Instant::now() + self.pause.mul_f64(jitter);
-            while Instant::now() < until && !o.cancelled() {
-                sleep(e, Duration::from_millis(100).min(until - Instant::now())).await;
-            }
+            sleep_unless(e, self.pause.mul_f64(jitter), || o.cancelled()).await;
             self.pause = (self.pause * 2).min(MAX_PAUSE);
             p.set(PrefetchState::Running);
         } else {

@@ -256,6 +256,22 @@ pub async fn sleep<E: IoEngine>(e: &E, d: std::time::Duration) {
     let _ = unsafe { e.submit(sqe) }.await;
 }
 
+/// Waits `d` in steps of at most 100 ms, ending early once `cancelled` says
+/// so. True if the whole wait passed without a cancel.
+pub async fn sleep_unless<E: IoEngine>(e: &E, d: std::time::Duration, cancelled: impl Fn() -> bool) -> bool {
+    let until = std::time::Instant::now() + d;
+    loop {
+        if cancelled() {
+            return false;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        sleep(e, left.min(std::time::Duration::from_millis(100))).await;
+    }
+}
+
 /// An engine for storage without a descriptor: every helper above takes the
 /// synchronous path, so `submit` is never reached.
 pub struct SyncOnly;

@@ -153,17 +153,10 @@ pub async fn prefetch(gate: Arc<Gate<Image>>, q: u16, bg: Background, cancel: Ar
     }
 }
 
-/// Waits `d`, in steps of 100 ms; false as soon as the queue stops (`cancel`).
-/// A hold does not end the wait: the retry passes the gate after it.
+/// Waits `d`; false as soon as the queue stops (`cancel`). A hold does not end
+/// the wait: the retry passes the gate after it.
 async fn wait_unless_stopped(d: Duration, cancel: &AtomicBool) -> bool {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        if cancel.load(Ordering::Acquire) {
-            return false;
-        }
-        sleep(&QueueEngine, Duration::from_millis(100).min(until - Instant::now())).await;
-    }
-    !cancel.load(Ordering::Acquire)
+    crate::io::sleep_unless(&QueueEngine, d, || cancel.load(Ordering::Acquire)).await
 }
 
 /// Whether this image wants prefetching: asked for at start, or by default
