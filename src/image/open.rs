@@ -16,6 +16,11 @@ pub struct OpenOptions {
     pub writethrough: bool,
     /// Growth step of the storage (None: the storage's default, see [`crate::storage`]).
     pub grow_unit: Option<u64>,
+    /// Grow an LV ahead of need, by whole grow units, as a serving daemon
+    /// does so that writes rarely wait for lvextend. Without it (the one-shot
+    /// commands: commit, rebase, prefetch, io, ...) an LV grows only as far
+    /// as each write needs.
+    pub grow_ahead: bool,
     /// Bypass the host page cache for data (O_DIRECT), as qemu's cache=none.
     pub direct: bool,
     /// Copy-on-read: None follows the image's default (set at create).
@@ -170,7 +175,12 @@ impl Image {
     /// Opens an image file or block device, and its base.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
         let mode = if opts.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
-        let so = StorageOptions { grow_unit: opts.grow_unit, direct: opts.direct, ..StorageOptions::new(mode) };
+        let so = StorageOptions {
+            grow_unit: opts.grow_unit,
+            direct: opts.direct,
+            grow_ahead: opts.grow_ahead,
+            ..StorageOptions::new(mode)
+        };
         let storage = open_image_storage(path, &so)?;
         let header = read_header(storage.as_ref())?;
         // Once the whole base is in the image the base is never opened again:

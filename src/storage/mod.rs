@@ -105,11 +105,15 @@ pub struct StorageOptions {
     /// The caller is about to format the storage (`fvd create`): an LV is
     /// first made to read as zeros (thin: discarded, giving its blocks back).
     pub format: bool,
+    /// An LV grows ahead of need, by whole grow units (a serving daemon);
+    /// otherwise only as far as each write needs (one-shot commands, which
+    /// should not take a volume group's free space for writes that never come).
+    pub grow_ahead: bool,
 }
 
 impl StorageOptions {
     pub fn new(mode: OpenMode) -> StorageOptions {
-        StorageOptions { mode, grow_unit: None, direct: false, format: false }
+        StorageOptions { mode, grow_unit: None, direct: false, format: false, grow_ahead: false }
     }
 }
 
@@ -128,7 +132,7 @@ pub fn open_image_storage(path: &std::path::Path, o: &StorageOptions) -> Result<
     let lo = lv::LvOptions {
         writable: o.mode != OpenMode::ReadOnly,
         grow_unit: o.grow_unit,
-        grow_ahead: !o.format,
+        grow_ahead: o.grow_ahead && !o.format,
         ..Default::default()
     };
     match LvStorage::detect(f, &lo)? {

@@ -172,6 +172,7 @@ fn open_options(o: &ServeOptions, image: &Path) -> OpenOptions {
         volatile_log: o.run_dir.volatile_log(image),
         copy_on_read: o.copy_on_read,
         grow_unit: o.grow_unit,
+        grow_ahead: true,
         ..Default::default()
     }
 }

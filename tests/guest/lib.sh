@@ -148,11 +148,12 @@ lv_prelude() {
     modprobe_loop
 }
 
-# make_vg VG SIZE: volume group VG (4 MiB extents) on a sparse SIZE file in
-# $WORK behind a loop device; both go away when the scenario ends.
+# make_vg VG SIZE [FILE]: volume group VG (4 MiB extents) on a sparse SIZE file in
+# $WORK (or on FILE as it is, say full of old bytes) behind a loop device; both go
+# away when the scenario ends.
 make_vg() {
-    local vg=$1 file=$WORK/$1.pv loop
-    truncate -s "$2" "$file"
+    local vg=$1 file=${3:-$WORK/$1.pv} loop
+    [[ -n ${3:-} ]] || truncate -s "$2" "$file"
     loop=$(losetup -f --show "$file")
     at_exit "losetup -d $loop"
     pvcreate -q "$loop"

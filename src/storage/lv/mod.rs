@@ -91,8 +91,9 @@ pub struct LvOptions {
     pub grow_unit: Option<u64>,
     /// Publish the status in the run dir (the real daemon and tools).
     pub publish: bool,
-    /// Grow ahead of need (off for `fvd create`, which only needs room for
-    /// the metadata: the serving daemon grows ahead once writes come).
+    /// Grow ahead of need: on for the serving daemon; off for `fvd create`
+    /// (room for the metadata only) and the one-shot commands (room for what
+    /// they write), which should not take a volume group's free space ahead.
     pub grow_ahead: bool,
     pub hard_retry: Duration,
 }
@@ -307,6 +308,28 @@ mod tests {
         s.ensure_size(8 * M).unwrap();
         assert!(matches!(s.ensure_size(9 * M), Err(StorageError::NoSpace { .. })));
         assert!(r.extends.lock().unwrap().is_empty());
+    }
+
+    /// A one-shot command (no growth ahead) grows by about what it writes, a
+    /// step at a time, and leaves the rest of the volume group alone; the
+    /// daemon's storage grows by whole units ahead.
+    #[test]
+    fn without_growth_ahead_an_lv_grows_by_steps() {
+        let r = rig(8 * M, 4 << 30);
+        let inner = FileStorage::open(&r.path, OpenMode::ReadWrite).unwrap();
+        let vol = r.volume(true, Duration::ZERO, false);
+        let o = LvOptions { grow_unit: Some(1 << 30), publish: false, grow_ahead: false, ..Default::default() };
+        let s = LvStorage::with_volume(inner, Box::new(vol), M, &o, "test").unwrap();
+        s.ensure_size(9 * M).unwrap();
+        assert_eq!(s.size(), 8 * M + policy::STEP, "one step past the size, not a 1 GiB unit");
+        s.ensure_size(200 * M).unwrap();
+        assert_eq!(s.size(), 200 * M, "a need past one step: exactly the need (whole extents)");
+        assert_eq!(r.extends.lock().unwrap().len(), 2);
+        assert_eq!(*r.vg_free.lock().unwrap(), (4 << 30) - 192 * M);
+        let ahead = rig(8 * M, 4 << 30);
+        let s = ahead.open(1 << 30, Duration::ZERO, false);
+        s.ensure_size(9 * M).unwrap();
+        assert!(s.size() >= 9 * M + (1 << 30), "the daemon's storage keeps a whole unit ahead: {}", s.size());
     }
 
     #[test]

@@ -51,7 +51,18 @@ impl Policy {
     pub fn minimal(&self, need: u64) -> u64 {
         need.div_ceil(self.extent) * self.extent
     }
+
+    /// Growth without growth ahead (the one-shot commands, `fvd create`):
+    /// what `used` needs, but at least [`STEP`] (or the unit, if smaller) past
+    /// `size`, so that a long copy grows the LV a few times, not once per
+    /// extent, while taking from the volume group no more than that ahead.
+    pub fn step(&self, size: u64, used: u64) -> u64 {
+        self.minimal(used.max(size.saturating_add(STEP.min(self.unit))))
+    }
 }
+
+/// The least growth without growth ahead (see [`Policy::step`]).
+pub const STEP: u64 = 64 << 20;
 
 /// Picks the grow unit: an explicit value (API), else $FVD_GROW_UNIT, else
 /// the LV's `fvd-grow-unit=SIZE` tag, else [`DEFAULT_GROW_UNIT`]. Returns the
@@ -122,6 +133,11 @@ mod tests {
         assert_eq!(growths, 1041u64.div_ceil(64));
         assert_eq!(size, 64 * M + growths * 64 * M);
         assert_eq!(p.minimal(138 * M + 1), 140 * M);
+        // Without growth ahead: the need, or one step past the size, whichever is more.
+        assert_eq!(p.step(128 * M, 130 * M), 192 * M);
+        assert_eq!(p.step(128 * M, 300 * M + 1), 304 * M);
+        let small = Policy::new(8 * M, 4 * M);
+        assert_eq!(small.step(128 * M, 129 * M), 136 * M, "a unit under the step bounds it");
     }
 
     #[test]
