@@ -19,6 +19,7 @@ pub use file::{FileStorage, OpenMode};
 pub use lv::LvStorage;
 pub use sim::{PowerCut, SimStorage};
 
+use lvm::policy::Growth;
 use std::io;
 use std::os::fd::RawFd;
 use thiserror::Error;
@@ -132,7 +133,13 @@ pub fn open_image_storage(path: &std::path::Path, o: &StorageOptions) -> Result<
     let lo = lv::LvOptions {
         writable: o.mode != OpenMode::ReadOnly,
         grow_unit: o.grow_unit,
-        grow_ahead: o.grow_ahead && !o.format,
+        growth: if o.format {
+            Growth::Exact
+        } else if o.grow_ahead {
+            Growth::Ahead
+        } else {
+            Growth::Steps
+        },
         ..Default::default()
     };
     match LvStorage::detect(f, &lo)? {

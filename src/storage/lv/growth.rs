@@ -20,9 +20,7 @@ impl Shared {
             // Grown already: an earlier answer got lost, or the administrator did it.
             return self.adopt(size, now).map_err(|m| fail(false, m, used, true));
         }
-        // Without growth ahead (`fvd create`, the one-shot commands), about as
-        // far as the need: a step past it, not a grow unit.
-        let target = if self.grow_ahead { self.policy.target(size, used) } else { self.policy.step(size, used) };
+        let target = self.policy.goal(self.growth, size, used);
         let asked = match self.vol.extend_to(target) {
             Ok(()) => target,
             Err(ExtendError::NoSpace(m)) => {

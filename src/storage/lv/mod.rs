@@ -63,7 +63,7 @@ pub use volume::{LvmVolume, Volume, VolumeReport};
 pub use wait::{GROWTH_WAIT_MAX, HARD_RETRY};
 
 use super::file::FileStorage;
-use super::lvm::policy::{self, Policy};
+use super::lvm::policy::{self, Growth, Policy};
 use super::lvm::LvName;
 use super::{blockdev, Storage, StorageError};
 use serde_json::Value;
@@ -91,16 +91,17 @@ pub struct LvOptions {
     pub grow_unit: Option<u64>,
     /// Publish the status in the run dir (the real daemon and tools).
     pub publish: bool,
-    /// Grow ahead of need: on for the serving daemon; off for `fvd create`
-    /// (room for the metadata only) and the one-shot commands (room for what
-    /// they write), which should not take a volume group's free space ahead.
-    pub grow_ahead: bool,
+    /// How far the LV grows: ahead of need for the serving daemon; in steps
+    /// for the one-shot commands (room for what they write), exactly for
+    /// `fvd create` (room for the metadata); those should not take a volume
+    /// group's free space ahead.
+    pub growth: Growth,
     pub hard_retry: Duration,
 }
 
 impl Default for LvOptions {
     fn default() -> Self {
-        LvOptions { writable: true, grow_unit: None, publish: true, grow_ahead: true, hard_retry: HARD_RETRY }
+        LvOptions { writable: true, grow_unit: None, publish: true, growth: Growth::Ahead, hard_retry: HARD_RETRY }
     }
 }
 
@@ -161,7 +162,7 @@ impl LvStorage {
             work: Condvar::new(),
             done: Condvar::new(),
             hard_retry: o.hard_retry,
-            grow_ahead: o.grow_ahead,
+            growth: o.growth,
             status_file,
         });
         let grower = if o.writable {
@@ -206,7 +207,7 @@ impl LvStorage {
                 let size = self.sh.size();
                 let pending = st.growing
                     || st.used > size
-                    || (self.sh.grow_ahead
+                    || (self.sh.growth == Growth::Ahead
                         && st.failure.is_none()
                         && self.sh.policy.wants_growth(size, st.used)
                         && st.used > 0);
@@ -318,7 +319,7 @@ mod tests {
         let r = rig(8 * M, 4 << 30);
         let inner = FileStorage::open(&r.path, OpenMode::ReadWrite).unwrap();
         let vol = r.volume(true, Duration::ZERO, false);
-        let o = LvOptions { grow_unit: Some(1 << 30), publish: false, grow_ahead: false, ..Default::default() };
+        let o = LvOptions { grow_unit: Some(1 << 30), publish: false, growth: Growth::Steps, ..Default::default() };
         let s = LvStorage::with_volume(inner, Box::new(vol), M, &o, "test").unwrap();
         s.ensure_size(9 * M).unwrap();
         assert_eq!(s.size(), 8 * M + policy::STEP, "one step past the size, not a 1 GiB unit");

@@ -3,6 +3,7 @@
 //! counters.
 
 use super::volume::{Volume, VolumeReport};
+use crate::storage::lvm::policy::Growth;
 use crate::storage::lvm::Policy;
 use crate::storage::StorageError;
 use std::io;
@@ -66,7 +67,7 @@ pub(super) struct Shared {
     /// Wakes writers waiting for space.
     pub(super) done: Condvar,
     pub(super) hard_retry: Duration,
-    pub(super) grow_ahead: bool,
+    pub(super) growth: Growth,
     pub(super) status_file: Option<PathBuf>,
 }
 

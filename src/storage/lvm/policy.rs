@@ -52,16 +52,36 @@ impl Policy {
         need.div_ceil(self.extent) * self.extent
     }
 
-    /// Growth without growth ahead (the one-shot commands, `fvd create`):
-    /// what `used` needs, but at least [`STEP`] (or the unit, if smaller) past
-    /// `size`, so that a long copy grows the LV a few times, not once per
-    /// extent, while taking from the volume group no more than that ahead.
+    /// Growth in steps (the one-shot commands): what `used` needs, but at
+    /// least [`STEP`] (or the unit, if smaller) past `size`, so that a long
+    /// copy grows the LV a few times, not once per extent, while taking from
+    /// the volume group no more than that ahead.
     pub fn step(&self, size: u64, used: u64) -> u64 {
         self.minimal(used.max(size.saturating_add(STEP.min(self.unit))))
     }
+
+    /// The size one growth goes to, from `size`, for `used` bytes.
+    pub fn goal(&self, g: Growth, size: u64, used: u64) -> u64 {
+        match g {
+            Growth::Ahead => self.target(size, used),
+            Growth::Steps => self.step(size, used),
+            Growth::Exact => self.minimal(used),
+        }
+    }
 }
 
-/// The least growth without growth ahead (see [`Policy::step`]).
+/// How far an LV grows past what is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Growth {
+    /// One to two grow units ahead, in the background (the serving daemon).
+    Ahead,
+    /// By [`STEP`] or the need (the one-shot commands: commit, rebase, ...).
+    Steps,
+    /// Exactly the need (`fvd create`: room for the metadata).
+    Exact,
+}
+
+/// The least growth in steps (see [`Policy::step`]).
 pub const STEP: u64 = 64 << 20;
 
 /// Picks the grow unit: an explicit value (API), else $FVD_GROW_UNIT, else
@@ -138,6 +158,9 @@ mod tests {
         assert_eq!(p.step(128 * M, 300 * M + 1), 304 * M);
         let small = Policy::new(8 * M, 4 * M);
         assert_eq!(small.step(128 * M, 129 * M), 136 * M, "a unit under the step bounds it");
+        assert_eq!(p.goal(Growth::Exact, 128 * M, 130 * M), 132 * M);
+        assert_eq!(p.goal(Growth::Steps, 128 * M, 130 * M), 192 * M);
+        assert_eq!(p.goal(Growth::Ahead, 128 * M, 130 * M), p.target(128 * M, 130 * M));
     }
 
     #[test]
