@@ -88,6 +88,15 @@ impl std::ops::Sub for Bytes {
 }
 
 /// Parses a size such as `512`, `64k`, `1M`, `8G`, `1T` (binary multiples).
+/// A rate in bytes per second (k/M/G suffixes), at least 1: a rate of 0
+/// would never finish (no limit is the option left out).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)?.0 {
+        0 => Err("a rate of 0 would never finish: give at least 1 byte per second, or leave the rate out for no limit".into()),
+        r => Ok(r),
+    }
+}
+
 pub fn parse_size(s: &str) -> Result<Bytes, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {

@@ -27,20 +27,45 @@ enum Src {
 }
 
 fn open_src(p: &std::path::Path) -> Result<Src, CliError> {
-    let s = FileStorage::open(p, OpenMode::ReadOnly)?;
-    let mut magic = [0u8; 8];
-    if s.size() >= 8 {
-        s.read_at(&mut magic, 0)?;
+    if std::fs::metadata(p).map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(fail(format!("{}: is a folder, not an image or a raw disk", p.display())));
     }
-    if magic == fvd::format::header::MAGIC {
+    let s = FileStorage::open(p, OpenMode::ReadOnly)?;
+    if s.size() == 0 {
+        return Err(fail(format!("{}: is empty (0 bytes): nothing to convert", p.display())));
+    }
+    // Either header slot's magic makes it an fvd image (one damaged slot
+    // still opens from the other; both damaged, the open says why).
+    let magic_at = |off: u64| {
+        let mut m = [0u8; 8];
+        s.size() >= off + 8 && s.read_at(&mut m, off).is_ok() && m == fvd::format::header::MAGIC
+    };
+    if magic_at(0) || magic_at(fvd::format::META_BLOCK) {
         drop(s);
         Ok(Src::Fvd(Box::new(Image::open(p, &OpenOptions { read_only: true, ..Default::default() })?)))
     } else {
+        eprintln!("{}: no fvd header: converted as a raw disk image", p.display());
         Ok(Src::Raw(s))
     }
 }
 
+/// Where the output is written until it is whole.
+enum Out {
+    /// A new fvd file, staged under a temporary name.
+    Fvd(Image, image::Staged),
+    /// An fvd image on a block device, marked invalid until it is whole.
+    FvdDevice(Image),
+    /// A new raw file, written under a temporary name.
+    Raw(std::fs::File, PathBuf),
+}
+
+/// Converts SRC into DST, all or nothing: a file DST appears only once it
+/// is whole (made under a temporary name that a rerun removes); an fvd DST
+/// on a block device is marked invalid until the end, so an interrupted
+/// convert leaves nothing that opens as a good image, and a rerun formats
+/// it again.
 pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
+    super::warn_if_written(&a.src);
     let src = open_src(&a.src)?;
     let size = match &src {
         Src::Raw(s) => s.size(),
@@ -53,36 +78,77 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
     };
     let ring = Uring::new(64)?;
     let padded = size.div_ceil(512) * 512;
-    let dst_img;
-    let dst_raw;
-    if a.format == "fvd" {
-        if padded == 0 {
-            return Err(fail(format!("{}: source is empty", a.src.display())));
-        }
+    let derr = |e: std::io::Error| fail(format!("{}: {e}", a.dst.display()));
+    let out = if a.format == "fvd" {
         let opts =
             CreateOptions { size: Some(padded), chunk_size: (!a.no_table).then_some(1 << 20), ..Default::default() };
-        image::create(&a.dst, &opts)?;
-        dst_img = Some(Image::open(&a.dst, &OpenOptions::default())?);
-        dst_raw = None;
+        if image::is_block_device(&a.dst) {
+            image::create(&a.dst, &opts)?;
+            let so = fvd::storage::StorageOptions::new(OpenMode::ReadWrite);
+            let st = fvd::storage::open_image_storage(&a.dst, &so)?;
+            image::layer_header::edit_header(st.as_ref(), |h| h.flags |= fvd::format::header::FLAG_INVALID)?;
+            drop(st);
+            Out::FvdDevice(Image::open(&a.dst, &OpenOptions { allow_invalid: true, ..Default::default() })?)
+        } else {
+            let staged = image::stage(&a.dst, &opts)?;
+            let img = Image::open(staged.path(), &OpenOptions::default())?;
+            Out::Fvd(img, staged)
+        }
     } else {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&a.dst)
-            .map_err(|e| fail(format!("{}: {e}", a.dst.display())))?;
-        f.set_len(size).map_err(|e| fail(format!("{}: {e}", a.dst.display())))?;
-        dst_raw = Some(f);
-        dst_img = None;
+        if std::fs::symlink_metadata(&a.dst).is_ok() {
+            return Err(fail(format!("{}: already exists", a.dst.display())));
+        }
+        let tmp = image::temp_name(&a.dst);
+        let _ = std::fs::remove_file(&tmp);
+        let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(derr)?;
+        f.set_len(size).map_err(derr)?;
+        Out::Raw(f, tmp)
+    };
+    let r = copy(&src, &out, &ranges, size, &ring, &a);
+    if r.is_err() {
+        if let Out::Raw(_, tmp) = &out {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
+    let written = r?;
+    match out {
+        Out::Fvd(img, staged) => {
+            img.close()?;
+            drop(img);
+            staged.publish()?;
+        }
+        Out::FvdDevice(img) => {
+            img.close()?;
+            drop(img);
+            let so = fvd::storage::StorageOptions::new(OpenMode::ReadWrite);
+            let st = fvd::storage::open_image_storage(&a.dst, &so)?;
+            image::layer_header::edit_header(st.as_ref(), |h| h.flags &= !fvd::format::header::FLAG_INVALID)?;
+        }
+        Out::Raw(f, tmp) => {
+            f.sync_all().map_err(derr)?;
+            drop(f);
+            let r = std::fs::hard_link(&tmp, &a.dst).map_err(derr);
+            let _ = std::fs::remove_file(&tmp);
+            r?;
+            let dir = a.dst.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(derr)?;
+        }
+    }
+    tracing::info!(bytes = written, "convert wrote non-zero data");
+    Ok(0)
+}
+
+/// Copies every range of SRC that may hold data into `out`; returns the bytes written.
+fn copy(src: &Src, out: &Out, ranges: &[(u64, u64)], size: u64, ring: &Uring, a: &ConvertArgs) -> Result<u64, CliError> {
     let pb = super::progress_bar(size);
     let mut buf = vec![0u8; STEP];
     let mut written = 0u64;
-    for (start, len) in ranges {
+    for &(start, len) in ranges {
         let mut pos = start;
         while pos < start + len {
             let n = ((start + len - pos) as usize).min(STEP);
             let chunk = &mut buf[..n.div_ceil(512) * 512];
-            match &src {
+            match src {
                 Src::Raw(s) => {
                     if !s.has_data(pos, n as u64) {
                         pos += n as u64;
@@ -91,15 +157,15 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
                     }
                     s.read_at(chunk, pos)?;
                 }
-                Src::Fvd(i) => ring.block_on(i.read(&ring, pos, chunk))??,
+                Src::Fvd(i) => ring.block_on(i.read(ring, pos, chunk))??,
             }
             if chunk.iter().any(|&b| b != 0) {
-                if let Some(img) = &dst_img {
-                    ring.block_on(img.write(&ring, pos, chunk, false))??;
-                }
-                if let Some(f) = &dst_raw {
-                    use std::os::unix::fs::FileExt;
-                    f.write_all_at(&chunk[..n], pos).map_err(|e| fail(format!("{}: {e}", a.dst.display())))?;
+                match out {
+                    Out::Fvd(img, _) | Out::FvdDevice(img) => ring.block_on(img.write(ring, pos, chunk, false))??,
+                    Out::Raw(f, _) => {
+                        use std::os::unix::fs::FileExt;
+                        f.write_all_at(&chunk[..n], pos).map_err(|e| fail(format!("{}: {e}", a.dst.display())))?;
+                    }
                 }
                 written += n as u64;
             }
@@ -108,12 +174,5 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
         }
     }
     pb.finish_and_clear();
-    if let Some(img) = dst_img {
-        img.close()?;
-    }
-    if let Some(f) = dst_raw {
-        f.sync_all()?;
-    }
-    tracing::info!(bytes = written, "convert wrote non-zero data");
-    Ok(0)
+    Ok(written)
 }

@@ -41,7 +41,7 @@ pub struct StartArgs {
     #[arg(long)]
     pub prefetch: bool,
     /// Upper bound on the prefetch rate, bytes per second (k/M/G suffixes).
-    #[arg(long, value_parser = |s: &str| fvd::units::parse_size(s).map(|b| b.0))]
+    #[arg(long, value_parser = fvd::units::parse_rate)]
     pub prefetch_rate: Option<u64>,
     /// Stay in the foreground instead of detaching.
     #[arg(long)]

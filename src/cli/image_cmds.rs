@@ -66,6 +66,15 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
         copy_on_read: a.copy_on_read,
         prefetch: a.prefetch,
     };
+    // An fvd base is frozen by the create (see `image::create`): say so.
+    let base_to_freeze = a.base.as_ref().and_then(|b| {
+        let p = if b.is_absolute() {
+            b.clone()
+        } else {
+            a.image.parent().unwrap_or(std::path::Path::new(".")).join(b)
+        };
+        image::snapshot::header_at(&p).ok().filter(|h| !h.is_frozen()).map(|_| p)
+    });
     let geo = image::create(&a.image, &opts)?;
     println!(
         "Formatting '{}', fmt=fvd size={} block_size={} {}{}",
@@ -78,6 +87,9 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
         },
         a.base.map(|b| format!(" base={}", b.display())).unwrap_or_default()
     );
+    if let Some(b) = base_to_freeze {
+        println!("{} is now frozen: it is the base of {}, and writes to it are refused", b.display(), a.image.display());
+    }
     if geo.base_blocks() > 0 && !a.no_zero_detect {
         let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
         println!("zero blocks of the base preset: {} of {}", img.meta().recorded.count_set(), geo.base_blocks());
@@ -120,7 +132,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
         }
         return Ok(0);
     }
-    let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
+    let img = Image::open(&a.image, &OpenOptions { read_only: true, allow_invalid: true, ..Default::default() })?;
     let mut layers: Vec<(PathBuf, bool)> = vec![(a.image.clone(), true)];
     if let Some(b) = img.base() {
         for l in b.layers() {
@@ -162,7 +174,7 @@ pub fn info(a: InfoArgs) -> Result<i32, CliError> {
 /// One image's info: printed for people, or returned as JSON.
 fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<serde_json::Value>, CliError> {
     let a = InfoArgs { image: path.to_path_buf(), backing_chain: false, output: output.to_string() };
-    let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
+    let img = Image::open(&a.image, &OpenOptions { read_only: true, allow_invalid: true, ..Default::default() })?;
     let g = img.geometry();
     let h = img.header();
     let s = img.storage();
@@ -178,6 +190,9 @@ fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<
     let served = std::fs::canonicalize(&a.image)
         .ok()
         .and_then(|p| fvd::ublk::control::serving(&fvd::ublk::state::RunDir::system(), &p));
+    if served.is_none() {
+        super::warn_if_written(&a.image);
+    }
     let storage_status = served.as_ref().and_then(|d| d.storage.clone()).or_else(|| img.storage().status());
     let mut v = json!({
         "filename": a.image.display().to_string(),
@@ -333,10 +348,28 @@ pub struct CheckArgs {
     pub output: String,
 }
 
+/// Why the image, whole metadata notwithstanding, does not open as a disk
+/// (its base chain, or a header that names no usable base), or None. A layer
+/// marked invalid is left out: it is refused on purpose, and noted as such.
+fn open_problem(path: &std::path::Path) -> Option<String> {
+    if image::snapshot::header_at(path).map(|h| h.is_invalid()).unwrap_or(false) {
+        return None;
+    }
+    Image::open(path, &OpenOptions { read_only: true, ..Default::default() })
+        .err()
+        .map(|e| format!("{}: does not open as a disk: {e}", path.display()))
+}
+
 pub fn check(a: CheckArgs) -> Result<i32, CliError> {
     let mode = if a.repair { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
+    if !a.repair {
+        super::warn_if_written(&a.image);
+    }
     let s = FileStorage::open(&a.image, mode)?;
     let mut r = image::check(&s);
+    if r.corruptions.is_empty() {
+        r.corruptions.extend(open_problem(&a.image));
+    }
     let mut repairs = Vec::new();
     if a.repair && !r.bad_header_slots.is_empty() {
         // First, so that the header the rest relies on has its spare again.
@@ -375,6 +408,9 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
         }
         let s = FileStorage::open(&a.image, OpenMode::ReadOnly)?;
         r = image::check(&s);
+    }
+    if a.repair && r.corruptions.is_empty() {
+        r.corruptions.extend(open_problem(&a.image));
     }
     if !repairs.is_empty() {
         r.repaired = true;
@@ -425,6 +461,7 @@ pub struct MapArgs {
 }
 
 pub fn map(a: MapArgs) -> Result<i32, CliError> {
+    super::warn_if_written(&a.image);
     let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;
     let m = img.map();
     if a.output == "json" {

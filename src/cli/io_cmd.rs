@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 pub struct IoArgs {
     pub image: PathBuf,
-    /// A command: write [-P BYTE] OFF LEN | write -s FILE OFF | read [-P BYTE] OFF LEN |
+    /// A command: write [-P BYTE] OFF LEN | write -s FILE OFF [LEN] | read [-P BYTE] OFF LEN |
     /// read -o FILE OFF LEN | discard OFF LEN | zero OFF LEN | flush. Repeatable.
     #[arg(short = 'c', long = "cmd", required = true)]
     pub cmds: Vec<String>,
@@ -28,7 +28,8 @@ pub struct IoArgs {
 #[derive(Debug, PartialEq)]
 enum Cmd {
     Write { pattern: u8, off: u64, len: u64 },
-    WriteFile { file: PathBuf, off: u64 },
+    /// LEN: bytes of FILE to write (None: its size; a source without a size needs it).
+    WriteFile { file: PathBuf, off: u64, len: Option<u64> },
     Read { pattern: Option<u8>, off: u64, len: u64 },
     ReadFile { file: PathBuf, off: u64, len: u64 },
     Discard { off: u64, len: u64 },
@@ -55,8 +56,9 @@ fn parse(line: &str) -> Result<Cmd, String> {
     let flag = |f: &str| args.first() == Some(&f);
     match *name {
         "write" if flag("-s") => Ok(Cmd::WriteFile {
-            file: PathBuf::from(args.get(1).ok_or("write -s needs FILE OFF")?),
+            file: PathBuf::from(args.get(1).ok_or("write -s needs FILE OFF [LEN]")?),
             off: num(args.get(2), "offset")?,
+            len: args.get(3).map(|_| num(args.get(3), "length")).transpose()?,
         }),
         "write" if flag("-P") => Ok(Cmd::Write {
             pattern: byte(args.get(1))?,
@@ -101,26 +103,90 @@ where
     Ok(())
 }
 
+/// The whole request's range, checked before anything is read or written:
+/// an offset that wraps, or a range past the disk's end, is refused.
+fn check_range(img: &Image, off: u64, len: u64) -> Result<(), CliError> {
+    match off.checked_add(len) {
+        Some(end) if end <= img.size() => Ok(()),
+        _ => Err(fail(format!(
+            "offset {off:#x} + length {len:#x} is outside the disk ({:#x} bytes); nothing was done",
+            img.size()
+        ))),
+    }
+}
+
+/// Bytes `FILE` holds: a regular file's size or a block device's; None for a
+/// source that has no size (a pipe, /dev/zero).
+fn source_size(f: &std::fs::File) -> std::io::Result<Option<u64>> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let m = f.metadata()?;
+    if m.is_file() {
+        return Ok(Some(m.len()));
+    }
+    if m.file_type().is_block_device() {
+        let mut f = f;
+        return f.seek(SeekFrom::End(0)).map(Some);
+    }
+    Ok(None)
+}
+
+/// `write -s FILE OFF [LEN]`: LEN bytes (default: the file's size) of FILE
+/// at OFF, streamed in pieces. The range is checked first; a length that is
+/// not a multiple of 512 keeps the disk's own bytes after it in the last
+/// sector (read, merged, written).
+async fn write_file(img: &Image, ring: &Uring, file: &std::path::Path, off: u64, len: Option<u64>) -> Result<String, CliError> {
+    use std::io::Read;
+    let ferr = |e: std::io::Error| fail(format!("{}: {e}", file.display()));
+    let mut f = std::fs::File::open(file).map_err(ferr)?;
+    let size = source_size(&f).map_err(ferr)?;
+    let len = match (len, size) {
+        (Some(l), _) => l,
+        (None, Some(s)) => s,
+        (None, None) => {
+            return Err(fail(format!("{}: has no size (a pipe or character device): give LEN", file.display())))
+        }
+    };
+    if off % 512 != 0 {
+        return Err(fail(format!("offset {off:#x} is not a multiple of 512")));
+    }
+    check_range(img, off, len.div_ceil(512) * 512)?;
+    if let Some(s) = size {
+        if s < len {
+            return Err(fail(format!("{}: holds {s} bytes, fewer than the {len} asked for", file.display())));
+        }
+    }
+    let mut buf = vec![0u8; PIECE as usize];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(PIECE) as usize;
+        f.read_exact(&mut buf[..n]).map_err(ferr)?;
+        let padded = n.div_ceil(512) * 512;
+        if padded > n {
+            // The last, partial sector: the disk's bytes after the file's end stay.
+            let mut tail = [0u8; 512];
+            let at = off + pos + (padded - 512) as u64;
+            img.read(ring, at, &mut tail).await?;
+            let keep = padded - n;
+            buf[n..padded].copy_from_slice(&tail[512 - keep..]);
+        }
+        img.write(ring, off + pos, &buf[..padded], false).await?;
+        pos += n as u64;
+    }
+    Ok(format!("wrote {len}/{len} bytes at offset {off}"))
+}
+
 async fn exec(img: &Image, ring: &Uring, cmd: &Cmd) -> Result<String, CliError> {
     match cmd {
         Cmd::Write { pattern, off, len } => {
+            check_range(img, *off, *len)?;
             let buf = vec![*pattern; (*len).min(PIECE) as usize];
             pieces(*off, *len, |o, n| img.write(ring, o, &buf[..n], false)).await?;
             Ok(format!("wrote {len}/{len} bytes at offset {off}"))
         }
-        Cmd::WriteFile { file, off } => {
-            let data = std::fs::read(file).map_err(|e| fail(format!("{}: {e}", file.display())))?;
-            let mut padded = data.clone();
-            padded.resize(data.len().div_ceil(512) * 512, 0);
-            let len = padded.len() as u64;
-            pieces(*off, len, |o, n| {
-                let s = (o - off) as usize;
-                img.write(ring, o, &padded[s..s + n], false)
-            })
-            .await?;
-            Ok(format!("wrote {}/{} bytes at offset {off}", data.len(), data.len()))
-        }
+        Cmd::WriteFile { file, off, len } => write_file(img, ring, file, *off, *len).await,
         Cmd::Read { pattern, off, len } => {
+            check_range(img, *off, *len)?;
             let mut buf = vec![0u8; (*len).min(PIECE) as usize];
             let mut pos = *off;
             while pos < off + len {
@@ -140,6 +206,7 @@ async fn exec(img: &Image, ring: &Uring, cmd: &Cmd) -> Result<String, CliError> 
         }
         Cmd::ReadFile { file, off, len } => {
             use std::io::Write;
+            check_range(img, *off, *len)?;
             let mut out = std::fs::File::create(file).map_err(|e| fail(format!("{}: {e}", file.display())))?;
             let mut buf = vec![0u8; (*len).min(PIECE) as usize];
             let mut pos = *off;
@@ -152,10 +219,12 @@ async fn exec(img: &Image, ring: &Uring, cmd: &Cmd) -> Result<String, CliError> 
             Ok(format!("read {len}/{len} bytes at offset {off}"))
         }
         Cmd::Discard { off, len } => {
+            check_range(img, *off, *len)?;
             img.discard(ring, *off, *len).await?;
             Ok(format!("discard {len}/{len} bytes at offset {off}"))
         }
         Cmd::Zero { off, len } => {
+            check_range(img, *off, *len)?;
             img.write_zeroes(ring, *off, *len).await?;
             Ok(format!("wrote {len}/{len} bytes at offset {off}"))
         }

@@ -164,3 +164,16 @@ pub fn main() -> i32 {
         }
     }
 }
+
+/// Warns on stderr when another process holds `image` open for writing:
+/// what a read-only look (check, info, map, convert) then sees may already
+/// be out of date.
+pub(crate) fn warn_if_written(image: &std::path::Path) {
+    if fvd::storage::held_by_writer(image) {
+        eprintln!(
+            "fvd: warning: {}: another process has it open for writing (a daemon or an fvd command); \
+             what follows may be out of date",
+            image.display()
+        );
+    }
+}

@@ -5,7 +5,6 @@ use super::CliError;
 use clap::Args;
 use fvd::image::{Image, OpenOptions, PrefetchOptions};
 use fvd::io::uring::Uring;
-use fvd::units::parse_size;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use std::time::Duration;
 pub struct PrefetchArgs {
     pub image: PathBuf,
     /// Upper bound on the copy rate, bytes per second (k/M/G suffixes).
-    #[arg(long, value_parser = |s: &str| parse_size(s).map(|b| b.0))]
+    #[arg(long, value_parser = fvd::units::parse_rate)]
     pub rate: Option<u64>,
 }
 

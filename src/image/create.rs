@@ -56,13 +56,138 @@ pub(crate) fn probe_base(path: &Path) -> Result<BaseFormat, ImageError> {
     Ok(if magic == crate::format::header::MAGIC { BaseFormat::Fvd } else { BaseFormat::Raw })
 }
 
-/// Creates an image file (or formats a block device) at `path`.
+/// Whether `path` is an existing block device (formatted in place, never
+/// staged under another name).
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+}
+
+/// Where a new image file is made before it is put in place (see [`Staged`]).
+pub fn temp_name(path: &Path) -> PathBuf {
+    let mut n = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    n.push(".fvd-tmp");
+    path.with_file_name(n)
+}
+
+/// A new image file made, durable, under its temporary name beside `path`
+/// (a relative base resolves the same from both). [`Staged::publish`] puts
+/// it in place; dropped unpublished, it is removed. A create killed part-way
+/// leaves at most the temporary file, which the next create of the same name
+/// removes: an image at `path` is always a whole one.
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    geo: Geometry,
+    published: bool,
+}
+
+impl Staged {
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The temporary file, to open and fill before [`Staged::publish`].
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Links the image into place (failing, with nothing changed, when
+    /// something is there by now) and makes the folder entry durable.
+    pub fn publish(mut self) -> Result<Geometry, ImageError> {
+        let io = |what: &'static str, path: &Path| {
+            let path = path.display().to_string();
+            move |source| ImageError::Io { path, what, offset: 0, source }
+        };
+        // A link, not a rename: it never replaces what appeared at `path`
+        // since the stage began.
+        std::fs::hard_link(&self.tmp, &self.path).map_err(io("put in place", &self.path))?;
+        self.published = true;
+        let _ = std::fs::remove_file(&self.tmp);
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("folder sync", dir))?;
+        Ok(self.geo.clone())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Makes the image file `path` under its temporary name (see [`Staged`]).
+/// Fails, with nothing made, when `path` exists or its folder does not.
+pub fn stage(path: &Path, opts: &CreateOptions) -> Result<Staged, ImageError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(ImageError::Invalid { path: path.display().to_string(), why: "already exists".into() });
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(ImageError::Invalid {
+            path: path.display().to_string(),
+            why: format!("its folder {} does not exist", dir.display()),
+        });
+    }
+    let tmp = temp_name(path);
+    let _ = std::fs::remove_file(&tmp); // an interrupted earlier create's
+    let geo = create_in_place(&tmp, path, opts)?;
+    Ok(Staged { tmp, path: path.to_path_buf(), geo, published: false })
+}
+
+/// Creates an image file at `path` (made whole under a temporary name, then
+/// put in place), or formats the block device at `path`.
+///
+/// An fvd base is frozen first (if it is not already): an overlay reads
+/// through its base, so the base must never change again (a write to it
+/// would change what the overlay reads without a word). A base that another
+/// process holds open for writing is refused.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError> {
+    if is_block_device(path) {
+        freeze_fvd_base(path, opts)?;
+        return create_in_place(path, path, opts);
+    }
+    let staged = stage(path, opts)?;
+    freeze_fvd_base(path, opts)?;
+    staged.publish()
+}
+
+/// Freezes the fvd base named in `opts` (resolved against `image`), unless
+/// it is frozen already; raw bases are left alone (their fingerprint is
+/// checked at every open).
+fn freeze_fvd_base(image: &Path, opts: &CreateOptions) -> Result<(), ImageError> {
+    let Some(b) = &opts.base else { return Ok(()) };
+    let p = resolve(image, &b.to_string_lossy());
+    if probe_base(&p)? != BaseFormat::Fvd || super::snapshot::header_at(&p)?.is_frozen() {
+        return Ok(());
+    }
+    let base = super::Image::open(&p, &super::OpenOptions::default())?;
+    let ring = crate::io::uring::Uring::new(16).map_err(|source| ImageError::Io {
+        path: p.display().to_string(),
+        what: "io_uring setup",
+        offset: 0,
+        source,
+    })?;
+    ring.block_on(base.freeze(&ring)).map_err(|source| ImageError::Io {
+        path: p.display().to_string(),
+        what: "freeze",
+        offset: 0,
+        source,
+    })??;
+    tracing::info!(base = %p.display(), "the fvd base is frozen: an overlay reads through it from now on");
+    Ok(())
+}
+
+/// Creates an image at `path` (an existing block device, or a new file),
+/// resolving a relative base against `image`'s folder.
+fn create_in_place(path: &Path, image: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError> {
     let (base_str, base_format, base_size, base_id) = match &opts.base {
         None => (String::new(), BaseFormat::None, 0, BaseId::default()),
         Some(b) => {
             let stored = b.to_string_lossy().to_string();
-            let p = resolve(path, &stored);
+            let p = resolve(image, &stored);
             let fmt = probe_base(&p)?;
             let (size, id) = match fmt {
                 BaseFormat::Fvd => {
@@ -81,14 +206,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
                     (s.size(), BaseId { uuid: [0; 16], fingerprint })
                 }
             };
+            if size == 0 {
+                return Err(ImageError::Invalid {
+                    path: p.display().to_string(),
+                    why: "is empty and cannot be a base".into(),
+                });
+            }
             (stored, fmt, size, id)
         }
     };
-    let existing_device = std::fs::metadata(path).map(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_block_device()
-    });
-    let mode = if matches!(existing_device, Ok(true)) { OpenMode::ReadWrite } else { OpenMode::Create };
+    let mode = if is_block_device(path) { OpenMode::ReadWrite } else { OpenMode::Create };
     let virtual_size = opts.size.unwrap_or(base_size.div_ceil(512) * 512);
     let params = CreateParams {
         virtual_size,
@@ -103,7 +230,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<Geometry, ImageError>
     let compat = if opts.copy_on_read { crate::format::header::COMPAT_COPY_ON_READ } else { 0 }
         | if opts.prefetch { crate::format::header::COMPAT_PREFETCH } else { 0 };
     let preset = if opts.zero_detect && base_format != BaseFormat::None {
-        let (words, zero) = super::zero_scan::zero_blocks(&resolve(path, &base_str), base_format, &geo)?;
+        let (words, zero) = super::zero_scan::zero_blocks(&resolve(image, &base_str), base_format, &geo)?;
         tracing::info!(zero_blocks = zero, of = geo.base_blocks(), "zero blocks of the base preset");
         Some(words)
     } else {
@@ -145,6 +272,12 @@ pub fn create_on_with(
     // Zero the metadata regions of reused storage (a block device holds old
     // bytes); a new file is sparse zeros already and stays sparse.
     let zeros = vec![0u8; 1 << 20];
+    if !fresh {
+        // An old image's header goes first, durably: a create interrupted
+        // part-way must not leave old headers over new, zeroed metadata.
+        s.write_at(&zeros[..HEADER_AREA as usize], 0).map_err(io("header zeroing", 0))?;
+        s.sync().map_err(io("fdatasync", 0))?;
+    }
     let mut off = if fresh { geo.data_offset } else { HEADER_AREA };
     while off < geo.data_offset {
         let n = (geo.data_offset - off).min(zeros.len() as u64) as usize;

@@ -459,7 +459,13 @@ impl Image {
         }
         self.sync_volatile()?;
         self.note_completed();
-        r
+        r?;
+        // Writethrough: a completed discard is as durable as a completed
+        // write (its unmap and bitmap records too).
+        if self.opts.writethrough {
+            self.flush(e).await?;
+        }
+        Ok(())
     }
 
     /// Write-zeroes: the same effect as a discard (zeros read back).

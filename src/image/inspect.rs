@@ -122,8 +122,8 @@ pub fn check(s: &dyn Storage) -> CheckReport {
     }
     if h.is_invalid() {
         r.notes.push(format!(
-            "{}: marked invalid: a commit wrote into a layer below it, so it no longer reads what it did; \
-             no chain opens through it",
+            "{}: marked invalid: a commit wrote into a layer below it (or a convert into it did not finish), \
+             so it does not read what it should; nothing opens it or a chain through it",
             s.name()
         ));
     }

@@ -34,6 +34,9 @@ pub struct OpenOptions {
     pub chain_member: bool,
     /// Allow a write-open of a frozen layer (a commit into it).
     pub allow_frozen: bool,
+    /// Allow a read-only open of a layer marked invalid (`fvd info`, to
+    /// show it); everything else refuses such a layer.
+    pub allow_invalid: bool,
 }
 
 /// Bytes of copy-on-read data queued at most.
@@ -213,7 +216,9 @@ impl Image {
         if !opts.read_only && loaded.header.is_frozen() && !opts.allow_frozen {
             return Err(ImageError::Frozen { path: name });
         }
-        if !opts.read_only && loaded.header.is_invalid() {
+        // Never opened again to read or write its data; a chain member only
+        // while a commit through it is completed, and `fvd info` to say so.
+        if loaded.header.is_invalid() && !opts.chain_member && !opts.allow_invalid {
             return Err(ImageError::Invalid {
                 path: name,
                 why: "marked invalid: a commit wrote into a layer below it, so it no longer reads what it did".into(),

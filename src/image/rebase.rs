@@ -11,14 +11,14 @@
 //! Unsafe mode (`-u`) only rewrites the reference and the identity recorded for
 //! the base: the deliberate override of the identity check.
 
-use super::base::Layer;
+use super::base::open_base;
 use super::identity::{raw_fingerprint, BaseId};
 use super::snapshot::base_reference;
 use super::{Base, Image, ImageError, OpenOptions};
-use crate::format::header::COMPAT_PREFETCHED;
-use crate::format::BaseFormat;
+use crate::format::header::{COMPAT_PREFETCHED, FLAG_COMMITTING};
+use crate::format::{BaseFormat, Header};
 use crate::io::{self, IoEngine};
-use crate::storage::{FileStorage, OpenMode};
+use crate::storage::{FileStorage, OpenMode, Storage};
 use crate::units::{BlockIdx, Bytes};
 use std::path::Path;
 
@@ -47,27 +47,42 @@ fn io_error(path: &str, what: &'static str, offset: u64) -> impl FnOnce(std::io:
     move |source| ImageError::Io { path, what, offset, source }
 }
 
-/// Opens `path` as the new base of `image`.
-pub fn open_new_base(image: &Path, path: &Path) -> Result<NewBase, ImageError> {
+/// Opens `path` as the new base of `image` (whose header is `image_header`),
+/// with the whole chain under it: safe mode compares what the image reads
+/// with what the new chain reads, not with the new base's own blocks alone.
+/// The chain is walked as an open walks it, so a new base whose chain passes
+/// through the image itself (a loop), a layer marked invalid or a layer that
+/// no longer matches what its overlay recorded is refused here.
+pub fn open_new_base(image: &Path, path: &Path, image_header: &Header) -> Result<NewBase, ImageError> {
     let reference = base_reference(path, image).display().to_string();
-    let (chain, id) = match super::create::probe_base(path)? {
+    let name = path.display().to_string();
+    let format = super::create::probe_base(path)?;
+    let (size, id) = match format {
         BaseFormat::Fvd => {
-            let img = Image::open(path, &OpenOptions { read_only: true, ..OpenOptions::default() })?;
-            if img.header().is_invalid() {
-                return Err(ImageError::Invalid {
-                    path: path.display().to_string(),
-                    why: "is marked invalid and cannot be a base".into(),
-                });
+            let h = super::snapshot::header_at(path)?;
+            if h.is_invalid() {
+                return Err(ImageError::Invalid { path: name, why: "is marked invalid and cannot be a base".into() });
             }
-            let id = BaseId { uuid: img.header().uuid, fingerprint: 0 };
-            (Base::single(Layer::Fvd(Box::new(img))), id)
+            (h.virtual_size, BaseId { uuid: h.uuid, fingerprint: 0 })
         }
         _ => {
             let s = FileStorage::open(path, OpenMode::ReadOnly)?;
-            let fingerprint = raw_fingerprint(&s).map_err(io_error(&path.display().to_string(), "fingerprint", 0))?;
-            (Base::single(Layer::Raw(Box::new(s))), BaseId { uuid: [0; 16], fingerprint })
+            let fingerprint = raw_fingerprint(&s).map_err(io_error(&name, "fingerprint", 0))?;
+            (s.size(), BaseId { uuid: [0; 16], fingerprint })
         }
     };
+    // The image's header as it will read after the switch, for the walk.
+    let mut above = image_header.clone();
+    above.base_path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
+    above.base_format = format;
+    above.base_size = size;
+    above.compat &= !COMPAT_PREFETCHED;
+    above.flags &= !FLAG_COMMITTING;
+    id.record(&mut above);
+    let chain = open_base(image, &above)?.ok_or_else(|| ImageError::Invalid {
+        path: name,
+        why: "opened as no base at all".into(),
+    })?;
     Ok(NewBase { chain, reference, id })
 }
 
@@ -160,7 +175,7 @@ pub fn rebase(
     if h.is_committing() {
         return Err(invalid("a commit from it is not finished: run 'fvd commit' on it again first".into()));
     }
-    let new = new_base.map(|p| open_new_base(image, p)).transpose()?;
+    let new = new_base.map(|p| open_new_base(image, p, &h)).transpose()?;
     if let Some(n) = &new {
         if n.chain.size() != h.base_size && h.base_size != 0 {
             return Err(invalid(format!(

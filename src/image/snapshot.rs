@@ -1,14 +1,22 @@
 //! Snapshots as separate overlay files: the image is frozen as the point-in-time
 //! copy, and a new empty overlay over it becomes the live disk.
 //!
-//! Order, so that a crash at any point leaves a state the same command completes:
-//! 1. the image is closed cleanly and its header marked frozen (one header
+//! Offline order ([`snapshot`]), so that a crash or a failure at any point
+//! leaves a state the same command completes, and a failure that is reported
+//! leaves the image as it was:
+//! 1. a file overlay is made, durable, under a temporary name beside its
+//!    final one (it fails here, with nothing changed, when NEW exists or its
+//!    folder does not); a block device NEW is checked (not the image, not in
+//!    use);
+//! 2. the image is closed cleanly and its header marked frozen (one header
 //!    write: before it the image is the live disk, after it a snapshot layer);
-//! 2. the overlay is created under a temporary name beside its final one, made
-//!    durable, and renamed into place (a block device is formatted in place).
+//! 3. the overlay is linked into place (a block device is formatted now; a
+//!    failure here thaws the image again).
 //!
-//! A crash between 1 and 2 leaves a frozen image and no overlay: running the
-//! snapshot again skips step 1 (a frozen image may have any number of overlays).
+//! A crash between 2 and 3 leaves a frozen image and no overlay: running the
+//! snapshot again skips the freeze (a frozen image may have any number of
+//! overlays). The online snapshot (`crate::ublk::snapshot`) freezes first
+//! and then uses [`create_overlay`].
 
 use super::{create, CreateOptions, Image, ImageError, OpenOptions};
 use crate::format::Header;
@@ -56,11 +64,11 @@ pub fn base_reference(image: &Path, new: &Path) -> PathBuf {
     }
 }
 
-/// Creates an empty overlay at `new` over the frozen image `image` (whose
-/// header is `like`): the same size, block, chunk and journal sizes, and
-/// copy-on-read and prefetch defaults.
-pub fn create_overlay(image: &Path, new: &Path, like: &Header) -> Result<(), ImageError> {
-    let opts = CreateOptions {
+/// What an overlay over `image` (whose header is `like`) is created with: the
+/// same size, block, chunk and journal sizes, and copy-on-read and prefetch
+/// defaults.
+fn overlay_options(image: &Path, new: &Path, like: &Header) -> CreateOptions {
+    CreateOptions {
         size: Some(like.virtual_size),
         base: Some(base_reference(image, new)),
         block_size: like.block_size,
@@ -69,35 +77,36 @@ pub fn create_overlay(image: &Path, new: &Path, like: &Header) -> Result<(), Ima
         zero_detect: false,
         copy_on_read: like.compat & crate::format::header::COMPAT_COPY_ON_READ != 0,
         prefetch: like.compat & crate::format::header::COMPAT_PREFETCH != 0,
-    };
-    let is_device = std::fs::metadata(new).map(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_block_device()
-    });
-    if matches!(is_device, Ok(true)) {
-        return create(new, &opts).map(|_| ());
     }
-    if new.exists() {
-        return Err(ImageError::Invalid { path: new.display().to_string(), why: "already exists".into() });
-    }
-    let tmp = temp_name(new);
-    let _ = std::fs::remove_file(&tmp); // a crashed earlier attempt's
-    let io = |what: &'static str| {
-        let path = new.display().to_string();
-        move |source| ImageError::Io { path, what, offset: 0, source }
-    };
-    create(&tmp, &opts)?;
-    std::fs::rename(&tmp, new).map_err(io("rename into place"))?;
-    let dir = new.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("folder sync"))?;
-    Ok(())
 }
 
-/// Where an overlay is created before it is renamed into place.
+/// Creates an empty overlay at `new` over the frozen image `image` (whose
+/// header is `like`); see [`overlay_options`]. A file is made under a
+/// temporary name and put in place; a block device is formatted in place.
+pub fn create_overlay(image: &Path, new: &Path, like: &Header) -> Result<(), ImageError> {
+    let opts = overlay_options(image, new, like);
+    if create::is_block_device(new) {
+        return create_on_device(image, new, &opts);
+    }
+    create::stage(new, &opts)?.publish().map(|_| ())
+}
+
+fn create_on_device(image: &Path, new: &Path, opts: &CreateOptions) -> Result<(), ImageError> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if canon(image) == canon(new) {
+        return Err(ImageError::Invalid {
+            path: new.display().to_string(),
+            why: "is the image itself: an overlay needs storage of its own".into(),
+        });
+    }
+    // Formats in place; the base is the frozen image, so nothing is frozen here.
+    let opts = CreateOptions { base: opts.base.clone(), ..opts.clone() };
+    super::create::create(new, &opts).map(|_| ())
+}
+
+/// Where an overlay is created before it is put in place.
 pub fn temp_name(new: &Path) -> PathBuf {
-    let mut n = new.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    n.push(".fvd-snapshot-tmp");
-    new.with_file_name(n)
+    create::temp_name(new)
 }
 
 /// The current header of the image at `path`, opened read-only.
@@ -107,27 +116,91 @@ pub fn header_at(path: &Path) -> Result<Header, ImageError> {
     super::header_of(s.as_ref())
 }
 
-/// `fvd snapshot IMAGE NEW` on an image no daemon serves.
+/// `fvd snapshot IMAGE NEW` on an image no daemon serves. All or nothing: a
+/// NEW that cannot be made (it exists, its folder does not, the image is
+/// in use) leaves IMAGE as it was.
+///
+/// A file NEW is made first under its temporary name, then IMAGE is frozen,
+/// then NEW is put in place: a crash before the freeze leaves IMAGE live (and
+/// a temporary file the next attempt removes); after it, a frozen IMAGE that
+/// the same command completes. A block device NEW is checked, IMAGE frozen,
+/// then NEW formatted; a failure there thaws IMAGE again.
 pub fn snapshot(image: &Path, new: &Path) -> Result<Header, ImageError> {
     let h = header_at(image)?;
-    if !h.is_frozen() {
-        let img = Image::open(image, &OpenOptions::default())?;
-        let ring = crate::io::uring::Uring::new(16).map_err(|source| ImageError::Io {
+    if h.is_invalid() {
+        return Err(ImageError::Invalid {
             path: image.display().to_string(),
-            what: "io_uring setup",
-            offset: 0,
-            source,
-        })?;
-        ring.block_on(img.freeze(&ring)).map_err(|source| ImageError::Io {
-            path: image.display().to_string(),
-            what: "freeze",
-            offset: 0,
-            source,
-        })??;
+            why: "is marked invalid (a commit wrote into a layer below it) and cannot be snapshotted".into(),
+        });
     }
-    let h = header_at(image)?;
-    create_overlay(image, new, &h)?;
-    Ok(h)
+    let opts = overlay_options(image, new, &h);
+    let device = create::is_block_device(new);
+    if device {
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if canon(image) == canon(new) {
+            return Err(ImageError::Invalid {
+                path: new.display().to_string(),
+                why: "is the image itself: an overlay needs storage of its own".into(),
+            });
+        }
+        // Refused now, before the freeze, if another process holds it.
+        drop(crate::storage::FileStorage::open(new, crate::storage::OpenMode::ReadWrite)?);
+    }
+    let staged = if device { None } else { Some(create::stage(new, &opts)?) };
+    let froze = !h.is_frozen();
+    if froze {
+        freeze_offline(image)?;
+    }
+    let done = match staged {
+        Some(st) => st.publish().map(|_| ()),
+        None => create_on_device(image, new, &opts),
+    };
+    if let Err(e) = done {
+        // Give IMAGE back its writes, unless an overlay over it is in place
+        // after all (then it stays frozen: the overlay reads through it).
+        let in_place = header_at(new).map(|n| n.base_uuid == h.uuid).unwrap_or(false);
+        if froze && !in_place {
+            if let Err(t) = thaw_offline(image) {
+                tracing::error!(image = %image.display(), error = %t, "the snapshot failed and the image could not be thawed");
+            }
+        }
+        return Err(e);
+    }
+    header_at(image)
+}
+
+fn uring_for(image: &Path) -> Result<crate::io::uring::Uring, ImageError> {
+    crate::io::uring::Uring::new(16).map_err(|source| ImageError::Io {
+        path: image.display().to_string(),
+        what: "io_uring setup",
+        offset: 0,
+        source,
+    })
+}
+
+fn freeze_offline(image: &Path) -> Result<(), ImageError> {
+    let img = Image::open(image, &OpenOptions::default())?;
+    let ring = uring_for(image)?;
+    ring.block_on(img.freeze(&ring)).map_err(|source| ImageError::Io {
+        path: image.display().to_string(),
+        what: "freeze",
+        offset: 0,
+        source,
+    })?
+}
+
+fn thaw_offline(image: &Path) -> Result<(), ImageError> {
+    let so = crate::storage::StorageOptions::new(crate::storage::OpenMode::ReadWrite);
+    let storage = crate::storage::open_image_storage(image, &so)?;
+    // Only the header changes: the chain below is not needed for that.
+    let opts = OpenOptions { allow_frozen: true, chain_member: true, ..OpenOptions::default() };
+    let img = Image::open_on(image, storage, None, &opts)?;
+    let ring = uring_for(image)?;
+    ring.block_on(async {
+        img.thaw(&ring).await?;
+        img.close_async(&ring).await
+    })
+    .map_err(|source| ImageError::Io { path: image.display().to_string(), what: "thaw", offset: 0, source })?
 }
 
 /// The image and every layer of its chain as their headers name them (no data

@@ -130,6 +130,17 @@ fn lock_exclusive(file: &File, name: &str, block_device: bool) -> Result<(), Sto
     }
 }
 
+/// Whether another process holds `path` open for writing (an fvd writer's
+/// exclusive lock: a daemon, or a command such as `fvd io`). Tries a shared
+/// lock without waiting and lets it go at once, so it never keeps a writer
+/// out. False when the file cannot be opened (the caller's own open says why).
+pub fn held_by_writer(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else { return false };
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
 impl Storage for FileStorage {
     fn name(&self) -> &str {
         &self.path

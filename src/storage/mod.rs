@@ -15,7 +15,7 @@ pub mod lvm;
 pub mod sim;
 
 pub use device::ZeroedDevice;
-pub use file::{FileStorage, OpenMode};
+pub use file::{held_by_writer, FileStorage, OpenMode};
 pub use lv::LvStorage;
 pub use sim::{PowerCut, SimStorage};
 
