@@ -92,7 +92,8 @@ impl std::ops::Sub for Bytes {
 /// would never finish (no limit is the option left out).
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     match parse_size(s)?.0 {
-        0 => Err("a rate of 0 would never finish: give at least 1 byte per second, or leave the rate out for no limit".into()),
+        0 => Err("a rate of 0 would never finish: give at least 1 byte per second, or leave the rate out for no limit"
+            .into()),
         r => Ok(r),
     }
 }

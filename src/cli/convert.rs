@@ -44,7 +44,7 @@ fn open_src(p: &std::path::Path) -> Result<Src, CliError> {
         drop(s);
         Ok(Src::Fvd(Box::new(Image::open(p, &OpenOptions { read_only: true, ..Default::default() })?)))
     } else {
-        eprintln!("{}: no fvd header: converted as a raw disk image", p.display());
+        tracing::warn!(source = %p.display(), "no fvd header in either slot: converted as a raw disk image");
         Ok(Src::Raw(s))
     }
 }
@@ -139,7 +139,14 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
 }
 
 /// Copies every range of SRC that may hold data into `out`; returns the bytes written.
-fn copy(src: &Src, out: &Out, ranges: &[(u64, u64)], size: u64, ring: &Uring, a: &ConvertArgs) -> Result<u64, CliError> {
+fn copy(
+    src: &Src,
+    out: &Out,
+    ranges: &[(u64, u64)],
+    size: u64,
+    ring: &Uring,
+    a: &ConvertArgs,
+) -> Result<u64, CliError> {
     let pb = super::progress_bar(size);
     let mut buf = vec![0u8; STEP];
     let mut written = 0u64;

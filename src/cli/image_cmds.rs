@@ -68,11 +68,7 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
     };
     // An fvd base is frozen by the create (see `image::create`): say so.
     let base_to_freeze = a.base.as_ref().and_then(|b| {
-        let p = if b.is_absolute() {
-            b.clone()
-        } else {
-            a.image.parent().unwrap_or(std::path::Path::new(".")).join(b)
-        };
+        let p = if b.is_absolute() { b.clone() } else { a.image.parent().unwrap_or(std::path::Path::new(".")).join(b) };
         image::snapshot::header_at(&p).ok().filter(|h| !h.is_frozen()).map(|_| p)
     });
     let geo = image::create(&a.image, &opts)?;
@@ -88,7 +84,11 @@ pub fn create(a: CreateArgs) -> Result<i32, CliError> {
         a.base.map(|b| format!(" base={}", b.display())).unwrap_or_default()
     );
     if let Some(b) = base_to_freeze {
-        println!("{} is now frozen: it is the base of {}, and writes to it are refused", b.display(), a.image.display());
+        println!(
+            "{} is now frozen: it is the base of {}, and writes to it are refused",
+            b.display(),
+            a.image.display()
+        );
     }
     if geo.base_blocks() > 0 && !a.no_zero_detect {
         let img = Image::open(&a.image, &OpenOptions { read_only: true, ..Default::default() })?;

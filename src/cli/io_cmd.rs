@@ -27,13 +27,35 @@ pub struct IoArgs {
 
 #[derive(Debug, PartialEq)]
 enum Cmd {
-    Write { pattern: u8, off: u64, len: u64 },
+    Write {
+        pattern: u8,
+        off: u64,
+        len: u64,
+    },
     /// LEN: bytes of FILE to write (None: its size; a source without a size needs it).
-    WriteFile { file: PathBuf, off: u64, len: Option<u64> },
-    Read { pattern: Option<u8>, off: u64, len: u64 },
-    ReadFile { file: PathBuf, off: u64, len: u64 },
-    Discard { off: u64, len: u64 },
-    Zero { off: u64, len: u64 },
+    WriteFile {
+        file: PathBuf,
+        off: u64,
+        len: Option<u64>,
+    },
+    Read {
+        pattern: Option<u8>,
+        off: u64,
+        len: u64,
+    },
+    ReadFile {
+        file: PathBuf,
+        off: u64,
+        len: u64,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
     Flush,
 }
 
@@ -109,7 +131,8 @@ fn check_range(img: &Image, off: u64, len: u64) -> Result<(), CliError> {
     match off.checked_add(len) {
         Some(end) if end <= img.size() => Ok(()),
         _ => Err(fail(format!(
-            "offset {off:#x} + length {len:#x} is outside the disk ({:#x} bytes); nothing was done",
+            "{}: offset {off:#x} + length {len:#x} is outside the disk ({:#x} bytes); nothing was done",
+            img.path().display(),
             img.size()
         ))),
     }
@@ -135,7 +158,13 @@ fn source_size(f: &std::fs::File) -> std::io::Result<Option<u64>> {
 /// at OFF, streamed in pieces. The range is checked first; a length that is
 /// not a multiple of 512 keeps the disk's own bytes after it in the last
 /// sector (read, merged, written).
-async fn write_file(img: &Image, ring: &Uring, file: &std::path::Path, off: u64, len: Option<u64>) -> Result<String, CliError> {
+async fn write_file(
+    img: &Image,
+    ring: &Uring,
+    file: &std::path::Path,
+    off: u64,
+    len: Option<u64>,
+) -> Result<String, CliError> {
     use std::io::Read;
     let ferr = |e: std::io::Error| fail(format!("{}: {e}", file.display()));
     let mut f = std::fs::File::open(file).map_err(ferr)?;

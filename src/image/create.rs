@@ -163,19 +163,7 @@ fn freeze_fvd_base(image: &Path, opts: &CreateOptions) -> Result<(), ImageError>
     if probe_base(&p)? != BaseFormat::Fvd || super::snapshot::header_at(&p)?.is_frozen() {
         return Ok(());
     }
-    let base = super::Image::open(&p, &super::OpenOptions::default())?;
-    let ring = crate::io::uring::Uring::new(16).map_err(|source| ImageError::Io {
-        path: p.display().to_string(),
-        what: "io_uring setup",
-        offset: 0,
-        source,
-    })?;
-    ring.block_on(base.freeze(&ring)).map_err(|source| ImageError::Io {
-        path: p.display().to_string(),
-        what: "freeze",
-        offset: 0,
-        source,
-    })??;
+    super::snapshot::freeze_offline(&p)?;
     tracing::info!(base = %p.display(), "the fvd base is frozen: an overlay reads through it from now on");
     Ok(())
 }

@@ -208,8 +208,11 @@ pub fn commit(
     let invalid = |why: String| ImageError::Invalid { path: name.clone(), why };
     let h = header_at(image)?;
     if h.is_prefetched() {
-        return Err(invalid("holds its whole base (prefetched) and no longer reads through it, so there is no base to commit into; \
-             it is a whole disk by itself".into()));
+        return Err(invalid(
+            "holds its whole base (prefetched) and no longer reads through it, so there is no base to commit into; \
+             it is a whole disk by itself"
+                .into(),
+        ));
     }
     let top = Image::open(image, &OpenOptions { allow_frozen: true, ..OpenOptions::default() })?;
     let chain = top.base().ok_or_else(|| invalid("has no base to commit into".into()))?;

@@ -79,10 +79,8 @@ pub fn open_new_base(image: &Path, path: &Path, image_header: &Header) -> Result
     above.compat &= !COMPAT_PREFETCHED;
     above.flags &= !FLAG_COMMITTING;
     id.record(&mut above);
-    let chain = open_base(image, &above)?.ok_or_else(|| ImageError::Invalid {
-        path: name,
-        why: "opened as no base at all".into(),
-    })?;
+    let chain = open_base(image, &above)?
+        .ok_or_else(|| ImageError::Invalid { path: name, why: "opened as no base at all".into() })?;
     Ok(NewBase { chain, reference, id })
 }
 
@@ -136,6 +134,14 @@ pub async fn copy_differences<E: IoEngine>(
     }
     top.flush(e).await?;
     Ok((copied, compared))
+}
+
+/// Freezes the new base unless it is raw or frozen already.
+fn freeze_new_base(n: &NewBase) -> Result<(), ImageError> {
+    match n.chain.layers().first() {
+        Some(super::Layer::Fvd(img)) if !img.header().is_frozen() => super::snapshot::freeze_offline(img.path()),
+        _ => Ok(()),
+    }
 }
 
 /// Switches the open image's header to `new` (None: stands alone).
@@ -208,6 +214,12 @@ pub fn rebase(
             } else {
                 copy_differences(&ring, &top, new.as_ref().map(|n| &n.chain), &prog).await?
             };
+            // The new base must never change under the image from now on:
+            // an fvd one is frozen (as `fvd create --base` does), last, so a
+            // failure before leaves it as it was.
+            if let Some(n) = &new {
+                freeze_new_base(n)?;
+            }
             switch_base(&ring, &top, new.as_ref()).await?;
             top.close_async(&ring).await?;
             Ok::<_, ImageError>(r)

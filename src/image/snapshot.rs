@@ -178,7 +178,9 @@ fn uring_for(image: &Path) -> Result<crate::io::uring::Uring, ImageError> {
     })
 }
 
-fn freeze_offline(image: &Path) -> Result<(), ImageError> {
+/// Freezes the image at `path`, which no one else holds open for writing
+/// (a holder makes the open fail: it is never frozen under a writer).
+pub(crate) fn freeze_offline(image: &Path) -> Result<(), ImageError> {
     let img = Image::open(image, &OpenOptions::default())?;
     let ring = uring_for(image)?;
     ring.block_on(img.freeze(&ring)).map_err(|source| ImageError::Io {
