@@ -350,3 +350,42 @@ fn check_sees_images_that_do_not_open_and_commit_after_prefetch_says_why() {
     assert_ne!(code, 0);
     assert!(out.contains("no base to commit into"), "{out}");
 }
+
+/// Found by the model test: a commit into a layer that another overlay also
+/// reads through changed what that overlay read, without a word. The target
+/// now takes a new identity first, so the other overlay is refused instead.
+#[test]
+fn commit_into_a_shared_base_refuses_its_other_overlays() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, x, y) = (p(d.path(), "b.fvd"), p(d.path(), "x.fvd"), p(d.path(), "y.fvd"));
+    ok(&["create", "--size", "4M", &b]);
+    ok(&["io", &b, "-c", "write -P 1 0 4M"]);
+    ok(&["create", "-b", &b, &x]);
+    ok(&["create", "-b", &b, &y]);
+    ok(&["io", &x, "-c", "write -P 2 0 1M"]);
+    ok(&["commit", &x]);
+    ok(&["io", "-r", &x, "-c", "read -P 2 0 1M", "-c", "read -P 1 1M 3M"]);
+    let (code, out) = fvd_merged(&["io", "-r", &y, "-c", "read -P 1 0 1M"]);
+    assert_ne!(code, 0, "y would read x's data through the changed base: {out}");
+    assert!(out.contains("is not the image this one was created over"), "{out}");
+    let (code, _, _) = fvd(&["check", &y]);
+    assert_eq!(code, 2);
+}
+
+/// Found by the model test: a rebase onto a live layer let that layer be
+/// written afterwards, changing what the rebased image read. The new base is
+/// frozen now, as `create --base` does.
+#[test]
+fn rebase_freezes_the_new_base() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, o, n) = (p(d.path(), "b.fvd"), p(d.path(), "o.fvd"), p(d.path(), "n.fvd"));
+    ok(&["create", "--size", "4M", &b]);
+    ok(&["create", "-b", &b, &o]);
+    ok(&["create", "--size", "4M", &n]);
+    ok(&["io", &n, "-c", "write -P 6 0 1M"]);
+    ok(&["rebase", "-b", &n, &o]);
+    ok(&["io", "-r", &o, "-c", "read -P 0 0 4M"]);
+    let (code, out) = fvd_merged(&["io", &n, "-c", "write -P 7 0 1M"]);
+    assert!(code != 0 && out.contains("frozen"), "{out}");
+    ok(&["io", "-r", &o, "-c", "read -P 0 0 4M"]);
+}

@@ -45,6 +45,10 @@ struct Layer {
     content: Option<Vec<u8>>,
     /// The layer it reads through (None: stands alone).
     base: Option<usize>,
+    /// A commit changed its base under it: Some(true) it is refused (an fvd
+    /// base takes a new identity), None maybe (a raw base's fingerprint
+    /// samples 16 blocks: a change elsewhere goes unseen).
+    orphan: Option<bool>,
 }
 
 struct World {
@@ -174,9 +178,21 @@ impl World {
         out
     }
 
-    /// Whether the layer opens: neither it nor any layer under it is invalid.
+    /// Whether the layer opens: no layer of its chain is invalid or was
+    /// orphaned by a commit. None: it may or may not.
+    fn opens_state(&self, i: usize) -> Option<bool> {
+        let c = self.chain(i);
+        if c.iter().any(|&k| self.layers[k].state == State::Invalid || self.layers[k].orphan == Some(true)) {
+            return Some(false);
+        }
+        if c.iter().any(|&k| self.layers[k].orphan.is_none()) {
+            return None;
+        }
+        Some(true)
+    }
+
     fn opens(&self, i: usize) -> bool {
-        self.chain(i).iter().all(|&k| self.layers[k].state != State::Invalid)
+        self.opens_state(i) == Some(true)
     }
 
     fn size(&self, i: usize) -> u64 {
@@ -211,7 +227,11 @@ impl World {
     /// Every layer reads its model; those that must not open do not.
     fn verify(&mut self, check: &[usize]) {
         for i in 0..self.layers.len() {
-            let opens = self.opens(i);
+            let Some(opens) = self.opens_state(i) else {
+                // Either way is right; it must not hang or crash.
+                let _ = self.read_all(i);
+                continue;
+            };
             let got = self.read_all(i);
             match (opens, got) {
                 (true, Ok(bytes)) => {
@@ -254,7 +274,12 @@ impl World {
         }
         a.push(name.clone());
         let r = self.run(&a, None);
-        let want = if self.opens(i) || self.layers[i].state == State::Invalid { 0 } else { 2 };
+        let want = match self.opens_state(i) {
+            _ if self.layers[i].state == State::Invalid => 0,
+            Some(true) => 0,
+            Some(false) => 2,
+            None => return,
+        };
         self.expect(r.code == want, &format!("fvd check {name}: exit {} (want {want}): {}", r.code, r.out));
     }
 
@@ -303,7 +328,14 @@ impl World {
             }
             std::fs::write(self.path(&name), &c).expect("write raw");
             self.log.push(format!("(raw bottom {name}, {size} bytes)"));
-            self.layers.push(Layer { name, raw: true, state: State::Live, content: Some(c), base: None });
+            self.layers.push(Layer {
+                name,
+                raw: true,
+                state: State::Live,
+                content: Some(c),
+                base: None,
+                orphan: Some(false),
+            });
         } else {
             let name = self.fresh_name("fvd");
             let mut a = args(&["create", "--size", &size.to_string()]);
@@ -316,6 +348,7 @@ impl World {
                 state: State::Live,
                 content: Some(vec![0; size as usize]),
                 base: None,
+                orphan: Some(false),
             });
         }
         vec![self.layers.len() - 1]
@@ -345,7 +378,7 @@ impl World {
             self.layers[b].state = State::Frozen;
         }
         let content = self.layers[b].content.clone();
-        self.layers.push(Layer { name, raw: false, state: State::Live, content, base: Some(b) });
+        self.layers.push(Layer { name, raw: false, state: State::Live, content, base: Some(b), orphan: Some(false) });
         vec![b, self.layers.len() - 1]
     }
 
@@ -355,14 +388,18 @@ impl World {
         let Some(i) = self.pick(&v) else { return vec![] };
         let size = self.size(i);
         let mut a = args(&["io"]);
-        if self.rng.gen_bool(0.3) {
+        let writethrough = self.rng.gen_bool(0.3);
+        if writethrough {
             a.push("--writethrough".into());
         }
         a.push(self.layers[i].name.clone());
-        let mut content = self.layers[i].content.clone();
-        for _ in 0..self.rng.gen_range(1..5) {
+        // The model after each command: states[k] after the first k.
+        let mut states = vec![self.layers[i].content.clone()];
+        let mut flush_at = Vec::new();
+        for k in 0..self.rng.gen_range(1..8) {
+            let mut content = states[k].clone();
             let off = self.rng.gen_range(0..size / 512) * 512;
-            let len = (self.rng.gen_range(1..=((size - off) / 512).min(1024))) * 512;
+            let len = (self.rng.gen_range(1..=((size - off) / 512).min(4096))) * 512;
             let cmd = match self.rng.gen_range(0..10) {
                 0..=4 => {
                     let p: u8 = self.rng.gen_range(1..=255);
@@ -383,7 +420,10 @@ impl World {
                     }
                     format!("discard {off} {len}")
                 }
-                7 => "flush".to_string(),
+                7 => {
+                    flush_at.push(k);
+                    "flush".to_string()
+                }
                 _ => {
                     // An odd length: the bytes after it in its last sector stay.
                     let n = self.rng.gen_range(1..=(len as usize).min(5000));
@@ -399,17 +439,54 @@ impl World {
             };
             a.push("-c".into());
             a.push(cmd);
+            states.push(content);
         }
         let kill = self.kill_point();
         let r = self.run(&a, kill);
         if r.killed {
+            self.after_killed_io(i, &r, &states, &flush_at, writethrough);
             // Every command of it is idempotent: the same again completes it.
             self.must(&a);
         } else {
             self.expect(r.code == 0, &format!("io on {}: {}", self.layers[i].name, r.out));
         }
-        self.layers[i].content = content;
+        self.layers[i].content = states.pop().flatten();
         vec![i]
+    }
+
+    /// After `fvd io` was killed: every command it reported done (a line
+    /// each; `flush` prints none) is there if it was flushed, or in
+    /// writethrough mode; of the rest, each byte holds what one of the
+    /// commands up to the one in flight left there, never anything else.
+    fn after_killed_io(&mut self, i: usize, r: &Ran, states: &[Option<Vec<u8>>], flush_at: &[usize], wt: bool) {
+        if states.iter().any(|s| s.is_none()) {
+            return;
+        }
+        let done_lines = r
+            .out
+            .lines()
+            .filter(|l| l.starts_with("wrote ") || l.starts_with("discard ") || l.starts_with("read "))
+            .count();
+        // Commands that printed, in order: index of the done_lines-th one.
+        let printing: Vec<usize> = (0..states.len() - 1).filter(|k| !flush_at.contains(k)).collect();
+        let completed = if done_lines == 0 { 0 } else { printing[done_lines - 1] + 1 };
+        let lo =
+            if wt { completed } else { flush_at.iter().filter(|&&f| f < completed).map(|&f| f + 1).max().unwrap_or(0) };
+        // In flight: the flushes after the last line and the command after them.
+        let next = printing.iter().copied().find(|&k| k >= completed).unwrap_or(states.len() - 1);
+        let hi = (next + 1).min(states.len() - 1);
+        let got = match self.read_all(i) {
+            Ok(g) => g,
+            Err(e) => self.fail(&format!("after a killed io, {} does not open: {e}", self.layers[i].name)),
+        };
+        let allowed: Vec<&Vec<u8>> = states[lo..=hi].iter().flatten().collect();
+        if let Some(b) = (0..got.len()).find(|&b| !allowed.iter().any(|s| s[b] == got[b])) {
+            self.fail(&format!(
+                "after a killed io ({done_lines} command(s) reported done, writethrough {wt}), {} byte {b:#x} holds {:#x}, \
+                 which none of the states {lo}..={hi} has",
+                self.layers[i].name, got[b]
+            ));
+        }
     }
 
     fn refusals(&mut self) -> Vec<usize> {
@@ -489,7 +566,7 @@ impl World {
         }
         self.layers[i].state = State::Frozen;
         let content = self.layers[i].content.clone();
-        self.layers.push(Layer { name, raw: false, state: State::Live, content, base: Some(i) });
+        self.layers.push(Layer { name, raw: false, state: State::Live, content, base: Some(i), orphan: Some(false) });
         vec![i, self.layers.len() - 1]
     }
 
@@ -538,6 +615,11 @@ impl World {
             let ck = self.chain(k);
             if k != t && ck.contains(&t) && !ck.contains(&i) {
                 self.layers[k].content = None;
+                // The one right above the target is refused at open (fvd),
+                // or may be (raw: a sampled fingerprint).
+                if self.layers[k].base == Some(t) && !between.contains(&k) {
+                    self.layers[k].orphan = if self.layers[t].raw { None } else { Some(true) };
+                }
             }
         }
         self.layers[t].content = content;
@@ -553,8 +635,26 @@ impl World {
         let bsize = self.size(self.layers[i].base.unwrap_or(i));
         let name = self.layers[i].name.clone();
         let standalone = self.rng.gen_bool(0.2);
+        // Unsafe: onto a layer that reads exactly what the old base reads (a
+        // copy of it, the operator's case), so the image reads the same.
+        let base_content = self.layers[i].base.and_then(|b| self.layers[b].content.clone());
+        let unsafe_mode =
+            !standalone && self.layers[i].state == State::Live && base_content.is_some() && self.rng.gen_bool(0.3);
         let target = if standalone {
             None
+        } else if unsafe_mode {
+            let c: Vec<usize> = (0..self.layers.len())
+                .filter(|&k| {
+                    Some(k) != self.layers[i].base
+                        && self.opens(k)
+                        && !self.chain(k).contains(&i)
+                        && self.layers[k].content == base_content
+                })
+                .collect();
+            match self.pick(&c) {
+                Some(k) => Some(k),
+                None => return vec![],
+            }
         } else {
             // Any layer of the same size that opens and whose chain does not pass through i.
             let c: Vec<usize> = (0..self.layers.len())
@@ -566,7 +666,11 @@ impl World {
             }
         };
         let tname = target.map(|k| self.layers[k].name.clone()).unwrap_or_default();
-        let a = args(&["rebase", "-b", &tname, &name]);
+        let a = if unsafe_mode {
+            args(&["rebase", "-u", "-b", &tname, &name])
+        } else {
+            args(&["rebase", "-b", &tname, &name])
+        };
         let kill = self.kill_point();
         let r = self.run(&a, kill);
         if r.killed {
@@ -635,7 +739,7 @@ impl World {
             self.expect(r.code == 0, &format!("convert: {}", r.out));
         }
         let content = self.layers[i].content.clone();
-        self.layers.push(Layer { name, raw, state: State::Live, content, base: None });
+        self.layers.push(Layer { name, raw, state: State::Live, content, base: None, orphan: Some(false) });
         vec![self.layers.len() - 1]
     }
 

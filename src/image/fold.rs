@@ -4,7 +4,9 @@
 //! that still reads what the image read, and running the commit again completes
 //! it (every step is idempotent):
 //! 1. the image's header is marked committing, with the target's depth;
-//! 2. every block the layers above the target hold (the image's own, and those
+//! 2. an fvd target takes a new identity (other overlays over it would read
+//!    changed data: they are refused at their next open instead); then every
+//!    block the layers above the target hold (the image's own, and those
 //!    of the layers in between) is read through the image and written into the
 //!    target, which is then made durable. Readers through the image never read
 //!    those blocks from the target, so its changing under them is invisible;
@@ -158,6 +160,14 @@ pub async fn run<E: IoEngine>(
         h.commit_depth = depth as u32;
     })
     .await?;
+    // The target changes from here on: an fvd target takes a new identity,
+    // durable before any of its data changes, so that any other overlay over
+    // it (which would read changed data) is refused at its next open rather
+    // than reading it silently. This image's checks are relaxed (committing)
+    // until step 4 records the new identity; a resumed commit renews it again.
+    if let Target::Fvd(t) = &target {
+        t.write_header(e, |h| h.uuid = crate::format::header::new_uuid()).await?;
+    }
     let (copied_bytes, zeroed_bytes) = copy_down(e, top, depth, &target, progress).await?;
     for s in between {
         edit_header(*s, |h| h.flags |= FLAG_INVALID)?;

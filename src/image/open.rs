@@ -174,6 +174,15 @@ fn initialised_end(l: &Loaded) -> u64 {
     l.header.initialised_end.max(l.geo.data_offset.saturating_add(used.saturating_mul(l.geo.chunk_bytes())))
 }
 
+fn invalid_error(name: &str) -> ImageError {
+    ImageError::Invalid {
+        path: name.to_string(),
+        why: "marked invalid: a commit wrote into a layer below it (or a convert into it did not finish), \
+              so it no longer reads what it should"
+            .into(),
+    }
+}
+
 impl Image {
     /// Opens an image file or block device, and its base.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
@@ -186,6 +195,15 @@ impl Image {
         };
         let storage = open_image_storage(path, &so)?;
         let header = read_header(storage.as_ref())?;
+        if header.is_invalid() {
+            if !opts.allow_invalid && !opts.chain_member {
+                return Err(invalid_error(storage.name()));
+            }
+            // Shown, not read: its chain may no longer open (a commit renewed
+            // the identity of the layer it wrote into).
+            let opts = OpenOptions { chain_member: true, ..opts.clone() };
+            return Image::open_on(path, storage, None, &opts);
+        }
         // Once the whole base is in the image the base is never opened again:
         // it may have been moved away.
         let base = if header.is_prefetched() { None } else { open_base(path, &header)? };
@@ -219,10 +237,7 @@ impl Image {
         // Never opened again to read or write its data; a chain member only
         // while a commit through it is completed, and `fvd info` to say so.
         if loaded.header.is_invalid() && !opts.chain_member && !opts.allow_invalid {
-            return Err(ImageError::Invalid {
-                path: name,
-                why: "marked invalid: a commit wrote into a layer below it, so it no longer reads what it did".into(),
-            });
+            return Err(invalid_error(&name));
         }
         if loaded.header.base_size > 0 && base.is_none() && !loaded.header.is_prefetched() && !opts.chain_member {
             return Err(ImageError::Base {
