@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DEFAULT_SEQS: u64 = 120;
+const DEFAULT_SEQS: u64 = 250;
 const STEPS: usize = 14;
 const MAX_LAYERS: usize = 9;
 
@@ -292,7 +292,7 @@ impl World {
     }
 
     fn kill_point(&mut self) -> Option<Duration> {
-        self.rng.gen_bool(0.3).then(|| Duration::from_micros(self.rng.gen_range(0..40_000)))
+        self.rng.gen_bool(0.5).then(|| Duration::from_micros(self.rng.gen_range(0..15_000)))
     }
 
     fn geometry_args(&mut self) -> Vec<String> {

@@ -127,11 +127,9 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
         Out::Raw(f, tmp) => {
             f.sync_all().map_err(derr)?;
             drop(f);
-            let r = std::fs::hard_link(&tmp, &a.dst).map_err(derr);
+            let r = image::put_in_place(&tmp, &a.dst).map_err(derr);
             let _ = std::fs::remove_file(&tmp);
             r?;
-            let dir = a.dst.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(derr)?;
         }
     }
     tracing::info!(bytes = written, "convert wrote non-zero data");

@@ -101,11 +101,8 @@ impl Staged {
         };
         // A link, not a rename: it never replaces what appeared at `path`
         // since the stage began.
-        std::fs::hard_link(&self.tmp, &self.path).map_err(io("put in place", &self.path))?;
+        put_in_place(&self.tmp, &self.path).map_err(io("put in place", &self.path))?;
         self.published = true;
-        let _ = std::fs::remove_file(&self.tmp);
-        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("folder sync", dir))?;
         Ok(self.geo.clone())
     }
 }
@@ -116,6 +113,23 @@ impl Drop for Staged {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Puts the finished file `tmp` in place at `path`, never replacing what is
+/// there (a link, then the temporary name goes; a rename, checked just
+/// before, on a file system without links), and makes the folder entry
+/// durable.
+pub fn put_in_place(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(tmp, path) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(tmp);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(e),
+        Err(_) if std::fs::symlink_metadata(path).is_err() => std::fs::rename(tmp, path)?,
+        Err(e) => return Err(e),
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Makes the image file `path` under its temporary name (see [`Staged`]).

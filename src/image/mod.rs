@@ -30,7 +30,7 @@ mod zero_scan;
 
 pub use base::{Base, Layer};
 pub use copy_on_read::CorQueue;
-pub use create::{create, create_on, is_block_device, stage, temp_name, CreateOptions, Staged};
+pub use create::{create, create_on, is_block_device, put_in_place, stage, temp_name, CreateOptions, Staged};
 pub use error::ImageError;
 pub use inspect::{check, header_of, CheckReport, MapKind, MapRange};
 pub use live::{LivePrefetch, LiveStatus, DEFAULT_COMMIT_INTERVAL};
