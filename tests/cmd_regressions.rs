@@ -13,7 +13,7 @@ fn p(dir: &Path, name: &str) -> String {
     s(&dir.join(name)).to_string()
 }
 
-/// 1. A safe rebase onto an fvd layer with its own base keeps what the image
+/// Report 1: A safe rebase onto an fvd layer with its own base keeps what the image
 /// reads: the new chain is read through, not the new base's own blocks alone.
 #[test]
 fn safe_rebase_onto_a_layer_with_a_base_keeps_the_content() {
@@ -36,7 +36,7 @@ fn safe_rebase_onto_a_layer_with_a_base_keeps_the_content() {
     ok(&["io", "-r", &c, "-c", "read -P 0 0 1M", "-c", "read -P 1 1M 7M"]);
 }
 
-/// 2. A failed offline snapshot (NEW exists, or its folder does not) leaves
+/// Report 2: A failed offline snapshot (NEW exists, or its folder does not) leaves
 /// the image live.
 #[test]
 fn a_failed_snapshot_leaves_the_image_as_it_was() {
@@ -71,7 +71,7 @@ fn wait_for(file: &Path, text: &str) {
     }
 }
 
-/// 3. Writethrough: a completed zero (or discard) over base data survives a
+/// Report 3: Writethrough: a completed zero (or discard) over base data survives a
 /// SIGKILL right after it, like a completed write.
 #[test]
 fn writethrough_zero_and_discard_survive_a_kill() {
@@ -102,7 +102,7 @@ fn writethrough_zero_and_discard_survive_a_kill() {
     }
 }
 
-/// 4-7. `fvd io`: a source with an odd length keeps the disk's bytes after
+/// Report 4-7: `fvd io`: a source with an odd length keeps the disk's bytes after
 /// it; a source without a size needs a length and is never read whole; a
 /// range past the end, or one that wraps, is refused before anything is done.
 #[test]
@@ -148,7 +148,7 @@ fn io_write_from_a_file_and_out_of_range_requests() {
     assert_ne!(code, 0, "{out}");
 }
 
-/// 8. Layers a commit marked invalid never open again for their data.
+/// Report 8: Layers a commit marked invalid never open again for their data.
 #[test]
 fn invalid_layers_do_not_open() {
     let d = tempfile::tempdir().unwrap();
@@ -177,7 +177,7 @@ fn invalid_layers_do_not_open() {
     ok(&["io", "-r", &l2, "-c", "read -P 2 0 1M", "-c", "read -P 3 1M 1M", "-c", "read -P 1 2M 2M"]);
 }
 
-/// 9. An fvd base is frozen when an overlay is created over it: a write to
+/// Report 9: An fvd base is frozen when an overlay is created over it: a write to
 /// it, which would change what the overlay reads, is refused.
 #[test]
 fn a_base_is_frozen_by_an_overlay_over_it() {
@@ -218,7 +218,7 @@ fn a_base_is_frozen_by_an_overlay_over_it() {
     ok(&["io", &b2, "-c", "write -P 1 0 512"]);
 }
 
-/// 10. A rebase that would make the chain loop is refused, safe or unsafe.
+/// Report 10: A rebase that would make the chain loop is refused, safe or unsafe.
 #[test]
 fn rebase_refuses_loops() {
     let d = tempfile::tempdir().unwrap();
@@ -245,7 +245,7 @@ fn rebase_refuses_loops() {
     ok(&["check", &t]);
 }
 
-/// 11. A prefetch rate of 0 is refused at once.
+/// Report 11: A prefetch rate of 0 is refused at once.
 #[test]
 fn prefetch_rate_zero_is_refused() {
     let d = tempfile::tempdir().unwrap();
@@ -260,7 +260,7 @@ fn prefetch_rate_zero_is_refused() {
     ok(&["prefetch", "--rate", "64M", &o]);
 }
 
-/// 12. An interrupted convert leaves no output that looks whole, and the same
+/// Report 12: An interrupted convert leaves no output that looks whole, and the same
 /// command again completes; a killed create leaves no image either.
 #[test]
 fn interrupted_convert_and_create_leave_nothing_half_made() {

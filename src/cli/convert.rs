@@ -91,7 +91,7 @@ pub fn run(a: ConvertArgs) -> Result<i32, CliError> {
             Out::FvdDevice(Image::open(&a.dst, &OpenOptions { allow_invalid: true, ..Default::default() })?)
         } else {
             let staged = image::stage(&a.dst, &opts)?;
-            let img = Image::open(staged.path(), &OpenOptions::default())?;
+            let img = Image::open(staged.temp_path(), &OpenOptions::default())?;
             Out::Fvd(img, staged)
         }
     } else {

@@ -88,7 +88,7 @@ impl Staged {
     }
 
     /// The temporary file, to open and fill before [`Staged::publish`].
-    pub fn path(&self) -> &Path {
+    pub fn temp_path(&self) -> &Path {
         &self.tmp
     }
 
