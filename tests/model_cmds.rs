@@ -313,6 +313,42 @@ impl World {
         a
     }
 
+    /// Runs a command that makes the file `made` (create, snapshot, convert),
+    /// perhaps killed part-way: all or nothing, so after a kill the file is
+    /// either there, whole (verified with the rest), or missing, and then the
+    /// same command again makes it.
+    fn run_making(&mut self, a: &[String], made: &str, what: &str) {
+        let kill = self.kill_point();
+        let r = self.run(a, kill);
+        if r.killed {
+            if !self.path(made).exists() {
+                self.must(a);
+            }
+        } else {
+            self.expect(r.code == 0, &format!("{what}: {}", r.out));
+        }
+    }
+
+    /// Runs a command that changes layer `i` but not what it reads (commit,
+    /// rebase, prefetch), perhaps killed part-way: after a kill, `i` still
+    /// reads its model, and the same command again completes the job.
+    fn run_resumable(&mut self, a: &[String], i: usize, what: &str) {
+        let kill = self.kill_point();
+        let r = self.run(a, kill);
+        if !r.killed {
+            return self.expect(r.code == 0, &format!("{what}: {}", r.out));
+        }
+        if let Some(want) = self.layers[i].content.clone() {
+            let name = self.layers[i].name.clone();
+            match self.read_all(i) {
+                Ok(got) if got == want => {}
+                Ok(_) => self.fail(&format!("after a killed {what} {name} reads other bytes")),
+                Err(e) => self.fail(&format!("after a killed {what} {name} does not open: {e}")),
+            }
+        }
+        self.must(a);
+    }
+
     // ---- the operations ----
 
     fn new_bottom(&mut self) -> Vec<usize> {
@@ -364,16 +400,8 @@ impl World {
             a.push("--no-zero-detect".into());
         }
         a.push(name.clone());
-        let kill = self.kill_point();
-        let r = self.run(&a, kill);
-        if r.killed {
-            // All or nothing: either the image is there, whole, or it is not.
-            if !self.path(&name).exists() {
-                self.must(&a);
-            }
-        } else {
-            self.expect(r.code == 0, &format!("create over {}: {}", self.layers[b].name, r.out));
-        }
+        let what = format!("create over {}", self.layers[b].name);
+        self.run_making(&a, &name, &what);
         if !self.layers[b].raw {
             self.layers[b].state = State::Frozen;
         }
@@ -555,15 +583,7 @@ impl World {
         let Some(i) = self.pick(&v) else { return vec![] };
         let name = self.fresh_name("fvd");
         let a = args(&["snapshot", &self.layers[i].name.clone(), &name]);
-        let kill = self.kill_point();
-        let r = self.run(&a, kill);
-        if r.killed {
-            if !self.path(&name).exists() {
-                self.must(&a);
-            }
-        } else {
-            self.expect(r.code == 0, &format!("snapshot: {}", r.out));
-        }
+        self.run_making(&a, &name, "snapshot");
         self.layers[i].state = State::Frozen;
         let content = self.layers[i].content.clone();
         self.layers.push(Layer { name, raw: false, state: State::Live, content, base: Some(i), orphan: Some(false) });
@@ -588,21 +608,8 @@ impl World {
             a.push("-d".into());
         }
         a.push(self.layers[i].name.clone());
-        let kill = self.kill_point();
-        let r = self.run(&a, kill);
-        if r.killed {
-            // The chain still reads what the image read.
-            if let Some(want) = self.layers[i].content.clone() {
-                match self.read_all(i) {
-                    Ok(got) if got == want => {}
-                    Ok(_) => self.fail(&format!("after a killed commit {} reads other bytes", self.layers[i].name)),
-                    Err(e) => self.fail(&format!("after a killed commit {} does not open: {e}", self.layers[i].name)),
-                }
-            }
-            self.must(&a);
-        } else {
-            self.expect(r.code == 0, &format!("commit: {}", r.out));
-        }
+        // After a kill the chain still reads what the image read.
+        self.run_resumable(&a, i, "commit");
         // The target reads what the image read; the layers between are
         // invalid; whatever else read through the target reads changed data
         // (the product promises nothing there: unknown).
@@ -671,20 +678,7 @@ impl World {
         } else {
             args(&["rebase", "-b", &tname, &name])
         };
-        let kill = self.kill_point();
-        let r = self.run(&a, kill);
-        if r.killed {
-            if let Some(want) = self.layers[i].content.clone() {
-                match self.read_all(i) {
-                    Ok(got) if got == want => {}
-                    Ok(_) => self.fail(&format!("after a killed rebase {name} reads other bytes")),
-                    Err(e) => self.fail(&format!("after a killed rebase {name} does not open: {e}")),
-                }
-            }
-            self.must(&a);
-        } else {
-            self.expect(r.code == 0, &format!("rebase: {}", r.out));
-        }
+        self.run_resumable(&a, i, "rebase");
         // An fvd new base is frozen by the rebase (it must never change under i).
         if let Some(k) = target {
             if !self.layers[k].raw {
@@ -729,15 +723,7 @@ impl World {
         }
         a.push(self.layers[i].name.clone());
         a.push(name.clone());
-        let kill = self.kill_point();
-        let r = self.run(&a, kill);
-        if r.killed {
-            if !self.path(&name).exists() {
-                self.must(&a);
-            }
-        } else {
-            self.expect(r.code == 0, &format!("convert: {}", r.out));
-        }
+        self.run_making(&a, &name, "convert");
         let content = self.layers[i].content.clone();
         self.layers.push(Layer { name, raw, state: State::Live, content, base: None, orphan: Some(false) });
         vec![self.layers.len() - 1]
@@ -747,13 +733,7 @@ impl World {
         let v = self.fvd_layers(|i, l| l.base.is_some() && l.state == State::Live && self.opens(i));
         let Some(i) = self.pick(&v) else { return vec![] };
         let a = args(&["prefetch", &self.layers[i].name.clone()]);
-        let kill = self.kill_point();
-        let r = self.run(&a, kill);
-        if r.killed {
-            self.must(&a);
-        } else {
-            self.expect(r.code == 0, &format!("prefetch: {}", r.out));
-        }
+        self.run_resumable(&a, i, "prefetch");
         self.layers[i].base = None;
         vec![i]
     }
