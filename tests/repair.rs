@@ -45,7 +45,7 @@ fn image(dir: &Path) -> (std::path::PathBuf, Header) {
 /// Marks the image dirty with one journal block holding `records`.
 fn dirty_with(img: &Path, records: Vec<Record>) {
     let (mut h, slot) = header(img);
-    let blk = JournalBlock { seq: h.journal_seq, records };
+    let blk = JournalBlock { seq: h.journal_seq, pos: 0, records };
     write_at(img, &blk.encode(), h.journal_offset);
     h.flags |= fvd::format::header::FLAG_DIRTY;
     write_at(img, &h.encode(), slot);

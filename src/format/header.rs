@@ -12,7 +12,14 @@ pub const INCOMPAT_TABLE: u64 = 1;
 /// past the number of chunks the virtual size has. Set only between the first
 /// and the last header write of such a resize.
 pub const INCOMPAT_RESIZING: u64 = 1 << 1;
-const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE | INCOMPAT_RESIZING;
+/// Incompatible feature: every journal block of the current log carries its
+/// position within its commit (see [`super::journal`]), so a damaged block
+/// followed by a later, completed commit is told from a torn last commit.
+/// Set by every header write of a writer of this version; an older reader,
+/// which would take such a block's length field as too large and the log as
+/// ending there, refuses the image instead.
+pub const INCOMPAT_JOURNAL_POS: u64 = 1 << 2;
+const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE | INCOMPAT_RESIZING | INCOMPAT_JOURNAL_POS;
 /// Flag: the image was not closed cleanly; replay the journal.
 pub const FLAG_DIRTY: u64 = 1;
 /// Flag: a snapshot layer. Its content is a point in time that overlays read

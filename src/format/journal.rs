@@ -5,7 +5,8 @@
 //! | off  | size | field       | meaning                                        |
 //! |------|------|-------------|------------------------------------------------|
 //! | 0    | 4    | magic       | `b"FVDJ"`                                      |
-//! | 4    | 4    | payload_len | bytes of records that follow, ≤ 4076           |
+//! | 4    | 2    | payload_len | bytes of records that follow, ≤ 4076           |
+//! | 6    | 2    | commit_pos  | this block's position within its commit (0: its first block; saturates at 65535). Written 0 before `INCOMPAT_JOURNAL_POS` (bytes 4..8 were one u32 length) |
 //! | 8    | 8    | seq         | `journal_seq + index of the block in the region`|
 //! | 16   | n    | records     | back to back, see below                        |
 //! | 4092 | 4    | crc32       | CRC-32 (IEEE) of bytes 0..4092                 |
@@ -20,8 +21,18 @@
 //! Records are absolute (set an entry, set bits), so replaying a record twice
 //! gives the same state: a crash during a checkpoint is repaired by replaying
 //! the whole journal again.
+//!
+//! # The end of the log, and damage
+//!
+//! A commit writes its blocks together and syncs; the next commit starts only
+//! after that. The log ends at the first block that does not decode with its
+//! expected sequence: normally the blocks a crash tore from the last commit,
+//! which was never acknowledged. With `INCOMPAT_JOURNAL_POS` a valid block
+//! further on whose commit began after the bad block (`index - commit_pos` past
+//! it) proves the bad block's commit completed: the bad block is damage, not
+//! the end (see [`find_damage`]).
 
-use super::{le_u32, le_u64, META_BLOCK};
+use super::{le_u16, le_u32, le_u64, META_BLOCK};
 use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"FVDJ";
@@ -33,7 +44,7 @@ pub const RECORD_LEN: usize = 13;
 const TAG_TABLE: u8 = 1;
 const TAG_BITMAP: u8 = 2;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum JournalError {
     #[error("journal block has bad magic")]
     BadMagic,
@@ -90,6 +101,8 @@ impl Record {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalBlock {
     pub seq: u64,
+    /// Position within its commit (0: the commit's first block).
+    pub pos: u16,
     pub records: Vec<Record>,
 }
 
@@ -97,7 +110,7 @@ impl JournalBlock {
     /// How many records fit in one block.
     pub const CAPACITY: usize = PAYLOAD_MAX / RECORD_LEN;
 
-    // block := "FVDJ" payload_len:u32 seq:u64 record{payload_len/13} zero-pad crc32:u32
+    // block := "FVDJ" payload_len:u16 commit_pos:u16 seq:u64 record{payload_len/13} zero-pad crc32:u32
     pub fn encode(&self) -> Vec<u8> {
         debug_assert!(self.records.len() <= Self::CAPACITY);
         let mut payload = Vec::with_capacity(PAYLOAD_MAX);
@@ -106,7 +119,8 @@ impl JournalBlock {
         }
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..4].copy_from_slice(&MAGIC);
-        b[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        b[4..6].copy_from_slice(&(payload.len() as u16).to_le_bytes());
+        b[6..8].copy_from_slice(&self.pos.to_le_bytes());
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[HDR..HDR + payload.len()].copy_from_slice(&payload);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
@@ -127,17 +141,18 @@ impl JournalBlock {
         if seq != expected_seq {
             return Err(JournalError::WrongSequence { expected: expected_seq, found: seq });
         }
-        let len = le_u32(b, 4);
+        let len = le_u16(b, 4) as u32;
         if len as usize > PAYLOAD_MAX || len as usize % RECORD_LEN != 0 {
             return Err(JournalError::BadLength(len));
         }
+        let pos = le_u16(b, 6);
         let payload = &b[HDR..HDR + len as usize];
         let records = payload
             .chunks_exact(RECORD_LEN)
             .enumerate()
             .map(|(i, r)| Record::decode(r, i * RECORD_LEN))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(JournalBlock { seq, records })
+        Ok(JournalBlock { seq, pos, records })
     }
 }
 
@@ -145,10 +160,34 @@ impl JournalBlock {
 pub fn pack(records: &[Record], first_seq: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, group) in records.chunks(JournalBlock::CAPACITY).enumerate() {
-        let blk = JournalBlock { seq: first_seq + i as u64, records: group.to_vec() };
+        let pos = u16::try_from(i).unwrap_or(u16::MAX);
+        let blk = JournalBlock { seq: first_seq + i as u64, pos, records: group.to_vec() };
         out.extend_from_slice(&blk.encode());
     }
     out
+}
+
+/// A journal block that does not decode although the log goes on after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Index of the bad block in the region.
+    pub block: u64,
+    pub error: JournalError,
+    /// Index of a valid block of a later commit.
+    pub later: u64,
+}
+
+/// Given the journal region `region` (whole blocks) of a log starting at
+/// sequence `first_seq`, whose block `bad` is the first that does not decode:
+/// whether a valid block of a later commit follows, which makes `bad` damage
+/// (its commit completed) rather than the torn end of the log.
+pub fn find_damage(region: &[u8], first_seq: u64, bad: u64) -> Option<Damage> {
+    let blocks: Vec<&[u8]> = region.chunks_exact(META_BLOCK as usize).collect();
+    let error = JournalBlock::decode(blocks.get(bad as usize)?, first_seq + bad).err()?;
+    (bad + 1..blocks.len() as u64).find_map(|j| {
+        let b = JournalBlock::decode(blocks[j as usize], first_seq + j).ok()?;
+        (j - b.pos as u64 > bad).then(|| Damage { block: bad, error: error.clone(), later: j })
+    })
 }
 
 /// Number of blocks [`pack`] produces for `n` records.
@@ -164,6 +203,7 @@ mod tests {
     fn block_round_trips() {
         let b = JournalBlock {
             seq: 42,
+            pos: 3,
             records: vec![Record::TableSet { vchunk: 3, entry: 9 }, Record::BitmapSet { first: 1 << 40, count: 17 }],
         };
         assert_eq!(JournalBlock::decode(&b.encode(), 42).unwrap(), b);
@@ -181,13 +221,61 @@ mod tests {
 
     #[test]
     fn stale_and_torn_blocks_are_rejected() {
-        let b = JournalBlock { seq: 5, records: vec![Record::BitmapSet { first: 0, count: 1 }] };
+        let b = JournalBlock { seq: 5, pos: 0, records: vec![Record::BitmapSet { first: 0, count: 1 }] };
         let enc = b.encode();
         assert_eq!(JournalBlock::decode(&enc, 6), Err(JournalError::WrongSequence { expected: 6, found: 5 }));
         let mut torn = enc.clone();
         torn[2048..].fill(0);
         assert!(JournalBlock::decode(&torn, 5).is_err());
         assert_eq!(JournalBlock::decode(&[0u8; 4096], 5), Err(JournalError::BadMagic));
+    }
+
+    #[test]
+    fn old_blocks_read_as_position_zero() {
+        // Before commit_pos, bytes 4..8 were one u32 length.
+        let mut enc = JournalBlock { seq: 7, pos: 0, records: vec![Record::BitmapSet { first: 1, count: 2 }] }.encode();
+        enc[4..8].copy_from_slice(&(RECORD_LEN as u32).to_le_bytes());
+        let crc = crc32fast::hash(&enc[..CRC_OFF]);
+        enc[CRC_OFF..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(JournalBlock::decode(&enc, 7).unwrap().pos, 0);
+    }
+
+    /// Two commits of two blocks each (positions 0 1 0 1), then free space.
+    fn two_commits() -> Vec<u8> {
+        let recs: Vec<_> =
+            (0..JournalBlock::CAPACITY as u64 * 2).map(|i| Record::BitmapSet { first: i, count: 1 }).collect();
+        let mut region = pack(&recs, 100);
+        region.extend(pack(&recs, 102));
+        region.extend(vec![0u8; 4096 * 2]);
+        region
+    }
+
+    #[test]
+    fn a_bad_block_before_a_later_commit_is_damage() {
+        let mut r = two_commits();
+        r[4096 + 100] ^= 1; // block 1: the second block of the first commit
+        let d = find_damage(&r, 100, 1).expect("damage");
+        assert_eq!((d.block, d.later, d.error), (1, 2, JournalError::BadChecksum));
+        let mut r = two_commits();
+        r[..4096].fill(0); // block 0
+        assert_eq!(find_damage(&r, 100, 0).map(|d| d.later), Some(2));
+    }
+
+    #[test]
+    fn a_torn_last_commit_is_the_end() {
+        // The second commit torn: its first block lost, its second landed.
+        let mut r = two_commits();
+        r[2 * 4096..3 * 4096].fill(0);
+        assert_eq!(find_damage(&r, 100, 2), None);
+        // Its second block lost: the end, too.
+        let mut r = two_commits();
+        r[3 * 4096..4 * 4096].fill(0);
+        assert_eq!(find_damage(&r, 100, 3), None);
+        // Within the first commit, torn with nothing after: the end.
+        let mut r = two_commits();
+        r[2 * 4096..].fill(0);
+        r[4096..2 * 4096].fill(0);
+        assert_eq!(find_damage(&r, 100, 1), None);
     }
 
     #[test]

@@ -249,6 +249,9 @@ impl Image {
     ) -> Result<(), ImageError> {
         let mut h = self.header();
         change(&mut h);
+        // This writer's journal blocks carry their commit positions (see
+        // `INCOMPAT_JOURNAL_POS`); the header says so before the first of them.
+        h.incompat |= format::header::INCOMPAT_JOURNAL_POS;
         h.generation += 1;
         let off = (h.generation % 2) * META_BLOCK;
         let bytes = io::AlignedBuf::from_slice(&h.encode());

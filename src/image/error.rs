@@ -28,6 +28,15 @@ pub enum ImageError {
     Frozen { path: String },
     #[error("{path}: {why}")]
     Invalid { path: String, why: String },
+    /// A journal block is damaged, and a later, completed commit follows it:
+    /// the log does not end there, and replaying only up to it would lose
+    /// flushed writes without a word. Never opened so.
+    #[error(
+        "{path}: journal block {block} at {offset:#x} is damaged ({why}), but block {later} after it belongs \
+         to a later, completed commit: flushed writes of that commit would be lost. \
+         'fvd check --repair' replays what can be trusted and names what may be lost"
+    )]
+    JournalDamaged { path: String, block: u64, offset: u64, why: String, later: u64 },
     /// Every physical chunk is in use. Chunks freed by a discard come back
     /// once its record is durable, so the allocator commits and tries again
     /// on this error (and only on this one).

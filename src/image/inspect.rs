@@ -111,6 +111,9 @@ pub fn check(s: &dyn Storage) -> CheckReport {
         }
     };
     r.dirty = loaded.header.is_dirty();
+    if let Some(e) = super::open::journal_damage_error(s.name(), &loaded) {
+        r.corruptions.push(e.to_string());
+    }
     let h = &loaded.header;
     if h.is_committing() {
         r.notes.push(format!(

@@ -51,6 +51,8 @@ pub(crate) struct Loaded {
     /// Journal blocks replayed (0 when the image was clean).
     pub replayed_blocks: u64,
     pub replayed_records: u64,
+    /// The journal block the replay stopped at is damage, not the log's end.
+    pub journal_damage: Option<crate::format::journal::Damage>,
 }
 
 fn io_err(s: &dyn Storage, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -143,11 +145,15 @@ pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
     let mut bitmap = format::decode_bitmap(&bbytes, geo.base_blocks());
     let mut replayed_blocks = 0;
     let mut replayed_records = 0;
+    let mut journal_damage = None;
     if header.is_dirty() {
         let mut jbytes = vec![0u8; geo.journal_len as usize];
         s.read_at(&mut jbytes, geo.journal_offset).map_err(io_err(s, "journal read", geo.journal_offset))?;
         for (i, blk) in jbytes.chunks(META_BLOCK as usize).enumerate() {
             let Ok(block) = JournalBlock::decode(blk, header.journal_seq + i as u64) else {
+                if header.incompat & format::header::INCOMPAT_JOURNAL_POS != 0 {
+                    journal_damage = format::journal::find_damage(&jbytes, header.journal_seq, i as u64);
+                }
                 break;
             };
             for r in &block.records {
@@ -158,7 +164,18 @@ pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
             replayed_records += block.records.len() as u64;
         }
     }
-    Ok(Loaded { header, geo, table, bitmap, replayed_blocks, replayed_records })
+    Ok(Loaded { header, geo, table, bitmap, replayed_blocks, replayed_records, journal_damage })
+}
+
+/// The error for a journal that is damaged before its end (see [`Loaded`]).
+pub(crate) fn journal_damage_error(name: &str, l: &Loaded) -> Option<ImageError> {
+    l.journal_damage.as_ref().map(|d| ImageError::JournalDamaged {
+        path: name.to_string(),
+        block: d.block,
+        offset: l.geo.journal_offset + d.block * META_BLOCK,
+        why: d.error.to_string(),
+        later: d.later,
+    })
 }
 
 /// The initialised end to hand a plain block device at open (see
@@ -219,6 +236,9 @@ impl Image {
     ) -> Result<Image, ImageError> {
         let name = storage.name().to_string();
         let mut loaded = load(storage.as_ref())?;
+        if let Some(e) = journal_damage_error(&name, &loaded) {
+            return Err(e);
+        }
         let mut replayed_volatile = 0;
         if let (Some(log), false) = (&opts.volatile_log, opts.read_only) {
             for r in super::volatile::read(log, path, loaded.header.session) {

@@ -4,7 +4,9 @@
 //! The repair never leaves an image worse, and never unopenable when a consistent
 //! state can be recovered:
 //! - the journal is replayed as far as its records apply; a record that does not
-//!   (and every one after it) is dropped and reported;
+//!   (and every one after it) is dropped and reported; a damaged block that a
+//!   later, completed commit follows is skipped and reported (its records are
+//!   lost), and the later commits are replayed;
 //! - of two entries that name one chunk, the one the newest durable record set is
 //!   kept (a journal record is newer than the checkpointed table, a later record newer
 //!   than an earlier one; between two checkpointed entries, the lower guest chunk),
@@ -23,8 +25,9 @@ use crate::storage::Storage;
 
 /// Replays the journal of a dirty image as far as its records apply, noting for
 /// every table entry how new the record that set it is (0: the checkpointed table).
-/// Returns the loaded state, the ages, and why the replay stopped early, if it did.
-fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Option<String>), ImageError> {
+/// Returns the loaded state, the ages, and what was not replayed: damaged
+/// blocks skipped (later commits follow them), and why the replay stopped early.
+fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Vec<String>), ImageError> {
     let path = s.name().to_string();
     let io = |what: &'static str, offset: u64| {
         let path = path.clone();
@@ -41,12 +44,27 @@ fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Option<String>), I
     let mut bitmap = format::decode_bitmap(&bbytes, geo.base_blocks());
     let mut ages = vec![0u64; table.len()];
     let (mut blocks, mut records, mut stopped) = (0, 0, None);
+    let mut damaged = Vec::new();
     if header.is_dirty() {
         let mut jbytes = vec![0u8; geo.journal_len as usize];
         s.read_at(&mut jbytes, geo.journal_offset).map_err(io("journal read", geo.journal_offset))?;
+        let pos_known = header.incompat & format::header::INCOMPAT_JOURNAL_POS != 0;
         'blocks: for (i, blk) in jbytes.chunks(META_BLOCK as usize).enumerate() {
             let Ok(block) = JournalBlock::decode(blk, header.journal_seq + i as u64) else {
-                break;
+                // Damage, not the end: later commits are replayed past it.
+                match format::journal::find_damage(&jbytes, header.journal_seq, i as u64).filter(|_| pos_known) {
+                    Some(d) => {
+                        let at = geo.journal_offset + i as u64 * META_BLOCK;
+                        damaged.push(format!(
+                            "journal block {i} (at {at:#x}) is damaged ({}): its records are lost, so the writes \
+                             its commit made durable may read as before them (which guest ranges, only the block \
+                             knew); the later commits from block {} on are replayed",
+                            d.error, d.later
+                        ));
+                        continue;
+                    }
+                    None => break,
+                }
             };
             for (k, r) in block.records.iter().enumerate() {
                 if let Err(e) = meta::apply_record(&geo, &mut table, &mut bitmap, r) {
@@ -62,15 +80,18 @@ fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Option<String>), I
             blocks += 1;
         }
     }
-    let loaded = Loaded { header, geo, table, bitmap, replayed_blocks: blocks, replayed_records: records };
-    Ok((loaded, ages, stopped))
+    let loaded =
+        Loaded { header, geo, table, bitmap, replayed_blocks: blocks, replayed_records: records, journal_damage: None };
+    let mut notes = damaged;
+    notes.extend(stopped);
+    Ok((loaded, ages, notes))
 }
 
 /// Repairs what [`load_lenient`] and the table checks find, writing nothing when
 /// there is nothing to repair. Returns one line per repair.
 pub fn repair_metadata(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
     let (mut l, ages, stopped) = load_lenient(s)?;
-    let mut done: Vec<String> = stopped.into_iter().collect();
+    let mut done: Vec<String> = stopped;
     let geo = l.geo.clone();
     let cb = geo.chunk_bytes();
     let limit = geo.phys_chunks.min(s.size().saturating_sub(geo.data_offset) / cb.max(1));
