@@ -344,6 +344,17 @@ fn check_sees_images_that_do_not_open_and_commit_after_prefetch_says_why() {
     assert!(out.contains("does not open"), "{out}");
     std::fs::write(&b, vec![1u8; 1 << 20]).unwrap();
     ok(&["check", &o]);
+    // A truncated lower fvd layer (issue 21's fourth finding): the top's check sees it.
+    let (l, t) = (p(d.path(), "l.fvd"), p(d.path(), "t.fvd"));
+    ok(&["create", "--size", "8M", &l]);
+    ok(&["io", &l, "-c", "write -P 1 0 8M"]);
+    ok(&["create", "-b", &l, &t]);
+    ok(&["check", &t]);
+    let len = std::fs::metadata(&l).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&l).unwrap().set_len(len - (4 << 20)).unwrap();
+    let (code, out, _) = fvd(&["check", &t]);
+    assert_eq!(code, 2, "a truncated lower layer: {out}");
+    assert!(out.contains("does not open") && out.contains("l.fvd"), "{out}");
     ok(&["prefetch", &o]);
     ok(&["io", &o, "-c", "write -P 2 0 64k"]);
     let (code, out) = fvd_merged(&["commit", &o]);
