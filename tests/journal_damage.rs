@@ -105,3 +105,26 @@ fn a_torn_last_block_is_the_normal_end() {
     assert_eq!(code, 0, "{out}");
     ok(&["io", &img, "-c", "write -P 9 5M 64k", "-c", "read -P 2 1M 64k"]);
 }
+
+/// Issue 21's third finding: the newest header slot damaged on a dirty image
+/// must not roll it back. Here the newest is the dirty mark written before
+/// three flushed commits; the older slot says clean. The journal shows the
+/// lost generation, and its commits are replayed.
+#[test]
+fn a_lost_newest_header_does_not_roll_the_image_back() {
+    let d = tempfile::tempdir().unwrap();
+    let (img, _) = dirty_image(d.path());
+    let h = fvd::image::snapshot::header_at(Path::new(&img)).unwrap();
+    let newest = (h.generation % 2) * 4096;
+    patch(&img, newest, |b| b[200] ^= 0x01);
+    let all = ["read -P 1 0 64k", "read -P 2 1M 64k", "read -P 3 2M 64k"];
+    let (code, out) = reads(&img, &all);
+    assert_eq!(code, 0, "flushed writes lost with the newest header slot: {out}");
+    let (code, out, _) = fvd(&["check", &img]);
+    assert_eq!(code, 2, "the bad slot is still reported: {out}");
+    assert!(out.contains("later session"), "{out}");
+    let (code, out, err) = fvd(&["check", "--repair", &img]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(reads(&img, &all).0, 0);
+    assert_eq!(fvd(&["check", &img]).0, 0);
+}

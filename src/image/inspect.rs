@@ -95,7 +95,10 @@ impl CheckReport {
 pub fn check(s: &dyn Storage) -> CheckReport {
     let mut r = CheckReport { image: s.name().to_string(), ..Default::default() };
     match read_header_slots(s) {
-        Ok(slots) => r.bad_header_slots = bad_slots(&slots),
+        Ok(slots) => {
+            r.bad_header_slots = bad_slots(&slots);
+            r.notes.extend(slots.rolled_forward.map(|why| format!("{}: {why}", s.name())));
+        }
         Err(e) => {
             r.corruptions.push(e.to_string());
             r.no_valid_header = true;

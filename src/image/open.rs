@@ -79,6 +79,50 @@ pub(crate) struct HeaderSlots {
     /// Slots that are not valid, by index: every image has two valid slots
     /// (create writes both), so each one here is damage or a torn header write.
     pub(crate) bad: Vec<(usize, SlotError)>,
+    /// What the journal showed of a newer header that was lost with the bad
+    /// slot, and how `current` was brought up to it (see [`roll_forward`]).
+    pub(crate) rolled_forward: Option<String>,
+}
+
+/// With one header slot bad, the valid one may be a generation behind what
+/// was last written. Two such losses would lose flushed writes, and the
+/// journal tells both apart from every other case:
+/// - the valid header is clean, yet journal block 0 is a valid block of its
+///   own log: the lost header was the next session's dirty mark, written
+///   before that block. The log is replayed (the header is taken as dirty).
+/// - journal block 0 is a valid block of the next log (sequence + the
+///   journal's length in blocks): the lost header was a checkpoint (its table
+///   and bitmap are on storage, written before it), and commits followed.
+///   The header takes that log's sequence, dirty, and its log is replayed.
+///
+/// Every other header write carries nothing a replay needs (a lower prefetch
+/// cursor or initialised end only repeats work). Returns what was done.
+fn roll_forward(s: &dyn Storage, h: &mut Header) -> Option<String> {
+    let cap = h.journal_len / META_BLOCK;
+    if cap == 0 || h.journal_offset.checked_add(META_BLOCK).is_none_or(|end| end > s.size()) {
+        return None;
+    }
+    let mut b0 = vec![0u8; META_BLOCK as usize];
+    s.read_at(&mut b0, h.journal_offset).ok()?;
+    if !h.is_dirty() && JournalBlock::decode(&b0, h.journal_seq).is_ok() {
+        h.flags |= format::header::FLAG_DIRTY;
+        return Some(format!(
+            "the valid header says clean, but the journal holds commits of a later session (generation {} was lost \
+             with the bad slot): they are replayed",
+            h.generation + 1
+        ));
+    }
+    let next = h.journal_seq.checked_add(cap)?;
+    if JournalBlock::decode(&b0, next).is_ok() {
+        h.journal_seq = next;
+        h.flags |= format::header::FLAG_DIRTY;
+        return Some(format!(
+            "the journal holds commits made after a checkpoint whose header (generation {}) was lost with the bad \
+             slot: that checkpoint's log is replayed",
+            h.generation + 1
+        ));
+    }
+    None
 }
 
 /// Byte offset of header slot `i`.
@@ -114,7 +158,7 @@ pub(crate) fn read_header_slots(s: &dyn Storage) -> Result<HeaderSlots, ImageErr
     }
     // The highest generation wins; on a tie, slot 0.
     let newest = valid.into_iter().reduce(|a, b| if b.1.generation > a.1.generation { b } else { a });
-    let Some((current_slot, current)) = newest else {
+    let Some((current_slot, mut current)) = newest else {
         // Neither slot decodes: the error is slot 0's.
         let source = match bad.into_iter().next() {
             Some((_, SlotError::Decode(e))) => e,
@@ -122,7 +166,8 @@ pub(crate) fn read_header_slots(s: &dyn Storage) -> Result<HeaderSlots, ImageErr
         };
         return Err(ImageError::Header { path, source });
     };
-    Ok(HeaderSlots { current, current_slot, bad })
+    let rolled_forward = if bad.is_empty() { None } else { roll_forward(s, &mut current) };
+    Ok(HeaderSlots { current, current_slot, bad, rolled_forward })
 }
 
 /// Reads both header slots and returns the valid one with the highest generation.
