@@ -400,3 +400,41 @@ fn rebase_freezes_the_new_base() {
     assert!(code != 0 && out.contains("frozen"), "{out}");
     ok(&["io", "-r", &o, "-c", "read -P 0 0 4M"]);
 }
+
+/// The smaller ones, continued: `check` of an image whose header names no
+/// usable base (base format 0 with a base size, an empty base path) is not
+/// clean; `convert` says when it takes a file without an fvd header as raw.
+#[test]
+fn check_of_a_header_without_its_base_and_convert_of_a_headerless_file() {
+    let d = tempfile::tempdir().unwrap();
+    let (b, o) = (p(d.path(), "b.raw"), p(d.path(), "o.fvd"));
+    std::fs::write(&b, vec![1u8; 1 << 20]).unwrap();
+    ok(&["create", "-b", &b, &o]);
+    let patch_header = |f: &dyn Fn(&mut fvd::format::Header)| {
+        let mut bytes = std::fs::read(&o).unwrap();
+        for slot in 0..2 {
+            let off = slot * 4096;
+            let mut h = fvd::format::Header::decode(&bytes[off..off + 4096]).unwrap();
+            f(&mut h);
+            bytes[off..off + 4096].copy_from_slice(&h.encode());
+        }
+        std::fs::write(&o, bytes).unwrap();
+    };
+    let good = std::fs::read(&o).unwrap();
+    patch_header(&|h| h.base_format = fvd::format::BaseFormat::None);
+    let (code, out, _) = fvd(&["check", &o]);
+    assert_eq!(code, 2, "base format 0 with a base size: {out}");
+    std::fs::write(&o, &good).unwrap();
+    patch_header(&|h| h.base_path.clear());
+    let (code, out, _) = fvd(&["check", &o]);
+    assert_eq!(code, 2, "an empty base path: {out}");
+    // Both magics gone: converted as raw, and said so.
+    let mut bytes = good.clone();
+    bytes[..8].fill(0);
+    bytes[4096..4104].fill(0);
+    let damaged = p(d.path(), "damaged.fvd");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let (code, out) = fvd_merged(&["convert", &damaged, &p(d.path(), "x.fvd")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no fvd header"), "{out}");
+}
