@@ -355,6 +355,7 @@ fn check_sees_images_that_do_not_open_and_commit_after_prefetch_says_why() {
     let (code, out, _) = fvd(&["check", &t]);
     assert_eq!(code, 2, "a truncated lower layer: {out}");
     assert!(out.contains("does not open") && out.contains("l.fvd"), "{out}");
+    assert!(out.contains("a layer of the chain of"), "the layer's own problems are reported: {out}");
     ok(&["prefetch", &o]);
     ok(&["io", &o, "-c", "write -P 2 0 64k"]);
     let (code, out) = fvd_merged(&["commit", &o]);

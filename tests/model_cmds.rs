@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DEFAULT_SEQS: u64 = 250;
+const DEFAULT_SEQS: u64 = 200;
 const STEPS: usize = 14;
 const MAX_LAYERS: usize = 9;
 

@@ -360,6 +360,34 @@ fn open_problem(path: &std::path::Path) -> Option<String> {
         .map(|e| format!("{}: does not open as a disk: {e}", path.display()))
 }
 
+/// The metadata of every fvd layer under the image, each checked as the
+/// image itself is: damage there is damage to what the image reads. Returns
+/// (corruptions, notes), each line naming its layer. Layers are frozen and
+/// may be shared by other overlays, so `--repair` of the top leaves them to a
+/// repair of their own.
+fn lower_layer_problems(path: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    let (mut bad, mut notes) = (Vec::new(), Vec::new());
+    for layer in image::snapshot::chain_paths(path).iter().skip(1) {
+        let Ok(s) = FileStorage::open(layer, OpenMode::ReadOnly) else { continue };
+        let magic_at = |off: u64| {
+            let mut m = [0u8; 8];
+            s.size() >= off + 8 && s.read_at(&mut m, off).is_ok() && m == fvd::format::header::MAGIC
+        };
+        if !magic_at(0) && !magic_at(fvd::format::META_BLOCK) {
+            continue; // a raw bottom: no metadata of its own
+        }
+        let r = image::check(&s);
+        let hint = format!(
+            "(a layer of the chain of {}: 'fvd check --repair {}' repairs it)",
+            path.display(),
+            layer.display()
+        );
+        bad.extend(r.corruptions.iter().map(|c| format!("{c} {hint}")));
+        notes.extend(r.leaks.iter().map(|l| format!("{l} {hint}")));
+    }
+    (bad, notes)
+}
+
 pub fn check(a: CheckArgs) -> Result<i32, CliError> {
     let mode = if a.repair { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
     if !a.repair {
@@ -412,6 +440,9 @@ pub fn check(a: CheckArgs) -> Result<i32, CliError> {
     if a.repair && r.corruptions.is_empty() {
         r.corruptions.extend(open_problem(&a.image));
     }
+    let (lower_bad, lower_notes) = lower_layer_problems(&a.image);
+    r.corruptions.splice(0..0, lower_bad);
+    r.notes.extend(lower_notes);
     if !repairs.is_empty() {
         r.repaired = true;
         r.repairs = repairs;
