@@ -91,7 +91,8 @@ pub fn create_overlay(image: &Path, new: &Path, like: &Header) -> Result<(), Ima
     create::stage(new, &opts)?.publish().map(|_| ())
 }
 
-fn create_on_device(image: &Path, new: &Path, opts: &CreateOptions) -> Result<(), ImageError> {
+/// Refuses a NEW that is the image's own storage.
+fn refuse_self(image: &Path, new: &Path) -> Result<(), ImageError> {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     if canon(image) == canon(new) {
         return Err(ImageError::Invalid {
@@ -99,9 +100,13 @@ fn create_on_device(image: &Path, new: &Path, opts: &CreateOptions) -> Result<()
             why: "is the image itself: an overlay needs storage of its own".into(),
         });
     }
+    Ok(())
+}
+
+fn create_on_device(image: &Path, new: &Path, opts: &CreateOptions) -> Result<(), ImageError> {
+    refuse_self(image, new)?;
     // Formats in place; the base is the frozen image, so nothing is frozen here.
-    let opts = CreateOptions { base: opts.base.clone(), ..opts.clone() };
-    super::create::create(new, &opts).map(|_| ())
+    super::create::create(new, opts).map(|_| ())
 }
 
 /// Where an overlay is created before it is put in place.
@@ -136,13 +141,7 @@ pub fn snapshot(image: &Path, new: &Path) -> Result<Header, ImageError> {
     let opts = overlay_options(image, new, &h);
     let device = create::is_block_device(new);
     if device {
-        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        if canon(image) == canon(new) {
-            return Err(ImageError::Invalid {
-                path: new.display().to_string(),
-                why: "is the image itself: an overlay needs storage of its own".into(),
-            });
-        }
+        refuse_self(image, new)?;
         // Refused now, before the freeze, if another process holds it.
         drop(crate::storage::FileStorage::open(new, crate::storage::OpenMode::ReadWrite)?);
     }
