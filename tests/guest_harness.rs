@@ -9,6 +9,7 @@
 //!   fail-first:N       dies (exit 255, a QEMU-style abort on stderr) on its first N boots
 //!   die-after-start    runs the scenario, then dies as if the emulator aborted, no status
 //!   assert-after-start:N   the same on its first N boots, with a QEMU assertion on stderr
+//!   hang-at-exit       runs the scenarios, then never exits (a shutdown that hangs)
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -52,6 +53,9 @@ case $FAKE_VNG_MODE in
             echo "qemu-system-x86_64: aborted after the scenario started" >&2
         fi
         exit 255 ;;
+    hang-at-exit)
+        bash -c "$exec_cmd"
+        exec sleep 600 ;;
 esac
 exec bash -c "$exec_cmd"
 "#;
@@ -106,6 +110,10 @@ fn run(tree: &Tree, mode: &str, scenario: &str) -> Run {
 }
 
 fn run_args(tree: &Tree, mode: &str, args: &[&str]) -> Run {
+    run_env(tree, mode, args, &[])
+}
+
+fn run_env(tree: &Tree, mode: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
     let log = tree.root.join("vng.log");
     let _ = fs::remove_file(&log);
     fs::write(&log, "").unwrap();
@@ -116,6 +124,8 @@ fn run_args(tree: &Tree, mode: &str, args: &[&str]) -> Run {
         .env("FAKE_VNG_LOG", &log)
         .env("FVD", "/bin/true")
         .env_remove("FVD_GUEST_BOOT_RETRIES")
+        .env_remove("FVD_GUEST_BOOT_ALLOWANCE")
+        .envs(env.iter().copied())
         .output()
         .expect("run tests/guest/run");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -255,4 +265,26 @@ fn a_scenario_the_emulator_aborted_in_runs_again() {
     assert!(!r.ok, "{}", r.out);
     assert_eq!(r.boots, 3, "{}", r.out);
     assert!(r.out.contains("FAIL slow"), "{}", r.out);
+}
+
+#[test]
+fn a_guest_that_hangs_after_a_failure_is_stopped_by_the_watchdog() {
+    if !have_tools() {
+        eprintln!("SKIP: timeout or flock missing on this host");
+        return;
+    }
+    let t = tree();
+    // The guest reports the failure, then hangs in its shutdown (as one whose
+    // failed daemon held a device did): without the watchdog the run waited for
+    // the boot's whole allowance, hours for a full plan.
+    let t0 = std::time::Instant::now();
+    let r = run_env(&t, "hang-at-exit", &["--keep-going", "fails", "pass"], &[("FVD_GUEST_BOOT_ALLOWANCE", "4")]);
+    let took = t0.elapsed().as_secs();
+    assert!(!r.ok, "{}", r.out);
+    assert!(r.out.contains("FAIL fails") && r.out.contains("the scenario failed on purpose"), "{}", r.out);
+    assert!(r.out.contains("guest hung: no progress for 4s, stopped"), "{}", r.out);
+    // The rest ran in a new boot, which hung at its exit too and was stopped.
+    assert!(r.out.contains("PASS pass "), "{}", r.out);
+    assert_eq!(r.boots, 2, "{}", r.out);
+    assert!(took < 120, "the watchdog stops a hung guest within its allowance; took {took} s");
 }

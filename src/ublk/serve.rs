@@ -12,7 +12,7 @@ use super::queue::serve_queue;
 use super::report::{take, Reporter, Slot};
 use super::request::Policy;
 use super::setup::make_ctrl;
-use super::signals::{block_stop_signals, spawn_signal_thread, stop_device};
+use super::signals::{block_stop_signals, spawn_signal_thread, stop_device, StopLatch};
 use super::snapshot::Snapshotter;
 use super::state::DeviceState;
 use super::DaemonError;
@@ -20,7 +20,6 @@ use crate::image::{Image, OpenOptions};
 use libublk::ctrl::UblkCtrl;
 use libublk::io::UblkDev;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Runs the daemon until the device is stopped. Start-up failures are
@@ -102,10 +101,10 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     );
     // Written before the device appears: udev's helper reads it on "add".
     o.run_dir.write(&st)?;
-    // A stop signal that comes while the device is still being set up can't
-    // stop it yet: it is remembered, and the device stopped once live.
-    let stop_asked = Arc::new(AtomicBool::new(false));
-    spawn_signal_thread(id, stop_asked.clone())?;
+    // A stop signal that comes while the device is still being set up
+    // must not stop it yet: it is noted, and the device stopped once live.
+    let latch = Arc::new(StopLatch::default());
+    spawn_signal_thread(id, latch.clone())?;
     let params = device_params(&ParamsInput {
         size: img.size(),
         block_size: img.block_size(),
@@ -151,7 +150,7 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
         if let Some(rep) = take(&rslot) {
             rep.live(&dev_path);
         }
-        if stop_asked.load(Ordering::SeqCst) {
+        if latch.went_live() {
             tracing::info!(id, "a stop signal came during start-up: stopping the device");
             stop_device(id);
         }
