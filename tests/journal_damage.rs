@@ -45,6 +45,7 @@ fn dirty_image(dir: &Path) -> (String, u64) {
     let h = fvd::image::snapshot::header_at(Path::new(&img)).unwrap();
     assert!(h.is_dirty());
     assert_ne!(h.incompat & fvd::format::header::INCOMPAT_JOURNAL_POS, 0);
+    assert_ne!(h.incompat & fvd::format::header::INCOMPAT_JOURNAL_DUP, 0);
     (img, h.journal_offset)
 }
 
@@ -70,10 +71,18 @@ fn damage_before_a_later_commit_is_refused_reported_and_repaired() {
         let (img, j) = dirty_image(d.path());
         let all = ["read -P 1 0 64k", "read -P 2 1M 64k", "read -P 3 2M 64k"];
         assert_eq!(reads(&img, &all).0, 0, "the three flushed writes read back before any damage");
-        patch(&img, j, |b| match damage {
-            "flip" => b[100] ^= 0x40,
-            _ => b.fill(0),
-        });
+        let hit = |off: u64| {
+            patch(&img, off, |b| match damage {
+                "flip" => b[100] ^= 0x40,
+                _ => b.fill(0),
+            })
+        };
+        // One copy of block 0 damaged: the other holds it (INCOMPAT_JOURNAL_DUP),
+        // nothing is lost and check has nothing to say of the log.
+        hit(j);
+        assert_eq!(reads(&img, &all).0, 0, "{damage}: one damaged copy lost a commit");
+        // Both copies: the block is gone, and a later commit shows it was damage.
+        hit(j + 4096);
         let (code, out) = reads(&img, &["read -P 2 1M 64k"]);
         assert_ne!(code, 0, "{damage}: a damaged journal opened: {out}");
         assert!(out.contains("journal block 0") && out.contains("is damaged"), "{out}");
@@ -97,8 +106,10 @@ fn damage_before_a_later_commit_is_refused_reported_and_repaired() {
 fn a_torn_last_block_is_the_normal_end() {
     let d = tempfile::tempdir().unwrap();
     let (img, j) = dirty_image(d.path());
-    // Block 2 is the last commit's only block: torn, it was never acknowledged.
-    patch(&img, j + 2 * 4096, |b| b[2048..].fill(0));
+    // Block 2 is the last commit's only block, in slots 4 and 5: torn (both
+    // copies, written together), it was never acknowledged.
+    patch(&img, j + 4 * 4096, |b| b[2048..].fill(0));
+    patch(&img, j + 5 * 4096, |b| b[2048..].fill(0));
     let (code, out) = reads(&img, &["read -P 1 0 64k", "read -P 2 1M 64k"]);
     assert_eq!(code, 0, "{out}");
     let (code, out, _) = fvd(&["check", &img]);

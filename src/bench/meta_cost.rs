@@ -34,7 +34,8 @@ fn make_full_journal_image(p: &Path) -> Result<(u64, u64), String> {
     h.flags |= fvd::format::header::FLAG_DIRTY;
     h.generation = 1;
     h.journal_seq = 1000;
-    let blocks = g.journal_len / META_BLOCK;
+    let shape = journal::Shape::of(h.incompat);
+    let blocks = shape.capacity(g.journal_len);
     let per = JournalBlock::CAPACITY;
     let mut records = 0u64;
     let mut buf = Vec::with_capacity(g.journal_len as usize);
@@ -46,7 +47,7 @@ fn make_full_journal_image(p: &Path) -> Result<(u64, u64), String> {
             })
             .collect();
         records += recs.len() as u64;
-        buf.extend_from_slice(&journal::pack(&recs, h.journal_seq + b));
+        buf.extend_from_slice(&shape.pack(&recs, h.journal_seq + b));
     }
     f.write_all_at(&buf, g.journal_offset).map_err(|e| e.to_string())?;
     f.write_all_at(&h.encode(), 4096).map_err(|e| e.to_string())?;

@@ -19,7 +19,14 @@ pub const INCOMPAT_RESIZING: u64 = 1 << 1;
 /// which would take such a block's length field as too large and the log as
 /// ending there, refuses the image instead.
 pub const INCOMPAT_JOURNAL_POS: u64 = 1 << 2;
-const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE | INCOMPAT_RESIZING | INCOMPAT_JOURNAL_POS;
+/// Incompatible feature: every journal block is written twice, side by side
+/// (see [`super::journal`]), so a damaged sector in the last commit, which no
+/// later commit vouches for, loses nothing. Set at create and by the header
+/// write of a checkpoint (where a new log starts) of a writer of this version;
+/// never changed while a log is under way. An older reader would take the
+/// second copies for blocks of their own and refuses the image instead.
+pub const INCOMPAT_JOURNAL_DUP: u64 = 1 << 3;
+const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE | INCOMPAT_RESIZING | INCOMPAT_JOURNAL_POS | INCOMPAT_JOURNAL_DUP;
 /// Flag: the image was not closed cleanly; replay the journal.
 pub const FLAG_DIRTY: u64 = 1;
 /// Flag: a snapshot layer. Its content is a point in time that overlays read

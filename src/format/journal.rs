@@ -31,6 +31,18 @@
 //! further on whose commit began after the bad block (`index - commit_pos` past
 //! it) proves the bad block's commit completed: the bad block is damage, not
 //! the end (see [`find_damage`]).
+//!
+//! # Two copies of every block (`INCOMPAT_JOURNAL_DUP`)
+//!
+//! The last commit has no later one to tell its damage from a tear: a damaged
+//! sector in it would end the log there, and its acknowledged records would be
+//! lost without a word. With incompatible feature bit 3 every block is written
+//! twice, side by side: block `i` of the log (sequence `journal_seq + i`) sits
+//! in the region's 4096-byte slots `2i` and `2i + 1`, the same bytes in both,
+//! written in one write before the commit's sync. Block `i` is valid when
+//! either copy decodes; a single damaged sector therefore never loses a
+//! block, and a torn commit (both copies of a block bad) is still the end of
+//! the log. The log holds `journal_len / 8192` blocks. See [`Shape`].
 
 use super::{le_u16, le_u32, le_u64, META_BLOCK};
 use thiserror::Error;
@@ -156,15 +168,81 @@ impl JournalBlock {
     }
 }
 
-/// Packs records into consecutive blocks starting at sequence `first_seq`.
+/// Packs records into consecutive blocks starting at sequence `first_seq`,
+/// each block once.
 pub fn pack(records: &[Record], first_seq: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, group) in records.chunks(JournalBlock::CAPACITY).enumerate() {
-        let pos = u16::try_from(i).unwrap_or(u16::MAX);
-        let blk = JournalBlock { seq: first_seq + i as u64, pos, records: group.to_vec() };
-        out.extend_from_slice(&blk.encode());
+    Shape::SINGLE.pack(records, first_seq)
+}
+
+/// How the journal region holds its blocks: once each, or twice
+/// (`INCOMPAT_JOURNAL_DUP`, see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    copies: u64,
+}
+
+impl Shape {
+    pub const SINGLE: Shape = Shape { copies: 1 };
+    pub const DUP: Shape = Shape { copies: 2 };
+
+    /// The shape a header's incompatible features give.
+    pub fn of(incompat: u64) -> Shape {
+        if incompat & super::header::INCOMPAT_JOURNAL_DUP != 0 {
+            Shape::DUP
+        } else {
+            Shape::SINGLE
+        }
     }
-    out
+
+    /// How many copies of each block the region holds.
+    pub fn copies(self) -> u64 {
+        self.copies
+    }
+
+    /// Blocks of the log a region of `len` bytes holds.
+    pub fn capacity(self, len: u64) -> u64 {
+        len / META_BLOCK / self.copies
+    }
+
+    /// Offset within the region of block `i`'s first copy.
+    pub fn offset(self, i: u64) -> u64 {
+        i * self.copies * META_BLOCK
+    }
+
+    /// Block `i` of `region`, expected at sequence `seq`: the first copy that
+    /// decodes, else the first copy's error.
+    pub fn decode(self, region: &[u8], i: u64, seq: u64) -> Result<JournalBlock, JournalError> {
+        let slot = |c: u64| -> Option<&[u8]> {
+            let at = usize::try_from(self.offset(i) + c * META_BLOCK).ok()?;
+            region.get(at..at + META_BLOCK as usize)
+        };
+        let mut first = None;
+        for c in 0..self.copies {
+            let Some(b) = slot(c) else { break };
+            match JournalBlock::decode(b, seq) {
+                Ok(blk) => return Ok(blk),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Err(first.unwrap_or(JournalError::BadMagic))
+    }
+
+    /// Packs records into consecutive blocks starting at sequence `first_seq`,
+    /// each block `copies` times in a row.
+    // grammar: (block{copies})*  where block = JournalBlock at seq first_seq + i, pos i
+    pub fn pack(self, records: &[Record], first_seq: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, group) in records.chunks(JournalBlock::CAPACITY).enumerate() {
+            let pos = u16::try_from(i).unwrap_or(u16::MAX);
+            let blk = JournalBlock { seq: first_seq + i as u64, pos, records: group.to_vec() }.encode();
+            for _ in 0..self.copies {
+                out.extend_from_slice(&blk);
+            }
+        }
+        out
+    }
 }
 
 /// A journal block that does not decode although the log goes on after it.
@@ -177,15 +255,18 @@ pub struct Damage {
     pub later: u64,
 }
 
-/// Given the journal region `region` (whole blocks) of a log starting at
+/// Given the journal region `region` (whole slots, laid out as `shape`) of a log starting at
 /// sequence `first_seq`, whose block `bad` is the first that does not decode:
 /// whether a valid block of a later commit follows, which makes `bad` damage
 /// (its commit completed) rather than the torn end of the log.
-pub fn find_damage(region: &[u8], first_seq: u64, bad: u64) -> Option<Damage> {
-    let blocks: Vec<&[u8]> = region.chunks_exact(META_BLOCK as usize).collect();
-    let error = JournalBlock::decode(blocks.get(bad as usize)?, first_seq + bad).err()?;
-    (bad + 1..blocks.len() as u64).find_map(|j| {
-        let b = JournalBlock::decode(blocks[j as usize], first_seq + j).ok()?;
+pub fn find_damage(shape: Shape, region: &[u8], first_seq: u64, bad: u64) -> Option<Damage> {
+    let n = shape.capacity(region.len() as u64);
+    if bad >= n {
+        return None;
+    }
+    let error = shape.decode(region, bad, first_seq + bad).err()?;
+    (bad + 1..n).find_map(|j| {
+        let b = shape.decode(region, j, first_seq + j).ok()?;
         (j - b.pos as u64 > bad).then(|| Damage { block: bad, error: error.clone(), later: j })
     })
 }

@@ -1,7 +1,7 @@
 //! Geometry: the validated shape of an image, computed from a header (open) or
 //! from create-time choices, with the unit conversions the rest of the crate uses.
 
-use super::header::{Header, INCOMPAT_JOURNAL_POS, INCOMPAT_TABLE};
+use super::header::{Header, INCOMPAT_JOURNAL_DUP, INCOMPAT_JOURNAL_POS, INCOMPAT_TABLE};
 use super::{HEADER_AREA, META_BLOCK};
 use crate::units::{BlockIdx, Bytes, ChunkIdx};
 use thiserror::Error;
@@ -263,7 +263,7 @@ impl Geometry {
     /// A fresh header for this geometry.
     pub fn header(&self, base_format: super::BaseFormat, base_path: &str) -> Header {
         Header {
-            incompat: if self.has_table() { INCOMPAT_TABLE } else { 0 } | INCOMPAT_JOURNAL_POS,
+            incompat: if self.has_table() { INCOMPAT_TABLE } else { 0 } | INCOMPAT_JOURNAL_POS | INCOMPAT_JOURNAL_DUP,
             compat: 0,
             flags: 0,
             virtual_size: self.virtual_size.0,

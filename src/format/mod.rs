@@ -59,7 +59,7 @@
 //! | 0    | 8    | magic                 | `b"FVD\0img\x01"`                                    |
 //! | 8    | 4    | version               | 1                                                    |
 //! | 12   | 4    | header_len            | 4096                                                 |
-//! | 16   | 8    | incompatible features | bit 0: table present; bit 1: resizing (a resize that moves the metadata is under way: table entries may name physical chunks below `resize_chunks`); bit 2: journal positions (journal blocks carry their position within their commit, so damage is told from a torn end; set at create and by every header write of a writer that has it); other bits must be 0 to open |
+//! | 16   | 8    | incompatible features | bit 0: table present; bit 1: resizing (a resize that moves the metadata is under way: table entries may name physical chunks below `resize_chunks`); bit 2: journal positions (journal blocks carry their position within their commit, so damage is told from a torn end; set at create and by every header write of a writer that has it); bit 3: journal in two copies (every journal block written twice, side by side: see [`journal`]; set at create and at a checkpoint, where a new log starts); other bits must be 0 to open |
 //! | 24   | 8    | compatible features   | bit 0 prefetched (base fully copied: never opened again), bit 1 copy-on-read by default, bit 2 prefetch by default; unknown bits ignored |
 //! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal); bit 1: frozen (a snapshot layer: write-opens refused); bit 2: invalid (a commit changed a layer below it: never opened again); bit 3: committing (a commit from this image down its chain is under way: identity checks of the layers below are relaxed) |
 //! | 40   | 8    | virtual_size          | guest-visible bytes, multiple of 512                 |
@@ -115,8 +115,9 @@
 //! # Journal
 //!
 //! A ring-less log of 4096-byte blocks that starts at block 0 of the region after
-//! every checkpoint. Block `i` is valid when its magic and CRC match and its
-//! sequence number is `journal_seq + i`; replay stops at the first block that is
+//! every checkpoint (with incompatible bit 3, every block twice: block `i` in
+//! the region's slots `2i` and `2i + 1`). Block `i` is valid when its magic and
+//! CRC match (in either copy) and its sequence number is `journal_seq + i`; replay stops at the first block that is
 //! not valid, so a torn, stale or never-written block is never applied. See
 //! [`journal`] for the block and record tables.
 //!

@@ -96,7 +96,7 @@ impl Image {
             return Ok(());
         }
         let geo = &self.meta.geo;
-        let capacity = geo.journal_len / META_BLOCK;
+        let capacity = j.shape.capacity(geo.journal_len);
         let need = journal::blocks_for(batch.records.len());
         if j.next + need > capacity {
             // The journal is full: write the whole persist view (which holds
@@ -104,9 +104,9 @@ impl Image {
             return self.checkpoint_with(e, j, batch).await;
         }
         let seq = self.header_seq() + j.next;
-        let bytes = io::AlignedBuf::from_slice(&journal::pack(&batch.records, seq));
+        let bytes = io::AlignedBuf::from_slice(&j.shape.pack(&batch.records, seq));
         self.sync_data(e).await?;
-        let off = geo.journal_offset + j.next * META_BLOCK;
+        let off = geo.journal_offset + j.shape.offset(j.next);
         io::write_at(e, self.storage.as_ref(), &bytes, off).await.map_err(self.io_error("journal write", off))?;
         self.sync_data(e).await?;
         j.next += need;
@@ -218,6 +218,8 @@ impl Image {
         let next_seq = self.header_seq() + geo.journal_len / META_BLOCK;
         self.write_header(e, |h| {
             h.journal_seq = next_seq;
+            // The new log is kept in two copies (see `INCOMPAT_JOURNAL_DUP`).
+            h.incompat |= format::header::INCOMPAT_JOURNAL_DUP;
             h.prefetch_cursor = cursor;
             if let Some(m) = mark {
                 h.initialised_end = h.initialised_end.max(m);
@@ -228,6 +230,7 @@ impl Image {
         })
         .await?;
         j.next = 0;
+        j.shape = journal::Shape::DUP;
         if let (Some(v), Some(covered)) = (&self.volatile, vlog_covered) {
             v.drop_covered(covered);
         }

@@ -99,8 +99,11 @@ impl Stats {
 
 /// Journal position, guarded by the commit lock.
 pub(crate) struct JournalPos {
-    /// Index of the next block to write in the journal region.
+    /// Index of the next block of the log to write.
     next: u64,
+    /// How the region holds the log's blocks (the header's, changed only
+    /// where a new log starts: a checkpoint).
+    shape: crate::format::journal::Shape,
 }
 
 pub struct Image {

@@ -2,7 +2,8 @@
 
 use super::base::open_base;
 use super::{Base, Image, ImageError, JournalPos, Stats};
-use crate::format::{self, Geometry, Header, JournalBlock, HEADER_AREA, META_BLOCK};
+use crate::format::journal::Shape;
+use crate::format::{self, Geometry, Header, HEADER_AREA, META_BLOCK};
 use crate::meta::{self, Meta};
 use crate::storage::{open_image_storage, OpenMode, Storage, StorageOptions};
 use std::path::Path;
@@ -99,12 +100,16 @@ pub(crate) struct HeaderSlots {
 /// cursor or initialised end only repeats work). Returns what was done.
 fn roll_forward(s: &dyn Storage, h: &mut Header) -> Option<String> {
     let cap = h.journal_len / META_BLOCK;
-    if cap == 0 || h.journal_offset.checked_add(META_BLOCK).is_none_or(|end| end > s.size()) {
+    let shape = Shape::of(h.incompat);
+    let first = shape.offset(1);
+    if cap == 0 || h.journal_offset.checked_add(first).is_none_or(|end| end > s.size()) {
         return None;
     }
-    let mut b0 = vec![0u8; META_BLOCK as usize];
+    // Block 0, in every copy the journal keeps.
+    let mut b0 = vec![0u8; first as usize];
     s.read_at(&mut b0, h.journal_offset).ok()?;
-    if !h.is_dirty() && JournalBlock::decode(&b0, h.journal_seq).is_ok() {
+    let decodes = |seq: u64| shape.decode(&b0, 0, seq).is_ok();
+    if !h.is_dirty() && decodes(h.journal_seq) {
         h.flags |= format::header::FLAG_DIRTY;
         return Some(format!(
             "the valid header says clean, but the journal holds commits of a later session (generation {} was lost \
@@ -113,7 +118,7 @@ fn roll_forward(s: &dyn Storage, h: &mut Header) -> Option<String> {
         ));
     }
     let next = h.journal_seq.checked_add(cap)?;
-    if JournalBlock::decode(&b0, next).is_ok() {
+    if decodes(next) {
         h.journal_seq = next;
         h.flags |= format::header::FLAG_DIRTY;
         return Some(format!(
@@ -194,10 +199,11 @@ pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
     if header.is_dirty() {
         let mut jbytes = vec![0u8; geo.journal_len as usize];
         s.read_at(&mut jbytes, geo.journal_offset).map_err(io_err(s, "journal read", geo.journal_offset))?;
-        for (i, blk) in jbytes.chunks(META_BLOCK as usize).enumerate() {
-            let Ok(block) = JournalBlock::decode(blk, header.journal_seq + i as u64) else {
+        let shape = Shape::of(header.incompat);
+        for i in 0..shape.capacity(geo.journal_len) {
+            let Ok(block) = shape.decode(&jbytes, i, header.journal_seq + i) else {
                 if header.incompat & format::header::INCOMPAT_JOURNAL_POS != 0 {
-                    journal_damage = format::journal::find_damage(&jbytes, header.journal_seq, i as u64);
+                    journal_damage = format::journal::find_damage(shape, &jbytes, header.journal_seq, i);
                 }
                 break;
             };
@@ -217,7 +223,7 @@ pub(crate) fn journal_damage_error(name: &str, l: &Loaded) -> Option<ImageError>
     l.journal_damage.as_ref().map(|d| ImageError::JournalDamaged {
         path: name.to_string(),
         block: d.block,
-        offset: l.geo.journal_offset + d.block * META_BLOCK,
+        offset: l.geo.journal_offset + Shape::of(l.header.incompat).offset(d.block),
         why: d.error.to_string(),
         later: d.later,
     })
@@ -345,6 +351,7 @@ impl Image {
         };
         loaded.header.session = session;
         let cor_default = loaded.header.compat & format::header::COMPAT_COPY_ON_READ != 0;
+        let journal_shape = Shape::of(loaded.header.incompat);
         let cor_on = opts.copy_on_read.unwrap_or(cor_default)
             && !opts.read_only
             && base.is_some()
@@ -375,7 +382,7 @@ impl Image {
             storage,
             base,
             header: Mutex::new(loaded.header),
-            journal: async_lock::Mutex::new(JournalPos { next: 0 }),
+            journal: async_lock::Mutex::new(JournalPos { next: 0, shape: journal_shape }),
             opts: opts.clone(),
             completed: AtomicU64::new(0),
             durable: AtomicU64::new(0),

@@ -19,7 +19,8 @@
 
 use super::open::{read_header, Loaded};
 use super::ImageError;
-use crate::format::{self, header::FLAG_DIRTY, Geometry, JournalBlock, Record, META_BLOCK};
+use crate::format::journal::Shape;
+use crate::format::{self, header::FLAG_DIRTY, Geometry, Record, META_BLOCK};
 use crate::meta;
 use crate::storage::Storage;
 
@@ -49,12 +50,13 @@ fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Vec<String>), Imag
         let mut jbytes = vec![0u8; geo.journal_len as usize];
         s.read_at(&mut jbytes, geo.journal_offset).map_err(io("journal read", geo.journal_offset))?;
         let pos_known = header.incompat & format::header::INCOMPAT_JOURNAL_POS != 0;
-        'blocks: for (i, blk) in jbytes.chunks(META_BLOCK as usize).enumerate() {
-            let Ok(block) = JournalBlock::decode(blk, header.journal_seq + i as u64) else {
+        let shape = Shape::of(header.incompat);
+        'blocks: for i in 0..shape.capacity(geo.journal_len) {
+            let Ok(block) = shape.decode(&jbytes, i, header.journal_seq + i) else {
                 // Damage, not the end: later commits are replayed past it.
-                match format::journal::find_damage(&jbytes, header.journal_seq, i as u64).filter(|_| pos_known) {
+                match format::journal::find_damage(shape, &jbytes, header.journal_seq, i).filter(|_| pos_known) {
                     Some(d) => {
-                        let at = geo.journal_offset + i as u64 * META_BLOCK;
+                        let at = geo.journal_offset + shape.offset(i);
                         damaged.push(format!(
                             "journal block {i} (at {at:#x}) is damaged ({}): its records are lost, so the writes \
                              its commit made durable may read as before them (which guest ranges, only the block \
@@ -68,7 +70,7 @@ fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Vec<String>), Imag
             };
             for (k, r) in block.records.iter().enumerate() {
                 if let Err(e) = meta::apply_record(&geo, &mut table, &mut bitmap, r) {
-                    let at = geo.journal_offset + i as u64 * META_BLOCK;
+                    let at = geo.journal_offset + shape.offset(i);
                     stopped = Some(format!("journal replay stopped at block {i} (at {at:#x}), record {k}: {e}"));
                     break 'blocks;
                 }
@@ -144,6 +146,8 @@ fn write_checkpoint(s: &dyn Storage, l: &Loaded) -> Result<(), ImageError> {
     s.sync().map_err(io("fdatasync", 0))?;
     let mut h = l.header.clone();
     h.journal_seq += geo.journal_len / META_BLOCK;
+    // A new log starts: in two copies from here on.
+    h.incompat |= format::header::INCOMPAT_JOURNAL_DUP;
     h.flags &= !FLAG_DIRTY;
     h.generation += 1;
     let off = (h.generation % 2) * META_BLOCK;

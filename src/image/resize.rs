@@ -315,6 +315,8 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     nh.incompat &= !INCOMPAT_RESIZING;
     nh.resize_chunks = 0;
     nh.journal_seq = h.journal_seq + h.journal_len / META_BLOCK;
+    // The new log (after the switch) is kept in two copies.
+    nh.incompat |= format::header::INCOMPAT_JOURNAL_DUP;
     // No volatile log of an earlier writer may extend this image's journal: its
     // records would name the old layout's chunks.
     nh.session = 0;

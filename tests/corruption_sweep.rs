@@ -1,0 +1,272 @@
+//! The corruption sweep of issue 21: every metadata sector of an image is damaged in
+//! turn (zeroed, one byte flipped, a sector copied from elsewhere in the image), and
+//! each case is classified by what a user then sees:
+//!
+//! - **refused**: opening the image for writing fails with an error;
+//! - **intact**: it opens and reads exactly what it read before the damage;
+//! - **detected**: it reads other bytes, but `fvd check` (run first, on the damaged
+//!   image) reported a problem;
+//! - **silent**: it reads other bytes while `fvd check` says clean. The one
+//!   unforgivable outcome.
+//!
+//! Images: a clean one over a raw base, a dirty one (a writer killed after several
+//! flushed commits, its journal holding several blocks) and a 3-layer chain (raw
+//! base, a frozen middle layer, a top), damaged in the top and in the middle.
+//!
+//! The header slots and the journal carry CRCs and positions: their sweep must find
+//! no silent case. The table and the bitmap have no checksums yet (issue 21 is
+//! still open on them): their figures are printed, and the test that asks every
+//! region for zero silent cases is ignored until they do
+//! (`cargo test --test corruption_sweep -- --ignored` runs it).
+
+mod common;
+
+use common::bin::{fvd, ok, s};
+use fvd::image::{Image, OpenOptions};
+use fvd::io::uring::Uring;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    Refused,
+    Intact,
+    Detected,
+    Silent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Zeroed,
+    Flipped,
+    Copied,
+}
+
+/// What a user sees of the image at `top`: its whole content, or why it did not open.
+fn content(top: &Path) -> Result<Vec<u8>, String> {
+    let img = Image::open(top, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let ring = Uring::new(64).expect("io_uring");
+    let mut buf = vec![0u8; img.size() as usize];
+    ring.block_on(img.read(&ring, 0, &mut buf)).expect("ring").map_err(|e| e.to_string())?;
+    ring.block_on(img.close_async(&ring)).expect("ring").map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// The metadata regions of the image at `path`, as (name, offset, length) in
+/// sectors' bytes; the journal as far as `journal_blocks` 4 KiB slots (each block of
+/// the log takes two: see `INCOMPAT_JOURNAL_DUP`).
+fn regions(path: &Path, journal_blocks: u64) -> Vec<(&'static str, u64, u64)> {
+    let h = fvd::image::snapshot::header_at(path).expect("header");
+    let mut r = vec![("header", 0, fvd::format::HEADER_AREA)];
+    if h.table_len > 0 {
+        r.push(("table", h.table_offset, h.table_len));
+    }
+    if h.bitmap_len > 0 {
+        r.push(("bitmap", h.bitmap_offset, h.bitmap_len));
+    }
+    r.push(("journal", h.journal_offset, (journal_blocks * 4096).min(h.journal_len)));
+    r
+}
+
+fn damage(path: &Path, off: u64, kind: Kind, meta_end: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    let at = off as usize;
+    match kind {
+        Kind::Zeroed => b[at..at + SECTOR as usize].fill(0),
+        Kind::Flipped => b[at + 37] ^= 0x10,
+        Kind::Copied => {
+            // Another sector of the metadata, one 4 KiB block further (wrapping):
+            // well-formed bytes in the wrong place.
+            let from = ((off + 4096) % meta_end) as usize;
+            let src = b[from..from + SECTOR as usize].to_vec();
+            b[at..at + SECTOR as usize].copy_from_slice(&src);
+        }
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// One image set to sweep: the files in `dir` (restored from `pristine` before each
+/// case), the layer whose sectors are damaged, and the top that is read.
+struct Subject {
+    name: &'static str,
+    dir: PathBuf,
+    files: Vec<String>,
+    damaged: String,
+    top: String,
+    journal_blocks: u64,
+}
+
+type Counts = BTreeMap<(&'static str, &'static str, Kind), BTreeMap<Outcome, u32>>;
+
+fn sweep(sub: &Subject, counts: &mut Counts, silent: &mut Vec<String>) {
+    let pristine = sub.dir.join("pristine");
+    std::fs::create_dir_all(&pristine).unwrap();
+    // The raw base is never written: only the fvd layers are restored.
+    let layers: Vec<&String> = sub.files.iter().filter(|f| f.ends_with(".fvd")).collect();
+    for f in &layers {
+        std::fs::copy(sub.dir.join(f), pristine.join(f)).unwrap();
+    }
+    let restore = || {
+        for f in &layers {
+            std::fs::copy(pristine.join(f), sub.dir.join(f)).unwrap();
+        }
+    };
+    let top = sub.dir.join(&sub.top);
+    let want = content(&top).unwrap_or_else(|e| panic!("{}: the undamaged image does not open: {e}", sub.name));
+    restore();
+    let target = sub.dir.join(&sub.damaged);
+    let regions = regions(&target, sub.journal_blocks);
+    let meta_end = regions.iter().map(|r| r.1 + r.2).max().unwrap();
+    for &(region, off, len) in &regions {
+        for sector in 0..len / SECTOR {
+            for kind in [Kind::Zeroed, Kind::Flipped, Kind::Copied] {
+                let at = off + sector * SECTOR;
+                damage(&target, at, kind, meta_end);
+                let (code, out, err) = fvd(&["check", s(&top)]);
+                let outcome = match content(&top) {
+                    Err(_) => Outcome::Refused,
+                    Ok(got) if got == want => Outcome::Intact,
+                    Ok(_) if code != 0 => Outcome::Detected,
+                    Ok(got) => {
+                        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+                        silent.push(format!(
+                            "{} {region} sector {at:#x} {kind:?}: reads other bytes from {first:#x}, check said: {}",
+                            sub.name,
+                            (out + &err).lines().last().unwrap_or("")
+                        ));
+                        Outcome::Silent
+                    }
+                };
+                *counts.entry((sub.name, region, kind)).or_default().entry(outcome).or_default() += 1;
+                restore();
+            }
+        }
+    }
+}
+
+fn clean(dir: &Path) -> Subject {
+    std::fs::write(dir.join("base.raw"), common::data(7, 4 << 20)).unwrap();
+    ok(&["create", "-s", "8M", "--journal-size", "64k", "--base", s(&dir.join("base.raw")), s(&dir.join("img.fvd"))]);
+    let img = dir.join("img.fvd");
+    ok(&["io", s(&img), "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 1M 128k", "-c", "write -P 0x33 3M 64k"]);
+    ok(&["io", s(&img), "-c", "write -P 0x44 5M 1M", "-c", "write -P 0x55 2200k 4k"]);
+    Subject {
+        name: "clean",
+        dir: dir.into(),
+        files: vec!["base.raw".into(), "img.fvd".into()],
+        damaged: "img.fvd".into(),
+        top: "img.fvd".into(),
+        journal_blocks: 4,
+    }
+}
+
+/// A writer killed after five flushed commits: the image is dirty, its journal
+/// holds their blocks.
+fn dirty(dir: &Path) -> Subject {
+    std::fs::write(dir.join("base.raw"), common::data(8, 4 << 20)).unwrap();
+    let img = dir.join("img.fvd");
+    ok(&["create", "-s", "8M", "--journal-size", "64k", "--base", s(&dir.join("base.raw")), s(&img)]);
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out_path = dir.join("out.txt");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fvd"));
+    cmd.args(["io", s(&img)]);
+    for (i, at) in ["0", "1M", "2M", "3M", "5M"].iter().enumerate() {
+        cmd.args(["-c", &format!("write -P {} {at} 64k", i + 1), "-c", "flush"]);
+    }
+    cmd.args(["-c", "write -P 9 6M 64k", "-c"]).arg(format!("write -s {} 7M 512", s(&fifo)));
+    let mut child = cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&out_path).unwrap_or_default().lines().count() < 6 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "fvd io never got to the pipe");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    while fvd::storage::held_by_writer(&img) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the killed writer's lock stayed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::fs::remove_file(&fifo).unwrap();
+    assert!(fvd::image::snapshot::header_at(&img).unwrap().is_dirty());
+    Subject {
+        name: "dirty",
+        dir: dir.into(),
+        files: vec!["base.raw".into(), "img.fvd".into()],
+        damaged: "img.fvd".into(),
+        top: "img.fvd".into(),
+        journal_blocks: 12,
+    }
+}
+
+/// raw base <- mid.fvd (frozen) <- top.fvd; `damaged` is the layer swept.
+fn chain(dir: &Path, damaged: &str) -> Subject {
+    std::fs::write(dir.join("base.raw"), common::data(9, 4 << 20)).unwrap();
+    let (mid, top) = (dir.join("mid.fvd"), dir.join("top.fvd"));
+    ok(&["create", "-s", "8M", "--journal-size", "64k", "--base", s(&dir.join("base.raw")), s(&mid)]);
+    ok(&["io", s(&mid), "-c", "write -P 0x61 0 64k", "-c", "write -P 0x62 1M 64k", "-c", "write -P 0x63 6M 64k"]);
+    ok(&["snapshot", s(&mid), s(&top)]);
+    ok(&["io", s(&top), "-c", "write -P 0x71 64k 64k", "-c", "write -P 0x72 1M 4k", "-c", "write -P 0x73 7M 64k"]);
+    Subject {
+        name: if damaged == "top.fvd" { "chain-top" } else { "chain-middle" },
+        dir: dir.into(),
+        files: vec!["base.raw".into(), "mid.fvd".into(), "top.fvd".into()],
+        damaged: damaged.into(),
+        top: "top.fvd".into(),
+        journal_blocks: 4,
+    }
+}
+
+fn run_sweep(subjects: &[Subject]) -> (Counts, Vec<String>) {
+    let mut counts = Counts::new();
+    let mut silent = Vec::new();
+    for sub in subjects {
+        sweep(sub, &mut counts, &mut silent);
+    }
+    println!("{:<13} {:<8} {:<8} {:>7} {:>7} {:>8} {:>7}", "image", "region", "damage", "refused", "intact", "detected", "silent");
+    for ((image, region, kind), o) in &counts {
+        let n = |k| o.get(&k).copied().unwrap_or(0);
+        println!(
+            "{image:<13} {region:<8} {:<8} {:>7} {:>7} {:>8} {:>7}",
+            format!("{kind:?}").to_lowercase(),
+            n(Outcome::Refused),
+            n(Outcome::Intact),
+            n(Outcome::Detected),
+            n(Outcome::Silent)
+        );
+    }
+    (counts, silent)
+}
+
+fn subjects(dirs: &[tempfile::TempDir; 4]) -> Vec<Subject> {
+    vec![clean(dirs[0].path()), dirty(dirs[1].path()), chain(dirs[2].path(), "top.fvd"), chain(dirs[3].path(), "mid.fvd")]
+}
+
+fn dirs() -> [tempfile::TempDir; 4] {
+    std::array::from_fn(|_| tempfile::tempdir().unwrap())
+}
+
+#[test]
+fn checksummed_regions_never_lose_data_silently() {
+    let d = dirs();
+    let (counts, silent) = run_sweep(&subjects(&d));
+    let cases: u32 = counts.values().flat_map(|o| o.values()).sum();
+    assert!(cases > 500, "the sweep ran {cases} cases");
+    let protected: Vec<&String> =
+        silent.iter().filter(|l| l.contains(" header ") || l.contains(" journal ")).collect();
+    assert!(protected.is_empty(), "silent cases in checksummed regions:\n{protected:#?}");
+    let open = silent.len() - protected.len();
+    println!("silent cases in the table and bitmap (no checksums yet, issue 21): {open}");
+}
+
+#[test]
+#[ignore = "issue 21: the table and the bitmap have no checksums yet"]
+fn no_region_loses_data_silently() {
+    let d = dirs();
+    let (_, silent) = run_sweep(&subjects(&d));
+    assert!(silent.is_empty(), "{} silent cases:\n{silent:#?}", silent.len());
+}
