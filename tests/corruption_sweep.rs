@@ -227,7 +227,10 @@ fn run_sweep(subjects: &[Subject]) -> (Counts, Vec<String>) {
     for sub in subjects {
         sweep(sub, &mut counts, &mut silent);
     }
-    println!("{:<13} {:<8} {:<8} {:>7} {:>7} {:>8} {:>7}", "image", "region", "damage", "refused", "intact", "detected", "silent");
+    println!(
+        "{:<13} {:<8} {:<8} {:>7} {:>7} {:>8} {:>7}",
+        "image", "region", "damage", "refused", "intact", "detected", "silent"
+    );
     for ((image, region, kind), o) in &counts {
         let n = |k| o.get(&k).copied().unwrap_or(0);
         println!(
@@ -243,7 +246,12 @@ fn run_sweep(subjects: &[Subject]) -> (Counts, Vec<String>) {
 }
 
 fn subjects(dirs: &[tempfile::TempDir; 4]) -> Vec<Subject> {
-    vec![clean(dirs[0].path()), dirty(dirs[1].path()), chain(dirs[2].path(), "top.fvd"), chain(dirs[3].path(), "mid.fvd")]
+    vec![
+        clean(dirs[0].path()),
+        dirty(dirs[1].path()),
+        chain(dirs[2].path(), "top.fvd"),
+        chain(dirs[3].path(), "mid.fvd"),
+    ]
 }
 
 fn dirs() -> [tempfile::TempDir; 4] {
@@ -256,8 +264,7 @@ fn checksummed_regions_never_lose_data_silently() {
     let (counts, silent) = run_sweep(&subjects(&d));
     let cases: u32 = counts.values().flat_map(|o| o.values()).sum();
     assert!(cases > 500, "the sweep ran {cases} cases");
-    let protected: Vec<&String> =
-        silent.iter().filter(|l| l.contains(" header ") || l.contains(" journal ")).collect();
+    let protected: Vec<&String> = silent.iter().filter(|l| l.contains(" header ") || l.contains(" journal ")).collect();
     assert!(protected.is_empty(), "silent cases in checksummed regions:\n{protected:#?}");
     let open = silent.len() - protected.len();
     println!("silent cases in the table and bitmap (no checksums yet, issue 21): {open}");

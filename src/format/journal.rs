@@ -301,6 +301,26 @@ mod tests {
     }
 
     #[test]
+    fn dup_blocks_survive_one_bad_copy_and_end_when_both_are_bad() {
+        let recs: Vec<Record> =
+            (0..JournalBlock::CAPACITY as u32 + 1).map(|v| Record::TableSet { vchunk: v, entry: v + 1 }).collect();
+        let mut r = Shape::DUP.pack(&recs, 50);
+        assert_eq!(r.len(), 4 * META_BLOCK as usize, "two blocks, each twice");
+        assert_eq!(Shape::DUP.capacity(r.len() as u64), 2);
+        assert_eq!(Shape::DUP.offset(1), 2 * META_BLOCK);
+        // One copy of each block damaged: both blocks still decode.
+        r[100] ^= 1;
+        r[3 * META_BLOCK as usize + 200] ^= 0x80;
+        assert_eq!(Shape::DUP.decode(&r, 0, 50).unwrap().records.len(), JournalBlock::CAPACITY);
+        assert_eq!(Shape::DUP.decode(&r, 1, 51).unwrap().pos, 1);
+        // Both copies of block 1 bad: the log ends there, with the first copy's error.
+        r[2 * META_BLOCK as usize + 9] ^= 1;
+        assert_eq!(Shape::DUP.decode(&r, 1, 51), Err(JournalError::BadChecksum));
+        // Past the region: nothing decodes.
+        assert!(Shape::DUP.decode(&r, 2, 52).is_err());
+    }
+
+    #[test]
     fn stale_and_torn_blocks_are_rejected() {
         let b = JournalBlock { seq: 5, pos: 0, records: vec![Record::BitmapSet { first: 0, count: 1 }] };
         let enc = b.encode();
@@ -335,11 +355,11 @@ mod tests {
     fn a_bad_block_before_a_later_commit_is_damage() {
         let mut r = two_commits();
         r[4096 + 100] ^= 1; // block 1: the second block of the first commit
-        let d = find_damage(&r, 100, 1).expect("damage");
+        let d = find_damage(Shape::SINGLE, &r, 100, 1).expect("damage");
         assert_eq!((d.block, d.later, d.error), (1, 2, JournalError::BadChecksum));
         let mut r = two_commits();
         r[..4096].fill(0); // block 0
-        assert_eq!(find_damage(&r, 100, 0).map(|d| d.later), Some(2));
+        assert_eq!(find_damage(Shape::SINGLE, &r, 100, 0).map(|d| d.later), Some(2));
     }
 
     #[test]
@@ -347,16 +367,16 @@ mod tests {
         // The second commit torn: its first block lost, its second landed.
         let mut r = two_commits();
         r[2 * 4096..3 * 4096].fill(0);
-        assert_eq!(find_damage(&r, 100, 2), None);
+        assert_eq!(find_damage(Shape::SINGLE, &r, 100, 2), None);
         // Its second block lost: the end, too.
         let mut r = two_commits();
         r[3 * 4096..4 * 4096].fill(0);
-        assert_eq!(find_damage(&r, 100, 3), None);
+        assert_eq!(find_damage(Shape::SINGLE, &r, 100, 3), None);
         // Within the first commit, torn with nothing after: the end.
         let mut r = two_commits();
         r[2 * 4096..].fill(0);
         r[4096..2 * 4096].fill(0);
-        assert_eq!(find_damage(&r, 100, 1), None);
+        assert_eq!(find_damage(Shape::SINGLE, &r, 100, 1), None);
     }
 
     #[test]
