@@ -110,16 +110,24 @@ fn table_entries_out_of_range_or_duplicated() {
     write_some(&p);
     let h = fvd::format::Header::decode(&std::fs::read(&p).unwrap()[..4096]).unwrap();
     let t = h.table_offset as usize;
-    // Entry 5 points far past the end of the file.
+    // Damage (one copy, checksums not matching) is taken from the twin, and check says so.
     patch(&p, t + 5 * 4, &0x00ff_0000u32.to_le_bytes());
+    let (code, out, err) = fvd(&["info", s(&p)]);
+    assert_eq!(code, 0, "the twin holds the table: {err}");
+    let (code, out2, _) = fvd(&["check", s(&p)]);
+    assert_eq!(code, 2, "{out}{out2}");
+    assert!(out2.contains("does not match its checksum") && out2.contains("the other copy holds it"), "{out2}");
+    // A table a writer got wrong, with checksums that match it (both copies):
+    // entry 5 points far past the end of the file.
+    common::patch_table_sealed(&p, 5, 0x00ff_0000);
     expect_error(Some(&p), &["info", s(&p)], &[s(&p), "table entry 0x5", "beyond"]);
     let (code, out, _) = fvd(&["check", s(&p)]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("table entry 0x5"), "{out}");
     // Entries 0 and 9 both name physical chunk 0.
-    patch(&p, t + 5 * 4, &0u32.to_le_bytes());
+    common::patch_table_sealed(&p, 5, 0);
     let first = u32::from_le_bytes(std::fs::read(&p).unwrap()[t..t + 4].try_into().unwrap());
-    patch(&p, t + 9 * 4, &first.to_le_bytes());
+    common::patch_table_sealed(&p, 9, first);
     expect_error(Some(&p), &["io", s(&p), "-c", "read 0 4k"], &[s(&p), "both point at chunk"]);
     let (code, out, _) = fvd(&["check", s(&p)]);
     assert_eq!(code, 2, "{out}");

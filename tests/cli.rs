@@ -109,10 +109,7 @@ fn check_reports_and_repairs_leaks() {
     drop(f);
     // Chunk 3 is past the high-water mark: reference chunk 4 from guest
     // chunk 10, so that chunk 3 lies below the mark, unreferenced, with data.
-    let mut b = std::fs::read(&img).unwrap();
-    let t = h.table_offset as usize;
-    b[t + 40..t + 44].copy_from_slice(&5u32.to_le_bytes());
-    std::fs::write(&img, &b).unwrap();
+    common::patch_table_sealed(&img, 10, 5);
     let (code, out, _) = fvd(&["check", s(&img)]);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("Leaked"), "{out}");

@@ -82,7 +82,7 @@ fn duplicate_entries_in_the_table_keep_one_and_report_the_other() {
     let (img, h) = image(d.path());
     let s = img.to_str().unwrap();
     // Entry 1 now names entry 0's chunk.
-    write_at(&img, &table_entry(&img, &h, 0).to_le_bytes(), h.table_offset + 4);
+    common::patch_table_sealed(&img, 1, table_entry(&img, &h, 0));
     check_repair_read(
         s,
         "both point at chunk",

@@ -26,7 +26,16 @@ pub const INCOMPAT_JOURNAL_POS: u64 = 1 << 2;
 /// never changed while a log is under way. An older reader would take the
 /// second copies for blocks of their own and refuses the image instead.
 pub const INCOMPAT_JOURNAL_DUP: u64 = 1 << 3;
-const KNOWN_INCOMPAT: u64 = INCOMPAT_TABLE | INCOMPAT_RESIZING | INCOMPAT_JOURNAL_POS | INCOMPAT_JOURNAL_DUP;
+/// Incompatible feature: the table and the bitmap are kept in two copies, the
+/// second (the twin) right after the journal, and the header holds which copy is
+/// current and a CRC-32 of each stripe of it (see [`super::twin`]). A checkpoint
+/// writes the copy that is not current, switches to it with one header write,
+/// then brings the other up to date; a damaged block is repaired from its twin.
+/// Set at create; an older reader would ignore the checksums and the twin and
+/// refuses the image instead.
+pub const INCOMPAT_META_TWIN: u64 = 1 << 4;
+const KNOWN_INCOMPAT: u64 =
+    INCOMPAT_TABLE | INCOMPAT_RESIZING | INCOMPAT_JOURNAL_POS | INCOMPAT_JOURNAL_DUP | INCOMPAT_META_TWIN;
 /// Flag: the image was not closed cleanly; replay the journal.
 pub const FLAG_DIRTY: u64 = 1;
 /// Flag: a snapshot layer. Its content is a point in time that overlays read
@@ -54,6 +63,11 @@ const BASE_UUID_OFF: usize = UUID_OFF + 16;
 const BASE_PRINT_OFF: usize = BASE_UUID_OFF + 16;
 const COMMIT_DEPTH_OFF: usize = BASE_PRINT_OFF + 8;
 const RESIZE_CHUNKS_OFF: usize = COMMIT_DEPTH_OFF + 4;
+const META_COPY_OFF: usize = RESIZE_CHUNKS_OFF + 4;
+const META_STRIPES_OFF: usize = META_COPY_OFF + 4;
+const META_SUMS_OFF: usize = META_STRIPES_OFF + 4;
+/// The most stripe checksums a header holds (see [`super::twin`]).
+pub const MAX_META_STRIPES: usize = 704;
 pub const MAX_BASE_PATH: usize = 1024;
 const CRC_OFF: usize = 4092;
 const PATH_OFF: usize = 152;
@@ -155,6 +169,13 @@ pub struct Header {
     /// With `INCOMPAT_RESIZING`: the number of physical chunks table entries may
     /// name while the resize is under way; 0 otherwise.
     pub resize_chunks: u32,
+    /// With `INCOMPAT_META_TWIN`: which copy of the table and bitmap is
+    /// current (0: the regions at `table_offset` and `bitmap_offset`; 1: the
+    /// twin after the journal); 0 otherwise.
+    pub meta_copy: u32,
+    /// With `INCOMPAT_META_TWIN`: CRC-32 of each stripe of the current copy
+    /// (see [`super::twin`]); empty otherwise.
+    pub meta_sums: Vec<u32>,
 }
 
 impl Header {
@@ -186,10 +207,15 @@ impl Header {
         self.incompat & INCOMPAT_RESIZING != 0
     }
 
+    pub fn has_twin(&self) -> bool {
+        self.incompat & INCOMPAT_META_TWIN != 0
+    }
+
     // header := magic version len incompat compat flags vsize bsize csize
     //           (off len){table,bitmap,journal} data_off seq base_size base_fmt
     //           path_len rsvd rsvd(0, was used_chunks) rsvd generation path[1024] prefetch_cursor session
-    //           initialised_end uuid[16] base_uuid[16] base_fingerprint commit_depth resize_chunks pad crc32
+    //           initialised_end uuid[16] base_uuid[16] base_fingerprint commit_depth resize_chunks
+    //           meta_copy meta_stripes:u16 rsvd:u16 meta_sums[meta_stripes] pad crc32
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK as usize];
         b[0..8].copy_from_slice(&MAGIC);
@@ -223,6 +249,12 @@ impl Header {
         put64(&mut b, BASE_PRINT_OFF, self.base_fingerprint);
         put32(&mut b, COMMIT_DEPTH_OFF, self.commit_depth);
         put32(&mut b, RESIZE_CHUNKS_OFF, self.resize_chunks);
+        put32(&mut b, META_COPY_OFF, self.meta_copy);
+        let sums = &self.meta_sums[..self.meta_sums.len().min(MAX_META_STRIPES)];
+        b[META_STRIPES_OFF..META_STRIPES_OFF + 2].copy_from_slice(&(sums.len() as u16).to_le_bytes());
+        for (i, s) in sums.iter().enumerate() {
+            put32(&mut b, META_SUMS_OFF + 4 * i, *s);
+        }
         b[PATH_OFF..PATH_OFF + n].copy_from_slice(&path[..n]);
         let crc = crc32fast::hash(&b[..CRC_OFF]);
         put32(&mut b, CRC_OFF, crc);
@@ -267,6 +299,15 @@ impl Header {
         let base_path = std::str::from_utf8(&b[PATH_OFF..PATH_OFF + plen])
             .map_err(|_| bad("base_path", "not UTF-8".into()))?
             .to_string();
+        let meta_copy = le_u32(b, META_COPY_OFF);
+        let stripes = le_u16(b, META_STRIPES_OFF) as usize;
+        if stripes > MAX_META_STRIPES {
+            return Err(bad("meta_stripes", format!("{stripes} > {MAX_META_STRIPES}")));
+        }
+        if incompat & INCOMPAT_META_TWIN != 0 && meta_copy > 1 {
+            return Err(bad("meta_copy", format!("{meta_copy} (0 or 1)")));
+        }
+        let meta_sums = (0..stripes).map(|i| le_u32(b, META_SUMS_OFF + 4 * i)).collect();
         Ok(Header {
             incompat,
             compat: le_u64(b, 24),
@@ -294,6 +335,8 @@ impl Header {
             base_fingerprint: le_u64(b, BASE_PRINT_OFF),
             commit_depth: le_u32(b, COMMIT_DEPTH_OFF),
             resize_chunks: le_u32(b, RESIZE_CHUNKS_OFF),
+            meta_copy,
+            meta_sums,
         })
     }
 }
@@ -360,6 +403,8 @@ pub(crate) fn sample() -> Header {
         base_fingerprint: 0xdead_beef_0bad_cafe,
         commit_depth: 3,
         resize_chunks: 0,
+        meta_copy: 0,
+        meta_sums: Vec::new(),
     }
 }
 

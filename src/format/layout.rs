@@ -1,7 +1,7 @@
 //! Geometry: the validated shape of an image, computed from a header (open) or
 //! from create-time choices, with the unit conversions the rest of the crate uses.
 
-use super::header::{Header, INCOMPAT_JOURNAL_DUP, INCOMPAT_JOURNAL_POS, INCOMPAT_TABLE};
+use super::header::{Header, INCOMPAT_JOURNAL_DUP, INCOMPAT_JOURNAL_POS, INCOMPAT_META_TWIN, INCOMPAT_TABLE};
 use super::{HEADER_AREA, META_BLOCK};
 use crate::units::{BlockIdx, Bytes, ChunkIdx};
 use thiserror::Error;
@@ -40,6 +40,10 @@ pub enum LayoutError {
     BadDataOffset { offset: u64, expected: u64 },
     #[error("resize_chunks {chunks:#x} of an interrupted resize must be at least the {need:#x} chunks of the virtual size, below 2^32, with a table")]
     BadResizeChunks { chunks: u64, need: u64 },
+    #[error(
+        "the header holds {found} stripe checksums of the table and bitmap where their {need} stripes need {need}"
+    )]
+    BadStripeSums { found: usize, need: usize },
     #[error("{region} region ends at {end:#x}, beyond the end of the storage at {size:#x}")]
     BeyondStorage { region: &'static str, end: u64, size: u64 },
 }
@@ -63,6 +67,9 @@ pub struct Geometry {
     /// or more while a resize that moves the metadata is under way (the header's
     /// `resize_chunks`).
     pub phys_chunks: u64,
+    /// With `INCOMPAT_META_TWIN`: where the twin copy of the table and bitmap
+    /// starts (the journal's end; see [`super::twin`]).
+    pub twin_offset: Option<u64>,
 }
 
 /// Create-time choices.
@@ -126,13 +133,19 @@ impl Geometry {
             journal_len: p.journal_len,
             data_offset: 0,
             phys_chunks: 0,
+            twin_offset: None,
         };
         g.phys_chunks = g.chunks();
         g.table_len = g.table_need();
         g.bitmap_offset = g.table_offset + g.table_len;
         g.bitmap_len = g.bitmap_need();
         g.journal_offset = g.bitmap_offset + g.bitmap_len;
-        let meta_end = g.journal_offset + g.journal_len;
+        let mut meta_end = g.journal_offset + g.journal_len;
+        // A twin whenever there is a table or a bitmap to keep.
+        if g.meta_len() > 0 {
+            g.twin_offset = Some(meta_end);
+            meta_end += g.span_len();
+        }
         g.data_offset = align_up(meta_end, g.data_align());
         Ok(g)
     }
@@ -161,6 +174,7 @@ impl Geometry {
             journal_len: h.journal_len,
             data_offset: h.data_offset,
             phys_chunks: 0,
+            twin_offset: None,
         };
         g.phys_chunks = g.chunks();
         if h.is_resizing() {
@@ -186,6 +200,18 @@ impl Geometry {
             };
             prev_end = end;
         }
+        if h.has_twin() {
+            let need = super::twin::stripes(g.meta_len()).1;
+            if h.meta_sums.len() != need {
+                return Err(LayoutError::BadStripeSums { found: h.meta_sums.len(), need });
+            }
+            g.twin_offset = Some(prev_end);
+            prev_end = prev_end.checked_add(g.span_len()).ok_or(LayoutError::BadRegion {
+                region: "twin",
+                offset: prev_end,
+                len: g.span_len(),
+            })?;
+        }
         let expected = prev_end.checked_next_multiple_of(g.data_align());
         if expected != Some(g.data_offset) {
             return Err(LayoutError::BadDataOffset { offset: g.data_offset, expected: expected.unwrap_or(u64::MAX) });
@@ -194,6 +220,25 @@ impl Geometry {
             return Err(LayoutError::BeyondStorage { region: "metadata", end: g.data_offset, size: storage_size });
         }
         Ok(g)
+    }
+
+    /// Bytes of the metadata stream a checksum stripe covers: table and bitmap.
+    pub fn meta_len(&self) -> u64 {
+        self.table_len + self.bitmap_len
+    }
+
+    /// The span one copy takes: from the table to the journal (table, room
+    /// for it to grow, bitmap), which the twin mirrors byte for byte.
+    pub fn span_len(&self) -> u64 {
+        self.journal_offset - self.table_offset
+    }
+
+    /// Where copy `copy` (0, or 1 the twin) keeps its table and its bitmap.
+    pub fn copy_offsets(&self, copy: u32) -> (u64, u64) {
+        match (copy, self.twin_offset) {
+            (1, Some(t)) => (t, t + (self.bitmap_offset - self.table_offset)),
+            _ => (self.table_offset, self.bitmap_offset),
+        }
     }
 
     /// Length of the table region: 4 bytes per chunk, rounded up to 4096.
@@ -263,7 +308,10 @@ impl Geometry {
     /// A fresh header for this geometry.
     pub fn header(&self, base_format: super::BaseFormat, base_path: &str) -> Header {
         Header {
-            incompat: if self.has_table() { INCOMPAT_TABLE } else { 0 } | INCOMPAT_JOURNAL_POS | INCOMPAT_JOURNAL_DUP,
+            incompat: if self.has_table() { INCOMPAT_TABLE } else { 0 }
+                | INCOMPAT_JOURNAL_POS
+                | INCOMPAT_JOURNAL_DUP
+                | if self.twin_offset.is_some() { INCOMPAT_META_TWIN } else { 0 },
             compat: 0,
             flags: 0,
             virtual_size: self.virtual_size.0,
@@ -289,6 +337,13 @@ impl Geometry {
             base_fingerprint: 0,
             commit_depth: 0,
             resize_chunks: 0,
+            meta_copy: 0,
+            // What an all-zero table and bitmap give (create's starting point).
+            meta_sums: if self.twin_offset.is_some() {
+                super::twin::sums(&vec![0u8; self.meta_len() as usize])
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -431,12 +486,41 @@ mod tests {
         assert!(m.contains(&format!("{:#x}", raw.data_offset)), "{m}");
     }
 
+    /// An image from before the twin: the same header without it.
+    fn legacy(mut h: Header) -> Header {
+        h.incompat &= !crate::format::header::INCOMPAT_META_TWIN;
+        h.meta_sums.clear();
+        h.data_offset = (h.journal_offset + h.journal_len).next_multiple_of(h.chunk_size.max(1 << 20) as u64);
+        h
+    }
+
+    #[test]
+    fn the_twin_follows_the_journal_and_its_checksums_match_the_stripes() {
+        let g = Geometry::new(&CreateParams { virtual_size: 64 << 20, base_size: 32 << 20, ..tib() }).unwrap();
+        let t = g.twin_offset.expect("a twin");
+        assert_eq!(t, g.journal_offset + g.journal_len);
+        assert_eq!(g.span_len(), g.table_len + g.bitmap_len);
+        assert_eq!(g.data_offset, (t + g.span_len()).next_multiple_of(1 << 20));
+        assert_eq!(g.copy_offsets(0), (g.table_offset, g.bitmap_offset));
+        assert_eq!(g.copy_offsets(1), (t, t + g.table_len));
+        let mut h = g.header(BaseFormat::Raw, "b");
+        assert!(h.has_twin());
+        assert_eq!(h.meta_sums.len(), 2, "one stripe each for the table's block and the bitmap's");
+        assert_eq!(Geometry::from_header(&h, u64::MAX).unwrap(), g);
+        h.meta_sums.push(0);
+        assert_eq!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadStripeSums { found: 3, need: 2 }));
+        // Nothing to keep: no twin.
+        let raw = Geometry::new(&CreateParams { chunk_size: None, base_size: 0, ..tib() }).unwrap();
+        assert_eq!(raw.twin_offset, None);
+        assert!(!raw.header(BaseFormat::None, "").has_twin());
+    }
+
     /// A resize may leave room between regions (below the table, after it), and
     /// while one is under way `resize_chunks` extends the physical chunks.
     #[test]
     fn gaps_between_regions_and_an_interrupted_resize() {
         let g = Geometry::new(&CreateParams { virtual_size: 64 << 20, base_size: 32 << 20, ..tib() }).unwrap();
-        let mut h = g.header(BaseFormat::Raw, "b");
+        let mut h = legacy(g.header(BaseFormat::Raw, "b"));
         let shift = 32u64 << 20;
         h.table_offset += shift;
         h.bitmap_offset += shift + (1 << 20);
@@ -464,6 +548,9 @@ mod tests {
         h.journal_offset = u64::MAX - 4095;
         assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadRegion { region: "journal", .. })));
         let mut h = g.header(BaseFormat::Raw, "b");
+        h.journal_offset = u64::MAX - (16 << 20) - 4095;
+        assert!(matches!(Geometry::from_header(&h, u64::MAX), Err(LayoutError::BadRegion { region: "twin", .. })));
+        let mut h = legacy(g.header(BaseFormat::Raw, "b"));
         h.journal_offset = u64::MAX - (16 << 20) - 4095;
         h.data_offset = 0;
         assert_eq!(

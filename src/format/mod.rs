@@ -148,6 +148,7 @@
 pub mod header;
 pub mod journal;
 pub mod layout;
+pub mod twin;
 
 use bitvec::order::Lsb0;
 use bitvec::vec::BitVec;

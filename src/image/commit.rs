@@ -194,22 +194,37 @@ impl Image {
         let mark = self.storage.initialised_end();
         self.sync_data(e).await?;
         let s = self.storage.as_ref();
-        // The snapshot may hold updates the journal does not, so a torn
-        // checkpoint must be safe on its own: the table goes first and is made
-        // durable before any bit that relies on it (a new table entry alone
-        // points at a chunk of zeros, which is what an unallocated one reads).
-        if geo.table_len > 0 {
-            let t = io::AlignedBuf::from_slice(&format::encode_table(&snap.table, geo.table_len as usize));
-            io::write_at(e, s, &t, geo.table_offset).await.map_err(self.io_error("table write", geo.table_offset))?;
-            if geo.bitmap_len > 0 {
-                self.sync_data(e).await?;
+        let twin = self.header.lock().unwrap_or_else(|p| p.into_inner()).has_twin();
+        // With a twin: the copy that is not current is written and synced, the
+        // header switches to it, then the other is brought up to date (see
+        // `format::twin`); a current copy is never written.
+        let mut twin_update = None;
+        if twin {
+            let stream = super::meta_copies::stream(geo, &snap.table, &snap.bitmap);
+            let cur = self.header.lock().unwrap_or_else(|p| p.into_inner()).meta_copy;
+            self.write_copy(e, 1 - cur, &stream).await?;
+            twin_update = Some((cur, stream));
+        } else {
+            // Without a twin, the snapshot may hold updates the journal does not,
+            // so a torn checkpoint must be safe on its own: the table goes first
+            // and is made durable before any bit that relies on it (a new table
+            // entry alone points at a chunk of zeros, which is what an
+            // unallocated one reads).
+            if geo.table_len > 0 {
+                let t = io::AlignedBuf::from_slice(&format::encode_table(&snap.table, geo.table_len as usize));
+                io::write_at(e, s, &t, geo.table_offset)
+                    .await
+                    .map_err(self.io_error("table write", geo.table_offset))?;
+                if geo.bitmap_len > 0 {
+                    self.sync_data(e).await?;
+                }
             }
-        }
-        if geo.bitmap_len > 0 {
-            let b = io::AlignedBuf::from_slice(&format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize));
-            io::write_at(e, s, &b, geo.bitmap_offset)
-                .await
-                .map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
+            if geo.bitmap_len > 0 {
+                let b = io::AlignedBuf::from_slice(&format::encode_bitmap(&snap.bitmap, geo.bitmap_len as usize));
+                io::write_at(e, s, &b, geo.bitmap_offset)
+                    .await
+                    .map_err(self.io_error("bitmap write", geo.bitmap_offset))?;
+            }
         }
         self.sync_data(e).await?;
         // The new journal's sequence lies past every block the old one may have
@@ -227,10 +242,18 @@ impl Image {
             if prefetched {
                 h.compat |= format::header::COMPAT_PREFETCHED;
             }
+            if let Some((cur, stream)) = &twin_update {
+                super::meta_copies::point_header_at(h, 1 - cur, stream);
+            }
         })
         .await?;
+        // The new log starts here, whatever happens to the twin below.
         j.next = 0;
         j.shape = journal::Shape::DUP;
+        if let Some((cur, stream)) = &twin_update {
+            self.write_copy(e, *cur, stream).await?;
+            self.sync_data(e).await?;
+        }
         if let (Some(v), Some(covered)) = (&self.volatile, vlog_covered) {
             v.drop_covered(covered);
         }
@@ -241,6 +264,16 @@ impl Image {
         }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.release_freed(e, batch).await;
+        Ok(())
+    }
+
+    /// Writes `stream` (see `meta_copies::stream`) into copy `copy` of the
+    /// table and bitmap; no sync.
+    async fn write_copy<E: IoEngine>(&self, e: &E, copy: u32, stream: &[u8]) -> Result<(), ImageError> {
+        for (off, r) in super::meta_copies::copy_writes(&self.meta.geo, copy, stream.len()) {
+            let b = io::AlignedBuf::from_slice(&stream[r]);
+            io::write_at(e, self.storage.as_ref(), &b, off).await.map_err(self.io_error("metadata write", off))?;
+        }
         Ok(())
     }
 

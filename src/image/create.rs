@@ -286,11 +286,17 @@ pub fn create_on_with(
         s.write_at(&zeros[..n], off).map_err(io("metadata zeroing", off))?;
         off += n as u64;
     }
+    let mut h: Header = geo.header(fmt, base);
     if let Some(bits) = preset {
         let b = crate::format::encode_bitmap(bits, geo.bitmap_len as usize);
-        s.write_at(&b, geo.bitmap_offset).map_err(io("bitmap write", geo.bitmap_offset))?;
+        // Into both copies, and the checksums to match (see `format::twin`).
+        for copy in if h.has_twin() { 0..2 } else { 0..1 } {
+            let at = geo.copy_offsets(copy).1;
+            s.write_at(&b, at).map_err(io("bitmap write", at))?;
+        }
+        let table = vec![0u32; geo.chunks() as usize];
+        super::meta_copies::point_header_at(&mut h, 0, &super::meta_copies::stream(geo, &table, bits));
     }
-    let mut h: Header = geo.header(fmt, base);
     h.compat = compat;
     base_id.record(&mut h);
     // A random first sequence number: a stale journal left on reused storage

@@ -117,6 +117,27 @@ pub fn check(s: &dyn Storage) -> CheckReport {
     if let Some(e) = super::open::journal_damage_error(s.name(), &loaded) {
         r.corruptions.push(e.to_string());
     }
+    for f in &loaded.meta_faults {
+        if f.repairable && f.copy != loaded.header.meta_copy && loaded.header.is_dirty() {
+            // A checkpoint cut before it brought the twin up to date (or damage
+            // to it): the recovery at the next read-write open rewrites it.
+            r.notes.push(format!(
+                "{}: the {} is out of date or damaged; the current copy is intact, and the next read-write \
+                 open rewrites it",
+                s.name(),
+                super::meta_copies::describe(&loaded.geo, f)
+            ));
+        } else if f.repairable {
+            r.corruptions.push(format!(
+                "{}: the {} does not match its checksum; the other copy holds it: 'fvd check --repair' (or a \
+                 read-write open) rewrites it",
+                s.name(),
+                super::meta_copies::describe(&loaded.geo, f)
+            ));
+        } else {
+            r.corruptions.push(super::meta_copies::lost_error(s, &loaded.geo, f).to_string());
+        }
+    }
     let h = &loaded.header;
     if h.is_committing() {
         r.notes.push(format!(

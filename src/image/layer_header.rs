@@ -29,7 +29,8 @@ pub fn edit_header(s: &dyn Storage, change: impl FnOnce(&mut Header)) -> Result<
 /// Order: the bitmap first (a block whose bit is clear reads from the base,
 /// whatever its chunk holds), then the header's prefetch progress, then the
 /// table, then the data is punched. A crash between any two steps leaves an
-/// image that reads the same; running it again completes it.
+/// image that reads the same; running it again completes it. With a twin, the
+/// table and bitmap are emptied by one switch of copies instead.
 pub fn empty(s: &dyn Storage) -> Result<(), ImageError> {
     let h = read_header_slots(s)?.current;
     let geo = Geometry::from_header(&h, s.size())
@@ -44,13 +45,35 @@ pub fn empty(s: &dyn Storage) -> Result<(), ImageError> {
         }
         s.sync().map_err(io_err(s, "fdatasync", off))
     };
-    zero_region(geo.bitmap_offset, geo.bitmap_len, "bitmap clear")?;
-    edit_header(s, |h| {
-        h.prefetch_cursor = 0;
-        h.compat &= !crate::format::header::COMPAT_PREFETCHED;
-    })?;
-    if geo.has_table() {
-        zero_region(geo.table_offset, geo.table_len, "table clear")?;
+    if h.has_twin() {
+        // The copy that is not current is emptied, then one header write makes
+        // it current (with its checksums), then the other is emptied: a crash
+        // leaves the old copy or the empty one (see `format::twin`).
+        let empty = vec![0u8; geo.meta_len() as usize];
+        let next = 1 - h.meta_copy;
+        super::meta_copies::write_copy_sync(s, &geo, next, &empty)?;
+        // Dirty until the other copy is emptied too: a cut before leaves an
+        // image whose next open rewrites it, never a clean one with a stale twin.
+        let was_dirty = h.is_dirty();
+        edit_header(s, |h| {
+            h.prefetch_cursor = 0;
+            h.compat &= !crate::format::header::COMPAT_PREFETCHED;
+            h.flags |= crate::format::header::FLAG_DIRTY;
+            super::meta_copies::point_header_at(h, next, &empty);
+        })?;
+        super::meta_copies::write_copy_sync(s, &geo, 1 - next, &empty)?;
+        if !was_dirty {
+            edit_header(s, |h| h.flags &= !crate::format::header::FLAG_DIRTY)?;
+        }
+    } else {
+        zero_region(geo.bitmap_offset, geo.bitmap_len, "bitmap clear")?;
+        edit_header(s, |h| {
+            h.prefetch_cursor = 0;
+            h.compat &= !crate::format::header::COMPAT_PREFETCHED;
+        })?;
+        if geo.has_table() {
+            zero_region(geo.table_offset, geo.table_len, "table clear")?;
+        }
     }
     let size = s.size();
     if size > geo.data_offset {

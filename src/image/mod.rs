@@ -18,6 +18,7 @@ pub mod identity;
 mod inspect;
 pub mod layer_header;
 mod live;
+mod meta_copies;
 mod open;
 mod pacing;
 mod prefetch;

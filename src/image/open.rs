@@ -54,6 +54,12 @@ pub(crate) struct Loaded {
     pub replayed_records: u64,
     /// The journal block the replay stopped at is damage, not the log's end.
     pub journal_damage: Option<crate::format::journal::Damage>,
+    /// Stripes of the table and bitmap not good in one copy or in both (see
+    /// [`crate::format::twin`]).
+    pub meta_faults: Vec<crate::format::twin::StripeFault>,
+    /// With repairable faults: the good metadata stream as checkpointed (before
+    /// any replay), which a read-write open writes over the bad stripes.
+    pub meta_stream: Option<Vec<u8>>,
 }
 
 fn io_err(s: &dyn Storage, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -184,15 +190,20 @@ pub(crate) fn read_header(s: &dyn Storage) -> Result<Header, ImageError> {
 /// image is dirty. Writes nothing.
 pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
     let path = s.name().to_string();
-    let header = read_header(s)?;
+    let slots = read_header_slots(s)?;
+    let mut header = slots.current;
     let geo =
         Geometry::from_header(&header, s.size()).map_err(|source| ImageError::Layout { path: path.clone(), source })?;
-    let mut tbytes = vec![0u8; geo.table_len as usize];
-    s.read_at(&mut tbytes, geo.table_offset).map_err(io_err(s, "table read", geo.table_offset))?;
-    let mut table = format::decode_table(&tbytes, geo.chunks() as usize);
-    let mut bbytes = vec![0u8; geo.bitmap_len as usize];
-    s.read_at(&mut bbytes, geo.bitmap_offset).map_err(io_err(s, "bitmap read", geo.bitmap_offset))?;
-    let mut bitmap = format::decode_bitmap(&bbytes, geo.base_blocks());
+    // With a header slot lost, the valid one may describe an older copy than
+    // both copies now hold: copies that agree are then taken (see `meta_copies`).
+    let read = super::meta_copies::read(s, &geo, &header, !slots.bad.is_empty())?;
+    let meta_stream =
+        read.faults.iter().any(|f| f.repairable).then(|| super::meta_copies::stream(&geo, &read.table, &read.bitmap));
+    let meta_faults = read.faults;
+    if let Some(sums) = read.resummed {
+        header.meta_sums = sums;
+    }
+    let (mut table, mut bitmap) = (read.table, read.bitmap);
     let mut replayed_blocks = 0;
     let mut replayed_records = 0;
     let mut journal_damage = None;
@@ -215,7 +226,17 @@ pub(crate) fn load(s: &dyn Storage) -> Result<Loaded, ImageError> {
             replayed_records += block.records.len() as u64;
         }
     }
-    Ok(Loaded { header, geo, table, bitmap, replayed_blocks, replayed_records, journal_damage })
+    Ok(Loaded {
+        header,
+        geo,
+        table,
+        bitmap,
+        replayed_blocks,
+        replayed_records,
+        journal_damage,
+        meta_faults,
+        meta_stream,
+    })
 }
 
 /// The error for a journal that is damaged before its end (see [`Loaded`]).
@@ -289,6 +310,13 @@ impl Image {
         let mut loaded = load(storage.as_ref())?;
         if let Some(e) = journal_damage_error(&name, &loaded) {
             return Err(e);
+        }
+        // Metadata no copy holds good is never used.
+        if let Some(f) = loaded.meta_faults.iter().find(|f| !f.repairable) {
+            return Err(super::meta_copies::lost_error(storage.as_ref(), &loaded.geo, f));
+        }
+        if !opts.read_only && !loaded.meta_faults.is_empty() {
+            super::meta_copies::repair(storage.as_ref(), &loaded)?;
         }
         let mut replayed_volatile = 0;
         if let (Some(log), false) = (&opts.volatile_log, opts.read_only) {

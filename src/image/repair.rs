@@ -37,12 +37,11 @@ fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Vec<String>), Imag
     let header = read_header(s)?;
     let geo =
         Geometry::from_header(&header, s.size()).map_err(|source| ImageError::Layout { path: path.clone(), source })?;
-    let mut tbytes = vec![0u8; geo.table_len as usize];
-    s.read_at(&mut tbytes, geo.table_offset).map_err(io("table read", geo.table_offset))?;
-    let mut table = format::decode_table(&tbytes, geo.chunks() as usize);
-    let mut bbytes = vec![0u8; geo.bitmap_len as usize];
-    s.read_at(&mut bbytes, geo.bitmap_offset).map_err(io("bitmap read", geo.bitmap_offset))?;
-    let mut bitmap = format::decode_bitmap(&bbytes, geo.base_blocks());
+    // Both copies, checked: a stripe good in one is taken from it; one good in
+    // neither keeps the current copy's bytes, and its guest range is named.
+    let read = super::meta_copies::read(s, &geo, &header, true)?;
+    let meta_faults = read.faults;
+    let (mut table, mut bitmap) = (read.table, read.bitmap);
     let mut ages = vec![0u64; table.len()];
     let (mut blocks, mut records, mut stopped) = (0, 0, None);
     let mut damaged = Vec::new();
@@ -82,8 +81,17 @@ fn load_lenient(s: &dyn Storage) -> Result<(Loaded, Vec<u64>, Vec<String>), Imag
             blocks += 1;
         }
     }
-    let loaded =
-        Loaded { header, geo, table, bitmap, replayed_blocks: blocks, replayed_records: records, journal_damage: None };
+    let loaded = Loaded {
+        header,
+        geo,
+        table,
+        bitmap,
+        replayed_blocks: blocks,
+        replayed_records: records,
+        journal_damage: None,
+        meta_faults,
+        meta_stream: None,
+    };
     let mut notes = damaged;
     notes.extend(stopped);
     Ok((loaded, ages, notes))
@@ -95,6 +103,21 @@ pub fn repair_metadata(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
     let (mut l, ages, stopped) = load_lenient(s)?;
     let mut done: Vec<String> = stopped;
     let geo = l.geo.clone();
+    // Stripes of the table and bitmap: rewritten from the good copy, or, good
+    // in neither, kept as the current copy holds them (the table checks below
+    // drop what of it cannot be right) with the guest range they cover named.
+    for f in &l.meta_faults {
+        let what = super::meta_copies::describe(&geo, f);
+        if f.repairable {
+            done.push(format!("{what} did not match its checksum: rewritten from the other copy"));
+        } else {
+            let (lo, hi) = super::meta_copies::guest_range(&geo, f);
+            done.push(format!(
+                "{what} is damaged in both copies: kept as it is, so guest bytes {lo:#x}..{hi:#x} may read other \
+                 data than was written (check them)"
+            ));
+        }
+    }
     let cb = geo.chunk_bytes();
     let limit = geo.phys_chunks.min(s.size().saturating_sub(geo.data_offset) / cb.max(1));
     // Newest first: the entry a newer record set wins its chunk.
@@ -127,30 +150,44 @@ pub fn repair_metadata(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
     Ok(done)
 }
 
-/// Writes table and bitmap, syncs, then a clean header (next generation, its own
-/// slot) with the journal sequence past every block in the region, and syncs.
+/// Writes table and bitmap (with a twin: into the copy that is not current),
+/// syncs, then a clean header (next generation, its own slot) with the journal
+/// sequence past every block in the region (and the new current copy and its
+/// checksums), and syncs; with a twin, then the other copy, synced.
 fn write_checkpoint(s: &dyn Storage, l: &Loaded) -> Result<(), ImageError> {
     let io = |what: &'static str, offset: u64| {
         let path = s.name().to_string();
         move |source| ImageError::Io { path, what, offset, source }
     };
     let geo = &l.geo;
-    if geo.table_len > 0 {
-        let t = format::encode_table(&l.table, geo.table_len as usize);
-        s.write_at(&t, geo.table_offset).map_err(io("table write", geo.table_offset))?;
-    }
-    if geo.bitmap_len > 0 {
-        let b = format::encode_bitmap(&l.bitmap, geo.bitmap_len as usize);
-        s.write_at(&b, geo.bitmap_offset).map_err(io("bitmap write", geo.bitmap_offset))?;
-    }
-    s.sync().map_err(io("fdatasync", 0))?;
+    let stream = super::meta_copies::stream(geo, &l.table, &l.bitmap);
+    // With a twin, the copy that is not current first (see `format::twin`).
+    let cur = if l.header.has_twin() { l.header.meta_copy } else { 0 };
+    let next = if l.header.has_twin() { 1 - cur } else { 0 };
+    super::meta_copies::write_copy_sync(s, geo, next, &stream)?;
     let mut h = l.header.clone();
+    super::meta_copies::point_header_at(&mut h, next, &stream);
     h.journal_seq += geo.journal_len / META_BLOCK;
     // A new log starts: in two copies from here on.
     h.incompat |= format::header::INCOMPAT_JOURNAL_DUP;
     h.flags &= !FLAG_DIRTY;
     h.generation += 1;
-    let off = (h.generation % 2) * META_BLOCK;
-    s.write_at(&h.encode(), off).map_err(io("header write", off))?;
-    s.sync().map_err(io("fdatasync", 0))
+    // With a twin, dirty until the other copy is up to date (a cut before
+    // leaves an image whose next open rewrites it).
+    if l.header.has_twin() {
+        h.flags |= FLAG_DIRTY;
+    }
+    let put = |h: &format::Header| -> Result<(), ImageError> {
+        let off = (h.generation % 2) * META_BLOCK;
+        s.write_at(&h.encode(), off).map_err(io("header write", off))?;
+        s.sync().map_err(io("fdatasync", 0))
+    };
+    put(&h)?;
+    if l.header.has_twin() {
+        super::meta_copies::write_copy_sync(s, geo, cur, &stream)?;
+        h.flags &= !FLAG_DIRTY;
+        h.generation += 1;
+        put(&h)?;
+    }
+    Ok(())
 }

@@ -47,6 +47,7 @@
 //! invalid layers, images with an unfinished commit, and growth past the end of
 //! fixed-size storage (a plain block device).
 
+use super::meta_copies;
 use super::open::{load, read_header_slots, slot_offset};
 use super::{Image, ImageError, OpenOptions};
 use crate::format::header::{FLAG_DIRTY, INCOMPAT_RESIZING};
@@ -183,6 +184,47 @@ async fn write_header<E: IoEngine>(e: &E, s: &dyn Storage, mut h: Header) -> Res
     Ok(h)
 }
 
+/// Writes `stream` into copy `copy` of geometry `g` (see `meta_copies`), synced.
+async fn write_copy<E: IoEngine>(
+    e: &E,
+    s: &dyn Storage,
+    g: &Geometry,
+    copy: u32,
+    stream: &[u8],
+) -> Result<(), ImageError> {
+    for (off, r) in meta_copies::copy_writes(g, copy, stream.len()) {
+        write(e, s, &stream[r], off, "metadata write").await?;
+    }
+    sync(e, s).await
+}
+
+/// Twin images: a new table and bitmap (`stream`, laid out as `g`, the
+/// geometry `h` gives) go into the copy `h` does not name current, then `h`
+/// switches to it (written, synced), then the other copy is brought up to
+/// date: the current copy is never written (see `format::twin`).
+async fn switch_copies<E: IoEngine>(
+    e: &E,
+    s: &dyn Storage,
+    g: &Geometry,
+    mut h: Header,
+    stream: &[u8],
+) -> Result<Header, ImageError> {
+    let next = 1 - h.meta_copy;
+    write_copy(e, s, g, next, stream).await?;
+    meta_copies::point_header_at(&mut h, next, stream);
+    // Dirty until the other copy is up to date: a cut before leaves an image
+    // whose next open rewrites it, never a clean one with a stale twin.
+    let clean = !h.is_dirty();
+    h.flags |= FLAG_DIRTY;
+    let mut h = write_header(e, s, h).await?;
+    write_copy(e, s, g, 1 - next, stream).await?;
+    if clean {
+        h.flags &= !FLAG_DIRTY;
+        h = write_header(e, s, h).await?;
+    }
+    Ok(h)
+}
+
 async fn sync<E: IoEngine>(e: &E, s: &dyn Storage) -> Result<(), ImageError> {
     io::sync(e, s).await.map_err(io_error(s, "fdatasync", 0))
 }
@@ -236,6 +278,9 @@ async fn punch_old_metadata<E: IoEngine>(e: &E, s: &dyn Storage, h: &Header) -> 
 /// A dirty image is refused: [`recover_on`] first.
 pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Result<ResizeOutcome, ImageError> {
     let l = load(s)?;
+    if let Some(f) = l.meta_faults.iter().find(|f| !f.repairable) {
+        return Err(meta_copies::lost_error(s, &l.geo, f));
+    }
     let h = l.header.clone();
     refuse_layer(s, &h)?;
     if h.is_dirty() {
@@ -320,11 +365,23 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     // No volatile log of an earlier writer may extend this image's journal: its
     // records would name the old layout's chunks.
     nh.session = 0;
+    let twin = h.has_twin();
     let k = if h.table_offset + t1 <= next_region(&h) {
         if h.bitmap_len == 0 {
             nh.bitmap_offset = nh.bitmap_offset.max(h.table_offset + t1);
         }
         0
+    } else if twin {
+        // Table, room, bitmap, journal, and the twin of the first three, packed
+        // from the old data offset (see `format::twin`).
+        let reserve = table_len_for((chunks1 * 2).min(max_chunks(c)));
+        let span = reserve + h.bitmap_len;
+        let k = (2 * span + h.journal_len).div_ceil(c);
+        nh.data_offset = d0 + k * c;
+        nh.table_offset = d0;
+        nh.bitmap_offset = d0 + reserve;
+        nh.journal_offset = nh.bitmap_offset + h.bitmap_len;
+        k
     } else {
         let reserve = table_len_for((chunks1 * 2).min(max_chunks(c)));
         let k = (reserve + h.bitmap_len + h.journal_len).div_ceil(c);
@@ -334,6 +391,11 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         nh.table_offset = d0;
         k
     };
+    if twin {
+        // As many checksums as the new geometry has stripes; their values come
+        // with the new table (below).
+        nh.meta_sums = vec![0; format::twin::stripes(t1 + h.bitmap_len).1];
+    }
     let ng = Geometry::from_header(&nh, u64::MAX).map_err(layout_err)?;
     check_capacity(s, &ng, new_size)?;
     // Chunks outside the new table's reach [k, k + chunks1) move to free slots in it.
@@ -353,6 +415,8 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         }
     }
     let interim = k > 0 || !moves.is_empty();
+    // The header on storage, as the steps below change it.
+    let mut cur_h = h.clone();
     // Step 1.
     if interim {
         let mut ih = h.clone();
@@ -363,7 +427,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
             ih.incompat |= INCOMPAT_RESIZING;
             ih.resize_chunks = limit as u32;
         }
-        write_header(e, s, ih).await?;
+        cur_h = write_header(e, s, ih).await?;
     }
     // Step 2: copies, with the storage grown to hold them and the new metadata.
     let need = moves.iter().map(|m| d0 + (m.2 + 1) * c).max().unwrap_or(0).max(nh.data_offset);
@@ -382,19 +446,46 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     }
     // Step 3 (moving the metadata; in place, step 4's table write does it).
     if k > 0 && !moves.is_empty() {
-        write(e, s, &format::encode_table(&table, h.table_len as usize), h.table_offset, "table write").await?;
-        sync(e, s).await?;
+        if twin {
+            let stream = meta_copies::stream(&geo, &table, &l.bitmap);
+            cur_h = switch_copies(e, s, &geo, cur_h, &stream).await?;
+        } else {
+            write(e, s, &format::encode_table(&table, h.table_len as usize), h.table_offset, "table write").await?;
+            sync(e, s).await?;
+        }
     }
     // Step 4.
+    // With a twin: the new table and bitmap, and the header that goes with them.
+    let mut new_stream = None;
     if k > 0 {
         let shifted: Vec<u32> = table.iter().map(|&en| if en == 0 { 0 } else { en - k as u32 }).collect();
-        let len = nh.bitmap_offset - nh.table_offset;
-        write(e, s, &format::encode_table(&shifted, len as usize), nh.table_offset, "table write").await?;
-        if h.bitmap_len > 0 {
-            let b = format::encode_bitmap(&l.bitmap, h.bitmap_len as usize);
-            write(e, s, &b, nh.bitmap_offset, "bitmap write").await?;
+        if twin {
+            // Both copies of the new layout: no header names them yet.
+            let stream = meta_copies::stream(&ng, &shifted, &l.bitmap);
+            for copy in 0..2 {
+                for (off, r) in meta_copies::copy_writes(&ng, copy, stream.len()) {
+                    write(e, s, &stream[r], off, "metadata write").await?;
+                }
+            }
+            meta_copies::point_header_at(&mut nh, 0, &stream);
+        } else {
+            let len = nh.bitmap_offset - nh.table_offset;
+            write(e, s, &format::encode_table(&shifted, len as usize), nh.table_offset, "table write").await?;
+            if h.bitmap_len > 0 {
+                let b = format::encode_bitmap(&l.bitmap, h.bitmap_len as usize);
+                write(e, s, &b, nh.bitmap_offset, "bitmap write").await?;
+            }
         }
         punch(e, s, nh.journal_offset, h.journal_len, "journal clear").await?;
+    } else if twin {
+        // In place: chunks moved are named by the current copy before their old
+        // slots are punched below (the old size's table); the new size's table
+        // goes in with the header switch (step 5).
+        if !moves.is_empty() {
+            let stream = meta_copies::stream(&geo, &table, &l.bitmap);
+            cur_h = switch_copies(e, s, &geo, cur_h, &stream).await?;
+        }
+        new_stream = Some(meta_copies::stream(&ng, &table, &l.bitmap));
     } else if t1 > h.table_len || !moves.is_empty() {
         write(e, s, &format::encode_table(&table, t1 as usize), h.table_offset, "table write").await?;
     }
@@ -419,7 +510,15 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
             nh.initialised_end = nh.initialised_end.max(m);
         }
     }
-    write_header(e, s, nh.clone()).await?;
+    match &new_stream {
+        Some(stream) => {
+            nh.meta_copy = cur_h.meta_copy;
+            switch_copies(e, s, &ng, nh.clone(), stream).await?;
+        }
+        None => {
+            write_header(e, s, nh.clone()).await?;
+        }
+    }
     punch_old_metadata(e, s, &nh).await?;
     Ok(ResizeOutcome::of(
         old,

@@ -147,3 +147,28 @@ pub fn op_strategy(size: u64) -> impl proptest::strategy::Strategy<Value = Op> {
         1 => any::<u64>().prop_map(|seed| Op::Crash { seed }),
     ]
 }
+
+/// Sets table entry `entry` to `value` in both copies of the table of the image
+/// file at `p` and reseals the header's stripe checksums (both slots): metadata
+/// that is consistent on storage but wrong, as a writer's bug would leave it.
+pub fn patch_table_sealed(p: &std::path::Path, entry: usize, value: u32) {
+    let mut b = std::fs::read(p).unwrap();
+    let h = fvd::format::Header::decode(&b[..4096]).unwrap();
+    let twin = (h.journal_offset + h.journal_len) as usize;
+    let copies: &[usize] = if h.has_twin() { &[h.table_offset as usize, twin] } else { &[h.table_offset as usize] };
+    for &c in copies {
+        b[c + entry * 4..c + entry * 4 + 4].copy_from_slice(&value.to_le_bytes());
+    }
+    if h.has_twin() {
+        let (t, l) = (h.table_offset as usize, (h.table_len + h.bitmap_len) as usize);
+        let sums = fvd::format::twin::sums(&b[t..t + l]);
+        for slot in 0..2 {
+            let off = slot * 4096;
+            if let Ok(mut h) = fvd::format::Header::decode(&b[off..off + 4096]) {
+                h.meta_sums = sums.clone();
+                b[off..off + 4096].copy_from_slice(&h.encode());
+            }
+        }
+    }
+    std::fs::write(p, b).unwrap();
+}
