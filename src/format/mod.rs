@@ -12,6 +12,7 @@
 //! | table   | `table_offset`         | `table_len` (0 when the table is off)    |
 //! | bitmap  | `bitmap_offset`        | `bitmap_len` (0 without a base)          |
 //! | journal | `journal_offset`       | `journal_len`, a multiple of 4096, 8 KiB to 1 GiB |
+//! | twin    | `journal_offset + journal_len` (incompatible bit 4 only) | `journal_offset - table_offset`: a second copy of the table and bitmap (see [`twin`]) |
 //! | data    | `data_offset`          | to the end of the storage                |
 //!
 //! Regions are 4096-aligned, start at or after 8192, in this order, and do not overlap; `data_offset` is
@@ -31,8 +32,10 @@
 //! - `bitmap_len` is exactly `align_up(⌈base blocks / 8⌉, 4096)`;
 //! - `journal_len` is a multiple of 4096 from 8 KiB to 1 GiB (open reads the
 //!   whole journal into memory when the image is dirty);
-//! - `data_offset` is exactly the journal's end rounded up to the chunk size
-//!   (to 1 MiB when the table is off);
+//! - `data_offset` is exactly the journal's end (with incompatible bit 4, the
+//!   twin's end) rounded up to the chunk size (to 1 MiB when the table is off);
+//! - with incompatible bit 4, `meta_sums` holds exactly as many checksums as the
+//!   table and bitmap have stripes (see [`twin`]);
 //! - `data_offset` is at most the size of the storage.
 //!
 //! These are the lengths create has always written, so every image satisfies them.
@@ -59,7 +62,7 @@
 //! | 0    | 8    | magic                 | `b"FVD\0img\x01"`                                    |
 //! | 8    | 4    | version               | 1                                                    |
 //! | 12   | 4    | header_len            | 4096                                                 |
-//! | 16   | 8    | incompatible features | bit 0: table present; bit 1: resizing (a resize that moves the metadata is under way: table entries may name physical chunks below `resize_chunks`); bit 2: journal positions (journal blocks carry their position within their commit, so damage is told from a torn end; set at create and by every header write of a writer that has it); bit 3: journal in two copies (every journal block written twice, side by side: see [`journal`]; set at create and at a checkpoint, where a new log starts); other bits must be 0 to open |
+//! | 16   | 8    | incompatible features | bit 0: table present; bit 1: resizing (a resize that moves the metadata is under way: table entries may name physical chunks below `resize_chunks`); bit 2: journal positions (journal blocks carry their position within their commit, so damage is told from a torn end; set at create and by every header write of a writer that has it); bit 3: journal in two copies (every journal block written twice, side by side: see [`journal`]; set at create and at a checkpoint, where a new log starts); bit 4: twin (the table and bitmap in two checksummed copies, see [`twin`]; set at create); other bits must be 0 to open |
 //! | 24   | 8    | compatible features   | bit 0 prefetched (base fully copied: never opened again), bit 1 copy-on-read by default, bit 2 prefetch by default; unknown bits ignored |
 //! | 32   | 8    | flags                 | bit 0: dirty (not cleanly closed: replay the journal); bit 1: frozen (a snapshot layer: write-opens refused); bit 2: invalid (a commit changed a layer below it: never opened again); bit 3: committing (a commit from this image down its chain is under way: identity checks of the layers below are relaxed) |
 //! | 40   | 8    | virtual_size          | guest-visible bytes, multiple of 512                 |
@@ -89,9 +92,16 @@
 //! | 1232 | 8    | base_fingerprint      | a raw base's fingerprint (CRC-32 of its size and 16 sampled 4 KiB blocks, see `image::identity`) as recorded; 0: none recorded |
 //! | 1240 | 4    | commit_depth          | with flag bit 3: the layer a commit writes into (1 the base, 2 the base's base, ...); 0 otherwise |
 //! | 1244 | 4    | resize_chunks         | with incompatible bit 1: how many physical chunks table entries may name (at least the number of chunks, below 2^32); 0 otherwise |
+//! | 1248 | 4    | meta_copy             | with incompatible bit 4: the current copy of the table and bitmap (0 the regions at `table_offset`/`bitmap_offset`, 1 the twin); 0 otherwise |
+//! | 1252 | 2    | meta_stripes          | with incompatible bit 4: the number `n` of stripe checksums that follow (≤ 704); 0 otherwise |
+//! | 1254 | 2    | reserved              | 0                                                    |
+//! | 1256 | 4×n  | meta_sums             | CRC-32 (IEEE) of each stripe of the current copy's table and bitmap (see [`twin`]) |
 //! | 4092 | 4    | crc32                 | CRC-32 (IEEE) of bytes 0..4092                       |
 //!
 //! # Table
+//!
+//! (With incompatible bit 4 the table and the bitmap below are kept twice and
+//! checked against the header's stripe checksums: see [`twin`].)
 //!
 //! One `u32` per virtual chunk: 0 means unallocated, `p + 1` means the chunk's
 //! data lives at `data_offset + p × chunk_size`. No two entries may name the same
