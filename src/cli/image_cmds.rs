@@ -120,6 +120,7 @@ fn geometry_json(g: &Geometry) -> serde_json::Value {
             "table": [g.table_offset, g.table_len],
             "bitmap": [g.bitmap_offset, g.bitmap_len],
             "journal": [g.journal_offset, g.journal_len],
+            "twin": g.twin_offset.map(|t| [t, g.span_len()]),
             "data": g.data_offset,
         },
     })
