@@ -26,8 +26,6 @@ use fvd::image::{Image, OpenOptions};
 use fvd::io::uring::Uring;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const SECTOR: u64 = 512;
 
@@ -209,29 +207,7 @@ fn dirty(dir: &Path) -> Subject {
     std::fs::write(dir.join("base.raw"), common::data(8, 4 << 20)).unwrap();
     let img = dir.join("img.fvd");
     ok(&["create", "-s", "8M", "--journal-size", "64k", "--base", s(&dir.join("base.raw")), s(&img)]);
-    let fifo = dir.join("fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let out_path = dir.join("out.txt");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fvd"));
-    cmd.args(["io", s(&img)]);
-    for (i, at) in ["0", "1M", "2M", "3M", "5M"].iter().enumerate() {
-        cmd.args(["-c", &format!("write -P {} {at} 64k", i + 1), "-c", "flush"]);
-    }
-    cmd.args(["-c", "write -P 9 6M 64k", "-c"]).arg(format!("write -s {} 7M 512", s(&fifo)));
-    let mut child = cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::null()).spawn().unwrap();
-    let t0 = Instant::now();
-    while std::fs::read_to_string(&out_path).unwrap_or_default().lines().count() < 6 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "fvd io never got to the pipe");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    while fvd::storage::held_by_writer(&img) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the killed writer's lock stayed");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::fs::remove_file(&fifo).unwrap();
-    assert!(fvd::image::snapshot::header_at(&img).unwrap().is_dirty());
+    common::bin::kill_writer_after_flushes(&img, dir);
     Subject {
         name: "dirty",
         dir: dir.into(),

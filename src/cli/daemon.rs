@@ -319,7 +319,7 @@ pub fn snapshot_live(id: u32, new: &std::path::Path, output: &str) -> Result<i32
             Ok(0)
         }
         Reply::Error(e) => Err(fail(format!("device {id}: online snapshot to {}: {e}", new.display()))),
-        Reply::Resized(_) => Err(fail(format!("device {id}: the daemon answered a snapshot with a resize"))),
+        _ => Err(fail(format!("device {id}: the daemon answered a snapshot with something else"))),
     }
 }
 
@@ -353,7 +353,25 @@ pub fn resize_live(id: u32, size_arg: &str, output: &str) -> Result<i32, CliErro
             Ok(0)
         }
         Reply::Error(e) => Err(fail(format!("device {id}: online resize to {size} bytes: {e}"))),
-        Reply::Snapshot(_) => Err(fail(format!("device {id}: the daemon answered a resize with a snapshot"))),
+        _ => Err(fail(format!("device {id}: the daemon answered a resize with something else"))),
+    }
+}
+
+/// How long `fvd scrub -n` waits for the daemon's answer.
+const SCRUB_WAIT: Duration = Duration::from_secs(3600);
+
+/// `fvd scrub -n ID`: asks the daemon of device `id` to scrub its image.
+pub fn scrub_live(id: u32, rate: Option<u64>) -> Result<(String, fvd::image::scrub::ScrubReport), CliError> {
+    use fvd::ublk::channel::{ask, Reply, Request};
+    let rd = RunDir::system();
+    let st = rd.read(id).map_err(err)?.ok_or(DaemonError::UnknownId(id)).map_err(err)?;
+    if !kernel::daemon_alive(st.pid) {
+        return Err(fail(format!("device {id}: its daemon is not running; run 'fvd recover -n {id}' first")));
+    }
+    match ask(&rd, id, &Request::Scrub { rate }, SCRUB_WAIT).map_err(err)? {
+        Reply::Scrubbed(r) => Ok((st.device, r)),
+        Reply::Error(e) => Err(fail(format!("device {id}: scrub: {e}"))),
+        _ => Err(fail(format!("device {id}: the daemon answered a scrub with something else"))),
     }
 }
 

@@ -8,6 +8,7 @@ mod image_cmds;
 mod io_cmd;
 mod prefetch;
 mod resize;
+mod scrub;
 mod shell;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,8 @@ enum Cmd {
     Rebase(chain_cmds::RebaseArgs),
     /// Grow an image (offline, or -n ID: a live device, where the kernel allows it).
     Resize(resize::ResizeArgs),
+    /// Verify every copy of an image's metadata and rewrite damaged ones from a good copy (offline, or -n ID online).
+    Scrub(scrub::ScrubArgs),
     /// Run qemu-io style commands against an image.
     Io(io_cmd::IoArgs),
     /// Convert between raw and fvd, sparse-aware.
@@ -145,6 +148,7 @@ pub fn main() -> i32 {
         Cmd::Commit(a) => chain_cmds::commit(a),
         Cmd::Rebase(a) => chain_cmds::rebase(a),
         Cmd::Resize(a) => resize::run(a),
+        Cmd::Scrub(a) => scrub::run(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Prefetch(a) => prefetch::run(a),

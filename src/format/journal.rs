@@ -229,6 +229,17 @@ impl Shape {
         Err(first.unwrap_or(JournalError::BadMagic))
     }
 
+    /// For each copy of one block (`group`: its copies, laid out in a row),
+    /// expected at sequence `seq`: `None` when that copy decodes, else why not.
+    pub fn copy_errors(self, group: &[u8], seq: u64) -> Vec<Option<JournalError>> {
+        (0..self.copies as usize)
+            .map(|c| match group.get(c * META_BLOCK as usize..(c + 1) * META_BLOCK as usize) {
+                Some(b) => JournalBlock::decode(b, seq).err(),
+                None => Some(JournalError::BadMagic),
+            })
+            .collect()
+    }
+
     /// Packs records into consecutive blocks starting at sequence `first_seq`,
     /// each block `copies` times in a row.
     // grammar: (block{copies})*  where block = JournalBlock at seq first_seq + i, pos i
@@ -269,6 +280,37 @@ pub fn find_damage(shape: Shape, region: &[u8], first_seq: u64, bad: u64) -> Opt
         let b = shape.decode(region, j, first_seq + j).ok()?;
         (j - b.pos as u64 > bad).then(|| Damage { block: bad, error: error.clone(), later: j })
     })
+}
+
+/// A copy of a block of the log that does not decode while another copy of
+/// the same block does (one good copy carries the block; the bad one is
+/// damage a scrub rewrites).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadCopy {
+    pub block: u64,
+    pub copy: u64,
+    pub error: JournalError,
+}
+
+/// Every bad copy of a block that has a good copy, in the log of `region`
+/// (laid out as `shape`) starting at `first_seq`, up to its end (the first
+/// block no copy of which decodes).
+pub fn bad_copies(shape: Shape, region: &[u8], first_seq: u64) -> Vec<BadCopy> {
+    let mut out = Vec::new();
+    let group = (shape.copies * META_BLOCK) as usize;
+    for i in 0..shape.capacity(region.len() as u64) {
+        let at = shape.offset(i) as usize;
+        let errs = shape.copy_errors(&region[at..at + group], first_seq + i);
+        if errs.iter().all(Option::is_some) {
+            break;
+        }
+        out.extend(
+            errs.into_iter()
+                .enumerate()
+                .filter_map(|(c, e)| e.map(|error| BadCopy { block: i, copy: c as u64, error })),
+        );
+    }
+    out
 }
 
 /// Number of blocks [`pack`] produces for `n` records.

@@ -11,7 +11,7 @@ use crate::meta::Batch;
 use std::sync::atomic::Ordering;
 
 impl Image {
-    fn io_error(&self, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    pub(super) fn io_error(&self, what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
         move |source| ImageError::Io { path: self.name(), what, offset, source }
     }
 

@@ -42,25 +42,28 @@ pub(crate) fn copy_writes(geo: &Geometry, copy: u32, len: usize) -> Vec<(u64, st
     w
 }
 
-/// The writes that repair the stripes `faults` names in their copies, from
-/// `stream` (the chosen, good bytes): (storage offset, byte range of the stream),
-/// split where a stripe crosses from the table into the bitmap.
-pub(crate) fn repair_writes(geo: &Geometry, faults: &[StripeFault]) -> Vec<(u64, std::ops::Range<usize>)> {
+/// Where bytes `r` of the metadata stream lie in copy `copy`: (storage
+/// offset, byte range of the stream), split where `r` crosses from the table
+/// into the bitmap.
+pub(crate) fn extents(geo: &Geometry, copy: u32, r: std::ops::Range<usize>) -> Vec<(u64, std::ops::Range<usize>)> {
     let tl = geo.table_len as usize;
-    let mut w = Vec::new();
-    for f in faults.iter().filter(|f| f.repairable) {
-        let (t, b) = geo.copy_offsets(f.copy);
-        let r = f.range.clone();
-        if r.start < tl {
-            let end = r.end.min(tl);
-            w.push((t + r.start as u64, r.start..end));
-        }
-        if r.end > tl {
-            let start = r.start.max(tl);
-            w.push((b + (start - tl) as u64, start..r.end));
-        }
+    let (t, b) = geo.copy_offsets(copy);
+    let mut w = Vec::with_capacity(2);
+    if r.start < tl {
+        let end = r.end.min(tl);
+        w.push((t + r.start as u64, r.start..end));
+    }
+    if r.end > tl {
+        let start = r.start.max(tl);
+        w.push((b + (start - tl) as u64, start..r.end));
     }
     w
+}
+
+/// The writes that repair the stripes `faults` names in their copies, from
+/// `stream` (the chosen, good bytes): (storage offset, byte range of the stream).
+pub(crate) fn repair_writes(geo: &Geometry, faults: &[StripeFault]) -> Vec<(u64, std::ops::Range<usize>)> {
+    faults.iter().filter(|f| f.repairable).flat_map(|f| extents(geo, f.copy, f.range.clone())).collect()
 }
 
 /// Where a stripe lies on storage, for messages: "table block at 0x…" or

@@ -25,6 +25,7 @@ mod prefetch;
 pub mod rebase;
 mod repair;
 pub mod resize;
+pub mod scrub;
 pub mod snapshot;
 pub mod volatile;
 mod zero_scan;

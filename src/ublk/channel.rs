@@ -1,6 +1,6 @@
 //! The daemon's control socket, `<run dir>/<id>.sock`: the commands that ask
 //! a running daemon to do something and wait for its answer (an online
-//! snapshot). One JSON line each way per connection; the daemon answers one
+//! snapshot, resize or scrub). One JSON line each way per connection; the daemon answers one
 //! connection at a time.
 
 use super::snapshot::{Snapshotter, Taken};
@@ -21,6 +21,8 @@ pub enum Request {
     Snapshot { new: PathBuf },
     /// An online resize to this many bytes.
     Resize { size: u64 },
+    /// A scrub of the image's metadata, at no more than `rate` bytes/s.
+    Scrub { rate: Option<u64> },
 }
 
 /// What the daemon answers.
@@ -29,6 +31,7 @@ pub enum Request {
 pub enum Reply {
     Snapshot(Taken),
     Resized(super::resize::Resized),
+    Scrubbed(crate::image::scrub::ScrubReport),
     Error(String),
 }
 
@@ -67,6 +70,21 @@ fn serve_one(c: UnixStream, snap: &Snapshotter) {
                 match snap.resize(size) {
                     Ok(r) => Reply::Resized(r),
                     Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            Ok(Request::Scrub { rate }) => {
+                tracing::info!(rate, "scrub asked");
+                match snap.scrub(rate) {
+                    Ok(r) => {
+                        tracing::info!(
+                            repaired = r.repaired.len(),
+                            unrepaired = r.unrepaired.len(),
+                            bytes = r.bytes_read,
+                            "scrub done"
+                        );
+                        Reply::Scrubbed(r)
+                    }
+                    Err(e) => Reply::Error(e),
                 }
             }
             Ok(Request::Snapshot { new }) => {
