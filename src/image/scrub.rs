@@ -110,9 +110,8 @@ impl Image {
         }
         let stripes = twin::stripes(self.meta.geo.meta_len()).1;
         let mut pace = Pace { rate, start: Instant::now(), bytes: 0 };
-        let mut units =
-            std::iter::once(Unit::Header).chain((0..stripes).map(Unit::Stripe)).chain((0..).map(Unit::Journal));
-        while let Some(unit) = units.next() {
+        let units = std::iter::once(Unit::Header).chain((0..stripes).map(Unit::Stripe)).chain((0..).map(Unit::Journal));
+        for unit in units {
             let Some(guard) = enter() else {
                 r.stopped = true;
                 break;
