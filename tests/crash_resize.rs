@@ -26,7 +26,7 @@ use common::world::*;
 use common::*;
 use fvd::format::layout::CreateParams;
 use fvd::format::{BaseFormat, Geometry};
-use fvd::image::resize::{grow_on, recover_on, ResizeKind};
+use fvd::image::resize::{grow_on, recover_on, upgrade_on, ResizeKind};
 use fvd::image::{check, create_on, header_of, Base, Image, ImageError, Layer, OpenOptions};
 use fvd::io::SyncOnly;
 use fvd::storage::{PowerCut, SimStorage, Storage};
@@ -54,6 +54,8 @@ struct Case {
     target: u64,
     /// What the completed resize must have done.
     kind: ResizeKind,
+    /// An image made before the twin, upgraded (`fvd upgrade`) instead of resized.
+    upgrade: bool,
 }
 
 fn base_of(d: &Disks) -> Option<Base> {
@@ -85,7 +87,11 @@ fn start(case: &Case, seed: u64) -> (World, Vec<u8>) {
     .expect("geometry");
     let s = SimStorage::new("img");
     create_on(&s, &geo, "base", if case.base { BaseFormat::Raw } else { BaseFormat::None }).expect("create");
-    w.insert("img".into(), s.durable_bytes());
+    let mut bytes = s.durable_bytes();
+    if case.upgrade {
+        make_legacy(&mut bytes);
+    }
+    w.insert("img".into(), bytes);
     let never = PowerCut::after(i64::MAX);
     let d = disks(&w, &never);
     let img = open(&d, true).expect("open");
@@ -99,7 +105,7 @@ fn start(case: &Case, seed: u64) -> (World, Vec<u8>) {
     run(img.close_async(&SyncOnly)).expect("close");
     drop(img);
     if let Some(pre) = case.pre {
-        step(&d, pre).expect("the first resize");
+        grow(&d, pre).expect("the first resize");
         model.resize(pre as usize, 0);
     }
     w.insert("img".into(), d["img"].durable_bytes());
@@ -107,9 +113,18 @@ fn start(case: &Case, seed: u64) -> (World, Vec<u8>) {
 }
 
 /// Recovers what a crash left and runs the resize (again) to its end.
-fn step(d: &Disks, target: u64) -> Result<fvd::image::resize::ResizeOutcome, ImageError> {
+fn grow(d: &Disks, target: u64) -> Result<fvd::image::resize::ResizeOutcome, ImageError> {
     recover_on(Path::new("img"), Box::new(d["img"].clone()))?;
     run(grow_on(&SyncOnly, d["img"].as_ref(), target))
+}
+
+/// The case's operation (a resize, or an upgrade), from what a crash left.
+fn step(case: &Case, d: &Disks) -> Result<fvd::image::resize::ResizeOutcome, ImageError> {
+    if !case.upgrade {
+        return grow(d, case.target);
+    }
+    recover_on(Path::new("img"), Box::new(d["img"].clone()))?;
+    run(upgrade_on(&SyncOnly, d["img"].as_ref()))
 }
 
 /// After a cut: the old size or the new one, the old content, zeros after it,
@@ -137,17 +152,17 @@ struct Counts {
     resizing: usize,
 }
 
-fn events(w: &World, target: u64) -> i64 {
+fn events(case: &Case, w: &World) -> i64 {
     const BIG: i64 = 1 << 40;
     let cut = PowerCut::after(BIG);
     let d = disks(w, &cut);
-    step(&d, target).expect("an uncut run completes");
+    step(case, &d).expect("an uncut run completes");
     drop(d);
     BIG - cut.left()
 }
 
 fn explore(case: &Case, w: &World, model: &[u8], level: u32, rng: &mut rand::rngs::StdRng, c: &mut Counts, path: &str) {
-    let total = events(w, case.target);
+    let total = events(case, w);
     if level == 0 {
         c.events = total;
     }
@@ -157,7 +172,7 @@ fn explore(case: &Case, w: &World, model: &[u8], level: u32, rng: &mut rand::rng
         let what = format!("{path} cut at event {cut_at} of {total}");
         let cut = PowerCut::after(cut_at);
         let d = disks(w, &cut);
-        let r = step(&d, case.target);
+        let r = step(case, &d);
         assert!(r.is_err() || !cut.happened(), "{what}: a cut run reported success");
         let after = crash_all(&d, rng);
         drop(d);
@@ -180,9 +195,11 @@ fn explore(case: &Case, w: &World, model: &[u8], level: u32, rng: &mut rand::rng
 fn finish(case: &Case, w: &World, model: &[u8], rng: &mut rand::rngs::StdRng, what: &str) {
     let never = PowerCut::after(i64::MAX);
     let d = disks(w, &never);
-    step(&d, case.target).unwrap_or_else(|e| panic!("{what}: the resumed resize failed: {e}"));
+    step(case, &d).unwrap_or_else(|e| panic!("{what}: the resumed resize failed: {e}"));
     let h = header_of(d["img"].as_ref()).expect("header");
     assert!(h.virtual_size == case.target && !h.is_dirty() && !h.is_resizing(), "{what}: header {h:?}");
+    let dup = h.incompat & fvd::format::header::INCOMPAT_JOURNAL_DUP != 0;
+    assert!(!case.upgrade || (h.has_twin() && dup), "{what}: not upgraded: {h:?}");
     let r = check(d["img"].as_ref());
     assert!(r.corruptions.is_empty() && r.leaks.is_empty(), "{what}: check: {:?} {:?}", r.corruptions, r.leaks);
     let mut grown = model.to_vec();
@@ -199,12 +216,14 @@ fn finish(case: &Case, w: &World, model: &[u8], rng: &mut rand::rngs::StdRng, wh
     let flushed = (|| -> Result<(), ImageError> {
         let img = open(&d, true)?;
         scribble(&img, &mut m2, rng, BLOCK, 77, 6)?;
-        // At least one write past the old end.
-        let bytes = data(7777, BLOCK as usize);
+        // At least one write past the old end (an upgrade keeps the size).
         let old = model.len() as u64;
-        let off = old + rng.gen_range(0..(case.target - old) / BLOCK as u64) * BLOCK as u64;
-        run(img.write(&SyncOnly, off, &bytes, false))?;
-        m2[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+        if case.target > old {
+            let bytes = data(7777, BLOCK as usize);
+            let off = old + rng.gen_range(0..(case.target - old) / BLOCK as u64) * BLOCK as u64;
+            run(img.write(&SyncOnly, off, &bytes, false))?;
+            m2[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+        }
         run(img.flush(&SyncOnly))
     })();
     let after = crash_all(&d, rng);
@@ -226,7 +245,7 @@ fn sequences(case: Case, seed: u64, name: &str) {
     // The completed resize does what the case is about.
     {
         let d = disks(&w, &PowerCut::after(i64::MAX));
-        let out = step(&d, case.target).expect("resize");
+        let out = step(&case, &d).expect("resize");
         assert_eq!(out.kind, case.kind, "{name}: {out:?}");
         if case.full {
             assert!(out.moved_chunks > 0, "{name}: {out:?}");
@@ -247,25 +266,78 @@ fn sequences(case: Case, seed: u64, name: &str) {
     assert_eq!(c.resizing > 0, case.full, "{name}: only a full image needs slots past the old size's chunks");
 }
 
+/// `fvd upgrade` of an image made before the twin: the metadata moves (the
+/// size stays) into a layout with the twin and the journal's two copies.
+#[test]
+fn upgrade_of_an_image_from_before_the_twin() {
+    let case = Case {
+        table: true,
+        base: true,
+        full: false,
+        pre: None,
+        target: SIZE,
+        kind: ResizeKind::MovedMetadata,
+        upgrade: true,
+    };
+    sequences(case, 29, "upgrade, table, base");
+}
+
+#[test]
+fn upgrade_of_a_full_image_from_before_the_twin() {
+    let case = Case {
+        table: true,
+        base: false,
+        full: true,
+        pre: None,
+        target: SIZE,
+        kind: ResizeKind::MovedMetadata,
+        upgrade: true,
+    };
+    sequences(case, 30, "upgrade, table, every chunk written");
+}
+
 /// 128 chunks of 16 KiB: the table's 4 KiB hold 1024 entries (16 MiB).
 const ROOM: u64 = 16 << 20;
 
 #[test]
 fn table_within_its_room() {
-    let case = Case { table: true, base: false, full: false, pre: None, target: ROOM, kind: ResizeKind::Header };
+    let case = Case {
+        table: true,
+        base: false,
+        full: false,
+        pre: None,
+        target: ROOM,
+        kind: ResizeKind::Header,
+        upgrade: false,
+    };
     sequences(case, 21, "table, no base, within the room");
 }
 
 #[test]
 fn table_within_its_room_over_a_base() {
-    let case = Case { table: true, base: true, full: false, pre: None, target: 5 << 20, kind: ResizeKind::Header };
+    let case = Case {
+        table: true,
+        base: true,
+        full: false,
+        pre: None,
+        target: 5 << 20,
+        kind: ResizeKind::Header,
+        upgrade: false,
+    };
     sequences(case, 22, "table, base, within the room");
 }
 
 #[test]
 fn table_past_its_room() {
-    let case =
-        Case { table: true, base: false, full: false, pre: None, target: 2 * ROOM, kind: ResizeKind::MovedMetadata };
+    let case = Case {
+        table: true,
+        base: false,
+        full: false,
+        pre: None,
+        target: 2 * ROOM,
+        kind: ResizeKind::MovedMetadata,
+        upgrade: false,
+    };
     sequences(case, 23, "table, no base, past the room");
 }
 
@@ -278,14 +350,22 @@ fn table_past_its_room_over_a_base() {
         pre: None,
         target: ROOM + (3 << 20),
         kind: ResizeKind::MovedMetadata,
+        upgrade: false,
     };
     sequences(case, 24, "table, base, past the room");
 }
 
 #[test]
 fn full_image_past_its_room() {
-    let case =
-        Case { table: true, base: true, full: true, pre: None, target: 2 * ROOM, kind: ResizeKind::MovedMetadata };
+    let case = Case {
+        table: true,
+        base: true,
+        full: true,
+        pre: None,
+        target: 2 * ROOM,
+        kind: ResizeKind::MovedMetadata,
+        upgrade: false,
+    };
     sequences(case, 25, "table, base, every chunk written, past the room");
 }
 
@@ -293,27 +373,58 @@ fn full_image_past_its_room() {
 /// next resize writes the table's new entries in place.
 #[test]
 fn table_within_the_room_a_move_left() {
-    let case =
-        Case { table: true, base: true, full: false, pre: Some(2 * ROOM), target: 3 * ROOM, kind: ResizeKind::Header };
+    let case = Case {
+        table: true,
+        base: true,
+        full: false,
+        pre: Some(2 * ROOM),
+        target: 3 * ROOM,
+        kind: ResizeKind::Header,
+        upgrade: false,
+    };
     sequences(case, 28, "table, base, within the room a move left");
 }
 
 #[test]
 fn raw_layout() {
-    let case = Case { table: false, base: false, full: false, pre: None, target: 7 << 20, kind: ResizeKind::Header };
+    let case = Case {
+        table: false,
+        base: false,
+        full: false,
+        pre: None,
+        target: 7 << 20,
+        kind: ResizeKind::Header,
+        upgrade: false,
+    };
     sequences(case, 26, "raw layout, no base");
 }
 
 #[test]
 fn raw_layout_over_a_base() {
-    let case = Case { table: false, base: true, full: false, pre: None, target: 7 << 20, kind: ResizeKind::Header };
+    let case = Case {
+        table: false,
+        base: true,
+        full: false,
+        pre: None,
+        target: 7 << 20,
+        kind: ResizeKind::Header,
+        upgrade: false,
+    };
     sequences(case, 27, "raw layout, base");
 }
 
 /// What a resize refuses, with the image left as it was.
 #[test]
 fn refusals_leave_the_image_alone() {
-    let case = Case { table: true, base: false, full: false, pre: None, target: ROOM, kind: ResizeKind::Header };
+    let case = Case {
+        table: true,
+        base: false,
+        full: false,
+        pre: None,
+        target: ROOM,
+        kind: ResizeKind::Header,
+        upgrade: false,
+    };
     let (w, _) = start(&case, 29);
     let bytes = w["img"].clone();
     let refused = |s: &SimStorage, size: u64, says: &str| {

@@ -228,13 +228,7 @@ fn an_image_without_the_twin_is_scrubbed_where_it_can_be_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let p = image(dir.path());
     let mut b = std::fs::read(&p).unwrap();
-    for slot in 0..2 {
-        let mut h = Header::decode(&b[slot * 4096..(slot + 1) * 4096]).unwrap();
-        h.incompat &= !fvd::format::header::INCOMPAT_META_TWIN;
-        h.meta_sums.clear();
-        h.meta_copy = 0;
-        b[slot * 4096..(slot + 1) * 4096].copy_from_slice(&h.encode());
-    }
+    common::make_legacy(&mut b);
     std::fs::write(&p, b).unwrap();
     let (code, r) = scrub_json(&[s(&p)]);
     assert_eq!((code, r.stripes), (0, 0), "{r:?}");

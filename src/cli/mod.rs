@@ -44,6 +44,8 @@ enum Cmd {
     Resize(resize::ResizeArgs),
     /// Verify every copy of an image's metadata and rewrite damaged ones from a good copy (offline, or -n ID online).
     Scrub(scrub::ScrubArgs),
+    /// Give an image made before the metadata was kept twice its second, checksummed copy (offline).
+    Upgrade(resize::UpgradeArgs),
     /// Run qemu-io style commands against an image.
     Io(io_cmd::IoArgs),
     /// Convert between raw and fvd, sparse-aware.
@@ -149,6 +151,7 @@ pub fn main() -> i32 {
         Cmd::Rebase(a) => chain_cmds::rebase(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Scrub(a) => scrub::run(a),
+        Cmd::Upgrade(a) => resize::upgrade(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Prefetch(a) => prefetch::run(a),

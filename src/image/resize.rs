@@ -119,6 +119,20 @@ fn max_chunks(c: u64) -> u64 {
 /// `fvd resize IMAGE SIZE` on an image no daemon serves: recovers it when it was
 /// not closed cleanly, then grows it to `new_size` bytes.
 pub fn grow(image: &Path, new_size: u64) -> Result<ResizeOutcome, ImageError> {
+    reshape(image, Some(new_size), false)
+}
+
+/// `fvd upgrade IMAGE`: gives an image made before the twin
+/// (`INCOMPAT_META_TWIN`) its checksummed second copy of the table and bitmap,
+/// and its journal two copies of each block, in place: the metadata moves to
+/// the start of the data area as a resize moves it (with the same crash
+/// safety), laid out with the twin. The size stays. An image that has the twin
+/// already is left as it is (`Unchanged`).
+pub fn upgrade(image: &Path) -> Result<ResizeOutcome, ImageError> {
+    reshape(image, None, true)
+}
+
+fn reshape(image: &Path, new_size: Option<u64>, add_twin: bool) -> Result<ResizeOutcome, ImageError> {
     let storage: Arc<dyn Storage> = Arc::from(open_image_storage(image, &StorageOptions::new(OpenMode::ReadWrite))?);
     let name = storage.name().to_string();
     let recovered = recover_on(image, Box::new(storage.clone()))?;
@@ -128,11 +142,12 @@ pub fn grow(image: &Path, new_size: u64) -> Result<ResizeOutcome, ImageError> {
         offset: 0,
         source,
     })?;
-    let mut out = ring.block_on(grow_on(&ring, storage.as_ref(), new_size)).map_err(|source| ImageError::Io {
-        path: name,
-        what: "resize",
-        offset: 0,
-        source,
+    let size = match new_size {
+        Some(n) => n,
+        None => read_header_slots(storage.as_ref())?.current.virtual_size,
+    };
+    let mut out = ring.block_on(reshape_on(&ring, storage.as_ref(), size, add_twin)).map_err(|source| {
+        ImageError::Io { path: name, what: if add_twin { "upgrade" } else { "resize" }, offset: 0, source }
     })??;
     out.recovered |= recovered;
     Ok(out)
@@ -277,6 +292,23 @@ async fn punch_old_metadata<E: IoEngine>(e: &E, s: &dyn Storage, h: &Header) -> 
 /// Grows the clean image on `s` to `new_size` bytes (see the module docs).
 /// A dirty image is refused: [`recover_on`] first.
 pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Result<ResizeOutcome, ImageError> {
+    reshape_on(e, s, new_size, false).await
+}
+
+/// [`upgrade`] on storage no one else writes, the image clean.
+pub async fn upgrade_on<E: IoEngine>(e: &E, s: &dyn Storage) -> Result<ResizeOutcome, ImageError> {
+    let size = read_header_slots(s)?.current.virtual_size;
+    reshape_on(e, s, size, true).await
+}
+
+/// [`grow_on`]; with `add_twin`, on an image without the twin, the metadata
+/// moves (whatever the size) and the new layout has the twin.
+async fn reshape_on<E: IoEngine>(
+    e: &E,
+    s: &dyn Storage,
+    new_size: u64,
+    add_twin: bool,
+) -> Result<ResizeOutcome, ImageError> {
     let l = load(s)?;
     if let Some(f) = l.meta_faults.iter().find(|f| !f.repairable) {
         return Err(meta_copies::lost_error(s, &l.geo, f));
@@ -291,6 +323,14 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     }
     let geo = l.geo.clone();
     let old = geo.virtual_size.0;
+    let add_twin = add_twin && !h.has_twin();
+    if add_twin && geo.chunk_size.is_none() {
+        return Err(invalid(
+            s,
+            "has the raw layout (guest data at fixed offsets right after its metadata), so its metadata cannot \
+             move to make room for a second copy: 'fvd convert' makes a copy that has it",
+        ));
+    }
     if new_size < old {
         return Err(invalid(
             s,
@@ -339,7 +379,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
         .map_err(|source| ImageError::Meta { path: s.name().to_string(), source })?;
     let next_region = |h: &Header| if h.bitmap_len > 0 { h.bitmap_offset } else { h.journal_offset };
     let room_of = |h: &Header| ((next_region(h) - h.table_offset) / 4).min(max_chunks(c)) * c;
-    if new_size == old && !h.is_resizing() {
+    if new_size == old && !h.is_resizing() && !add_twin {
         // An earlier resize may have been cut before this.
         punch_old_metadata(e, s, &h).await?;
         let room = room_of(&h).max(old);
@@ -365,8 +405,13 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     // No volatile log of an earlier writer may extend this image's journal: its
     // records would name the old layout's chunks.
     nh.session = 0;
-    let twin = h.has_twin();
-    let k = if h.table_offset + t1 <= next_region(&h) {
+    // The new layout's twin; the old layout's is `h.has_twin()`.
+    let twin = h.has_twin() || add_twin;
+    if add_twin {
+        nh.incompat |= format::header::INCOMPAT_META_TWIN;
+        nh.meta_copy = 0;
+    }
+    let k = if h.table_offset + t1 <= next_region(&h) && !add_twin {
         if h.bitmap_len == 0 {
             nh.bitmap_offset = nh.bitmap_offset.max(h.table_offset + t1);
         }
@@ -446,7 +491,7 @@ pub async fn grow_on<E: IoEngine>(e: &E, s: &dyn Storage, new_size: u64) -> Resu
     }
     // Step 3 (moving the metadata; in place, step 4's table write does it).
     if k > 0 && !moves.is_empty() {
-        if twin {
+        if h.has_twin() {
             let stream = meta_copies::stream(&geo, &table, &l.bitmap);
             cur_h = switch_copies(e, s, &geo, cur_h, &stream).await?;
         } else {

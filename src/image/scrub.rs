@@ -104,7 +104,7 @@ impl Image {
         if !self.header().has_twin() && self.meta.geo.meta_len() > 0 {
             r.notes.push(format!(
                 "{}: made before the twin, its table and bitmap have no checksums and no second copy, so they \
-                 are not verified; 'fvd upgrade' (offline) gives it both",
+                 are not verified; 'fvd upgrade IMAGE' (offline) gives it both",
                 self.name()
             ));
         }

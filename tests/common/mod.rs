@@ -172,3 +172,31 @@ pub fn patch_table_sealed(p: &std::path::Path, entry: usize, value: u32) {
     }
     std::fs::write(p, b).unwrap();
 }
+
+/// Turns the image bytes `b` (a clean image) into one made before the twin and the
+/// journal's two copies: both header slots without `INCOMPAT_META_TWIN` and
+/// `INCOMPAT_JOURNAL_DUP`, the data region starting at the aligned end of the
+/// journal (as such images had it), and the bytes between that and the old data
+/// offset zeroed.
+pub fn make_legacy(b: &mut [u8]) {
+    use fvd::format::header::{INCOMPAT_JOURNAL_DUP, INCOMPAT_META_TWIN};
+    use fvd::format::{Header, LayoutError};
+    let old_data = Header::decode(&b[..4096]).map(|h| h.data_offset).unwrap_or(0);
+    let mut new_data = old_data;
+    for slot in 0..2 {
+        let Ok(mut h) = Header::decode(&b[slot * 4096..(slot + 1) * 4096]) else { continue };
+        h.incompat &= !(INCOMPAT_META_TWIN | INCOMPAT_JOURNAL_DUP);
+        h.meta_sums.clear();
+        h.meta_copy = 0;
+        if let Err(LayoutError::BadDataOffset { expected, .. }) = Geometry::from_header(&h, u64::MAX) {
+            h.data_offset = expected;
+        }
+        Geometry::from_header(&h, u64::MAX).expect("a legacy layout");
+        new_data = h.data_offset;
+        b[slot * 4096..(slot + 1) * 4096].copy_from_slice(&h.encode());
+    }
+    let end = (old_data as usize).min(b.len());
+    if (new_data as usize) < end {
+        b[new_data as usize..end].fill(0);
+    }
+}
