@@ -3,7 +3,8 @@
 //! layer), io (write, write -s with odd lengths, zero, discard, flush, in
 //! writeback and writethrough), snapshot, commit (into the base or further
 //! down, -d), rebase (safe onto any layer, onto another chain, -b ""), resize,
-//! convert (to fvd and raw), prefetch and check (--repair), with SIGKILL at
+//! convert (to fvd and raw), prefetch, check (--repair) and scrub (after one
+//! byte of one copy of the table or bitmap was damaged, half of the time), with SIGKILL at
 //! random points followed by the same command again, and commands that must be
 //! refused (writes to frozen layers, loops, a snapshot onto an existing name).
 //!
@@ -21,6 +22,7 @@ mod common;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -738,6 +740,38 @@ impl World {
         vec![i]
     }
 
+    /// `fvd scrub` (killed mid-way at random, then run again), after one byte
+    /// of one copy of a random stripe of the table or bitmap was damaged half
+    /// of the time: the layer reads the same, and the scrub leaves check clean.
+    fn scrub(&mut self) -> Vec<usize> {
+        let v = self.fvd_layers(|i, l| l.state != State::Invalid && self.opens(i));
+        let Some(i) = self.pick(&v) else { return vec![] };
+        let name = self.layers[i].name.clone();
+        let p = self.path(&name);
+        if let Ok(h) = fvd::image::snapshot::header_at(&p) {
+            let meta_len = h.table_len + h.bitmap_len;
+            if h.has_twin() && meta_len > 0 && self.rng.gen_bool(0.5) {
+                let copy = self.rng.gen_range(0..2u64);
+                let at = self.rng.gen_range(0..meta_len);
+                let twin = h.journal_offset + h.journal_len;
+                let (t, b) = if copy == 0 {
+                    (h.table_offset, h.bitmap_offset)
+                } else {
+                    (twin, twin + (h.bitmap_offset - h.table_offset))
+                };
+                let off = if at < h.table_len { t + at } else { b + (at - h.table_len) };
+                let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open for damage");
+                let mut byte = [0u8];
+                f.read_exact_at(&mut byte, off).expect("read for damage");
+                f.write_all_at(&[byte[0] ^ 0x5a], off).expect("damage");
+                self.log.push(format!("(damaged copy {copy} of {name}'s metadata at {off:#x})"));
+            }
+        }
+        let a = args(&["scrub", &name]);
+        self.run_resumable(&a, i, "scrub");
+        vec![i]
+    }
+
     fn step(&mut self) {
         if self.layers.len() >= MAX_LAYERS {
             let touched = match self.rng.gen_range(0..5) {
@@ -748,7 +782,7 @@ impl World {
             };
             return self.verify(&touched);
         }
-        let touched = match self.rng.gen_range(0..20) {
+        let touched = match self.rng.gen_range(0..21) {
             0 => self.new_bottom(),
             1..=3 => self.overlay(),
             4..=8 => self.io(),
@@ -758,6 +792,7 @@ impl World {
             15 => self.resize(),
             16 => self.convert(),
             17 => self.prefetch(),
+            18 => self.scrub(),
             _ => self.refusals(),
         };
         self.verify(&touched);
