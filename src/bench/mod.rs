@@ -6,6 +6,7 @@ mod base_cost;
 mod chain;
 mod load;
 mod meta_cost;
+mod request_cost;
 
 use clap::Args;
 use fvd::image::{self, CreateOptions, Image, OpenOptions};
@@ -39,6 +40,17 @@ pub struct BenchArgs {
     /// chain of N read-only layers against a chain of one, in one run.
     #[arg(long, value_name = "N")]
     pub chain: Option<usize>,
+    /// Only `--count` requests of one kind, one after another, through the
+    /// code a queue runs per request, for an instruction count under callgrind
+    /// (scripts/request-cost): read, overwrite or first-write, 4 KiB each.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub request_cost: Option<request_cost::Kind>,
+    /// The image layout for --request-cost.
+    #[arg(long, value_enum, default_value = "default")]
+    pub layout: request_cost::Layout,
+    /// Requests for --request-cost.
+    #[arg(long, default_value_t = 1000)]
+    pub count: u64,
 }
 
 struct Ctx {
@@ -189,6 +201,10 @@ fn make_base(p: &Path, size: u64) -> Result<(), String> {
 
 pub fn run(a: BenchArgs) -> Result<i32, String> {
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    if let Some(kind) = a.request_cost {
+        request_cost::run(&a.dir, kind, a.layout, a.count)?;
+        return Ok(0);
+    }
     if let Some(depth) = a.chain {
         let c = Ctx {
             dir: a.dir.clone(),
