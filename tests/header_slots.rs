@@ -174,3 +174,33 @@ fn both_slots_damaged_is_still_an_error() {
     assert!(out.contains("Not repaired: neither header slot is valid"), "{out}");
     assert!(std::fs::read(&img).unwrap() == before, "repair wrote to an image with no valid header");
 }
+
+/// The newest slot of an image not closed cleanly, lost after a checkpoint (a
+/// small journal fills, so the writer checkpoints between its flushes) whose
+/// header it was: the older slot's stripe checksums describe the copies before
+/// that checkpoint. `fvd check --repair` rewrote the lost slot from the older
+/// header with those checksums, after which both copies of the table and bitmap
+/// failed them: the repair left the image refused ("damaged in both copies") and
+/// reading other bytes, where a plain open read it whole.
+#[test]
+fn repairing_a_lost_checkpoint_header_keeps_the_checksums_of_its_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, common::data(4, 4 << 20)).unwrap();
+    let img = dir.path().join("img.fvd");
+    ok(&["create", "-s", "8M", "--journal-size", "8k", "--base", s(&base), s(&img)]);
+    common::bin::kill_writer_after_flushes(&img, dir.path());
+    let want = dir.path().join("want.raw");
+    ok(&["convert", "-O", "raw", s(&img), s(&want)]);
+    let newest = (0..2).max_by_key(|&i| slot(&img, i).map(|h| h.generation).unwrap_or(0)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, &[0u8; 512], newest as u64 * 4096).unwrap();
+    drop(f);
+    let (code, out, err) = fvd(&["check", "--repair", s(&img)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = fvd(&["check", s(&img)]);
+    assert_eq!(code, 0, "{out}");
+    let got = dir.path().join("got.raw");
+    ok(&["convert", "-O", "raw", s(&img), s(&got)]);
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap(), "the repaired image reads other bytes");
+}

@@ -257,6 +257,12 @@ impl Image {
             }
             let target = 1 - slots.current_slot;
             let mut h = slots.current.clone();
+            // With a slot lost, the valid one may be older than the copies of
+            // the table and bitmap (a lost checkpoint header): the checksums
+            // are those a load takes the copies with (see `meta_copies::read`).
+            if let Ok(l) = super::open::load(s) {
+                h.meta_sums = l.header.meta_sums;
+            }
             h.generation += 1;
             if h.generation % 2 != target as u64 {
                 h.generation += 1;
