@@ -258,7 +258,7 @@ impl Image {
         e: &E,
         off: u64,
         len: u64,
-    ) -> Result<(Option<crate::meta::InflightGuard<'_>>, Vec<Piece>), ImageError> {
+    ) -> Result<(Option<crate::meta::InflightGuard<'_>>, crate::meta::Plan), ImageError> {
         let mut tries = 0;
         loop {
             self.allocate_range(e, off, len).await?;

@@ -23,7 +23,7 @@ pub use bitmap::Bitmap;
 pub use inflight::{Inflight, InflightGuard};
 pub use locks::BlockLocks;
 pub use persist::{Batch, FreedChunk, Persist, Snapshot};
-pub use plan::{Piece, Source};
+pub use plan::{Piece, Plan, Source};
 pub use table::Table;
 
 use crate::format::{BitmapBits, Geometry, Record};

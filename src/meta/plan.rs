@@ -16,6 +16,10 @@ pub enum Source {
     Copy(BlockIdx),
 }
 
+/// The pieces of a request, held inline up to four (a request needs no
+/// allocation to be planned unless it spans more).
+pub type Plan = smallvec::SmallVec<[Piece; 4]>;
+
 /// A contiguous piece of a request: `len` bytes at `buf_off` in the request buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
@@ -24,7 +28,7 @@ pub struct Piece {
     pub src: Source,
 }
 
-fn push(out: &mut Vec<Piece>, p: Piece) {
+fn push(out: &mut Plan, p: Piece) {
     if let Some(last) = out.last_mut() {
         let contiguous = match (last.src, p.src) {
             (Source::Image(a), Source::Image(b)) => a + last.len as u64 == b,
@@ -59,10 +63,10 @@ impl Meta {
     }
 
     /// Plans a read. Pieces are merged where they are contiguous.
-    pub fn plan_read(&self, off: Bytes, len: u64) -> Result<Vec<Piece>, MetaError> {
+    pub fn plan_read(&self, off: Bytes, len: u64) -> Result<Plan, MetaError> {
         self.check_range(off, len)?;
         let base_size = self.geo.base_size.0;
-        let mut out = Vec::new();
+        let mut out = Plan::new();
         for (s, e, b) in self.block_runs(off.0, len) {
             let buf_off = (s - off.0) as usize;
             let n = (e - s) as usize;
@@ -89,9 +93,9 @@ impl Meta {
 
     /// Plans a write whose chunks are all allocated: direct pieces, and the
     /// blocks that must be copied from the base first (one piece per block).
-    pub fn plan_write(&self, off: Bytes, len: u64) -> Result<Vec<Piece>, MetaError> {
+    pub fn plan_write(&self, off: Bytes, len: u64) -> Result<Plan, MetaError> {
         self.check_range(off, len)?;
-        let mut out = Vec::new();
+        let mut out = Plan::new();
         for (s, e, b) in self.block_runs(off.0, len) {
             let buf_off = (s - off.0) as usize;
             let n = (e - s) as usize;
@@ -136,7 +140,7 @@ mod tests {
         let p = m.plan_read(Bytes(0), 16384).unwrap();
         let d = m.geo.data_offset + 2 * (1 << 20);
         assert_eq!(
-            p,
+            p.to_vec(),
             vec![
                 Piece { buf_off: 0, len: 4096, src: Source::Base(0) },
                 Piece { buf_off: 4096, len: 4096, src: Source::Image(d + 4096) },
@@ -152,7 +156,7 @@ mod tests {
     fn raw_layout_maps_offsets_directly() {
         let m = meta(0, false);
         let p = m.plan_read(Bytes(8192), 8192).unwrap();
-        assert_eq!(p, vec![Piece { buf_off: 0, len: 8192, src: Source::Image(m.geo.data_offset + 8192) }]);
+        assert_eq!(p.to_vec(), vec![Piece { buf_off: 0, len: 8192, src: Source::Image(m.geo.data_offset + 8192) }]);
         assert!(m.plan_read(Bytes(1 << 24), 512).is_err());
     }
 
