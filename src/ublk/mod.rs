@@ -32,6 +32,7 @@ pub mod queue;
 pub mod report;
 pub mod request;
 pub mod resize;
+pub mod ring;
 pub mod scrub;
 pub mod serve;
 pub mod setup;
