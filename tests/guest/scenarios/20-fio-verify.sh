@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # fio 4 KiB random writes with crc32c verify on the raw device, then, after a
-# stop and a new start, a verify-only pass over everything written.
+# stop and a new start, a verify-only pass over everything written; the second daemon
+# runs its queues on the tuned ring (FVD_QUEUE_RING=tuned: SINGLE_ISSUER, DEFER_TASKRUN).
 # timeout: 600
 
 fvd_prelude
@@ -27,7 +28,9 @@ grep -q 'err= 0' "$RESULTS/fio-write.txt" || fail "fio reported errors"
 step "stop, check, start again"
 run "$FVD" stop -n "$id"
 run "$FVD" check "$img"
-dev=$("$FVD" start -n "$id" "$img")
+dev=$(FVD_QUEUE_RING=tuned "$FVD" start -n "$id" "$img")
+grep -q "queue rings: SINGLE_ISSUER" /run/fvd/*.log ||
+    fail "the tuned ring is not in use: $(grep -h "tuned queue ring" /run/fvd/*.log | tail -n 1)"
 
 step "verify-only pass over the whole $SIZE"
 fio_job "$dev" --verify_only --output="$RESULTS/fio-verify.txt" ||
