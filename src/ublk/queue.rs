@@ -22,7 +22,7 @@ const IDLE_SECS: u64 = 20;
 /// it. Runs on the queue's thread.
 pub fn serve_queue(qid: u16, dev: &UblkDev, gate: Arc<Gate<Image>>, pol: Policy, bg: Background) {
     if super::ring::tuned() && super::ring::init_tuned(dev) && qid == 0 {
-        tracing::info!("queue rings: SINGLE_ISSUER, DEFER_TASKRUN, COOP_TASKRUN");
+        tracing::info!("queue rings: SINGLE_ISSUER, DEFER_TASKRUN, COOP_TASKRUN, TASKRUN_FLAG");
     }
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),

@@ -7,8 +7,12 @@
 //! the ring is thread-local and other threads reach the queue through its
 //! eventfd bell, never its ring) and `DEFER_TASKRUN` (completions are
 //! posted when the queue thread asks for them, in its `io_uring_enter`
-//! waits, which carry GETEVENTS). A kernel that refuses them gets libublk's
-//! own ring. Off by default until the peer benchmark's medians show the
+//! waits, which carry GETEVENTS), with `TASKRUN_FLAG`: the kernel marks the
+//! ring while completions wait to be posted, and an enter that waits for
+//! nothing (libublk's, once the queue is stopping) then asks for them too.
+//! Without it the aborted fetch commands of a stopping device were never
+//! posted and the daemon did not exit on SIGTERM (20-fio-verify, 6.12).
+//! A kernel that refuses these flags gets libublk's own ring. Off by default until the peer benchmark's medians show the
 //! gain on both kernels; a registered ring fd is not used (libublk makes a
 //! new `Submitter` for every enter, and the registration lives in one).
 
@@ -33,6 +37,7 @@ pub fn init_tuned(dev: &UblkDev) -> bool {
         let ring = IoUring::<squeue::Entry, cqueue::Entry>::builder()
             .setup_cqsize(cq)
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .build(sq)
