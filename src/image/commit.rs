@@ -347,7 +347,7 @@ impl Image {
 
     /// [`Image::close_async`] on a ring of its own.
     pub fn close(&self) -> Result<(), ImageError> {
-        let ring = crate::io::uring::Uring::new(64).map_err(self.io_error("io_uring setup", 0))?;
+        let ring = super::offline_ring(&self.name())?;
         ring.block_on(self.close_async(&ring)).map_err(self.io_error("close", 0))?
     }
 }

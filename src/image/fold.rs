@@ -259,7 +259,7 @@ pub fn commit(
     let between: Vec<Box<dyn Storage>> =
         paths[..depth - 1].iter().map(|p| open_image_storage(p, &rw)).collect::<Result<_, _>>()?;
     let between_refs: Vec<&dyn Storage> = between.iter().map(|b| b.as_ref()).collect();
-    let ring = crate::io::uring::Uring::new(64).map_err(io_error(&name, "io_uring setup", 0))?;
+    let ring = super::offline_ring(&name)?;
     let size = top.size();
     let prog = |done: u64| progress(done, size);
     let r = match fmt {

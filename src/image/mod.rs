@@ -189,3 +189,14 @@ impl Image {
         self.header.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
+
+/// A ring of its own for an offline step on the image at `path` (a recovery,
+/// a resize, a fold, a scrub): one use, then dropped.
+pub(crate) fn offline_ring(path: &str) -> Result<crate::io::uring::Uring, ImageError> {
+    crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
+        path: path.to_string(),
+        what: "io_uring setup",
+        offset: 0,
+        source,
+    })
+}

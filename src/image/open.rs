@@ -456,12 +456,7 @@ impl Image {
         if !self.recovered && !bad_slot {
             return Ok(());
         }
-        let ring = crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
-            path: self.name(),
-            what: "io_uring setup",
-            offset: 0,
-            source,
-        })?;
+        let ring = super::offline_ring(&self.name())?;
         ring.block_on(async {
             if bad_slot {
                 tracing::info!(image = %self.name(), "a header slot was not valid: rewritten from the current header");

@@ -204,7 +204,7 @@ pub fn rebase(
     } else {
         Image::open(image, &opts)?
     };
-    let ring = crate::io::uring::Uring::new(64).map_err(io_error(&name, "io_uring setup", 0))?;
+    let ring = super::offline_ring(&name)?;
     let size = top.size();
     let prog = |done: u64| progress(done, size);
     let (copied_bytes, compared_bytes) = ring

@@ -136,12 +136,7 @@ fn reshape(image: &Path, new_size: Option<u64>, add_twin: bool) -> Result<Resize
     let storage: Arc<dyn Storage> = Arc::from(open_image_storage(image, &StorageOptions::new(OpenMode::ReadWrite))?);
     let name = storage.name().to_string();
     let recovered = recover_on(image, Box::new(storage.clone()))?;
-    let ring = crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
-        path: name.clone(),
-        what: "io_uring setup",
-        offset: 0,
-        source,
-    })?;
+    let ring = super::offline_ring(&name)?;
     let size = match new_size {
         Some(n) => n,
         None => read_header_slots(storage.as_ref())?.current.virtual_size,

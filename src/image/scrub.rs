@@ -357,12 +357,7 @@ pub fn scrub_offline(path: &std::path::Path, rate: Option<u64>) -> Result<ScrubR
             return Ok(ScrubReport { image: name, unrepaired: found, ..Default::default() });
         }
     };
-    let ring = crate::io::uring::Uring::new(64).map_err(|source| ImageError::Io {
-        path: name.clone(),
-        what: "io_uring setup",
-        offset: 0,
-        source,
-    })?;
+    let ring = super::offline_ring(&name)?;
     let io_err = |source| ImageError::Io { path: name.clone(), what: "scrub", offset: 0, source };
     let mut r = ring.block_on(img.scrub(&ring, rate, || Some(()))).map_err(io_err)??;
     img.close()?;
