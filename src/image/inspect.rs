@@ -248,6 +248,14 @@ impl Image {
     /// trustworthy to copy). The caller holds the storage exclusively.
     pub fn repair_header_slots(s: &dyn Storage) -> Result<Vec<String>, ImageError> {
         let mut done = Vec::new();
+        // With a slot lost, the valid one may be older than the copies of the
+        // table and bitmap (a lost checkpoint header): the rewritten slot takes
+        // the checksums a load reads the copies with (see `meta_copies::read`).
+        let sums = read_header_slots(s)
+            .ok()
+            .filter(|slots| !slots.bad.is_empty())
+            .and_then(|_| super::open::load(s).ok())
+            .map(|l| l.header.meta_sums);
         // A current header in the wrong slot takes two writes: first to the
         // other slot, which then is current, then back.
         for _ in 0..2 {
@@ -257,11 +265,8 @@ impl Image {
             }
             let target = 1 - slots.current_slot;
             let mut h = slots.current.clone();
-            // With a slot lost, the valid one may be older than the copies of
-            // the table and bitmap (a lost checkpoint header): the checksums
-            // are those a load takes the copies with (see `meta_copies::read`).
-            if let Ok(l) = super::open::load(s) {
-                h.meta_sums = l.header.meta_sums;
+            if let Some(sums) = &sums {
+                h.meta_sums = sums.clone();
             }
             h.generation += 1;
             if h.generation % 2 != target as u64 {
