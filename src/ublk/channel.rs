@@ -1,7 +1,7 @@
 //! The daemon's control socket, `<run dir>/<id>.sock`: the commands that ask
 //! a running daemon to do something and wait for its answer (an online
-//! snapshot, resize or scrub). One JSON line each way per connection; the daemon answers one
-//! connection at a time.
+//! snapshot, resize or scrub). One JSON line each way per connection; the
+//! daemon answers one connection at a time.
 
 use super::snapshot::{Snapshotter, Taken};
 use super::state::RunDir;

@@ -12,9 +12,10 @@
 //! nothing (libublk's, once the queue is stopping) then asks for them too.
 //! Without it the aborted fetch commands of a stopping device were never
 //! posted and the daemon did not exit on SIGTERM (20-fio-verify, 6.12).
-//! A kernel that refuses these flags gets libublk's own ring. Off by default until the peer benchmark's medians show the
-//! gain on both kernels; a registered ring fd is not used (libublk makes a
-//! new `Submitter` for every enter, and the registration lives in one).
+//! A kernel that refuses these flags gets libublk's own ring. Off by default
+//! until the peer benchmark's medians show the gain on both kernels; a
+//! registered ring fd is not used (libublk makes a new `Submitter` for every
+//! enter, and the registration lives in one).
 
 use io_uring::{cqueue, squeue, IoUring};
 use libublk::io::UblkDev;
