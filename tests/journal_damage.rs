@@ -8,8 +8,6 @@ mod common;
 
 use common::bin::{fvd, fvd_merged, ok, s};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A dirty image over a raw base whose journal holds three commits, one block
 /// each: 64 KiB of 1 at 0, of 2 at 1 MiB, of 3 at 2 MiB (each flushed), and a
@@ -19,29 +17,10 @@ fn dirty_image(dir: &Path) -> (String, u64) {
     std::fs::write(&base, vec![0x5au8; 8 << 20]).unwrap();
     let img = s(&dir.join("img.fvd")).to_string();
     ok(&["create", "--base", s(&base), &img]);
-    let fifo = dir.join("fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let out_path = dir.join("out.txt");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fvd"))
-        .args(["io", &img])
-        .args(["-c", "write -P 1 0 64k", "-c", "flush", "-c", "write -P 2 1M 64k", "-c", "flush"])
-        .args(["-c", "write -P 3 2M 64k", "-c", "flush", "-c", "write -P 4 3M 64k", "-c"])
-        .arg(format!("write -s {} 4M 512", s(&fifo)))
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while std::fs::read_to_string(&out_path).unwrap_or_default().lines().count() < 4 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "fvd io never got to the pipe");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    while fvd::storage::held_by_writer(Path::new(&img)) {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let cmds = ["write -P 1 0 64k", "flush", "write -P 2 1M 64k", "flush", "write -P 3 2M 64k", "flush"];
+    let mut cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+    cmds.push("write -P 4 3M 64k".into());
+    common::bin::kill_writer_at_pipe(Path::new(&img), dir, &cmds, "4M");
     let h = fvd::image::snapshot::header_at(Path::new(&img)).unwrap();
     assert!(h.is_dirty());
     assert_ne!(h.incompat & fvd::format::header::INCOMPAT_JOURNAL_POS, 0);
