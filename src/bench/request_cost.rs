@@ -1,7 +1,9 @@
 //! `fvd bench --request-cost KIND --count N`: N requests of one kind, one after
-//! another, through the code a queue runs for each request
-//! (`ublk::request::execute` on the image, as the daemon opens it: with a
-//! volatile log), for an instruction count under callgrind. `scripts/request-cost`
+//! another, through the code a queue runs for each request (the hybrid
+//! queue's: `Image::fast_begin`, its one SQE and `Image::fast_end` when the
+//! fast path takes it, else `ublk::request::execute`; with
+//! `FVD_QUEUE_PATH=async`, `execute` always), on the image as the daemon
+//! opens it (with a volatile log), for an instruction count under callgrind. `scripts/request-cost`
 //! runs it twice with different N and divides the difference of the two counts
 //! by the difference of the Ns: the user-space instructions of one request,
 //! free of the set-up and of timing noise (the same binary gives the same count
@@ -19,6 +21,7 @@
 use super::XorShift;
 use fvd::image::{self, CreateOptions, Image, OpenOptions};
 use fvd::io::uring::Uring;
+use fvd::ublk::hybrid::execute_host;
 use fvd::ublk::request::{execute, Op, Policy, Request};
 use std::path::Path;
 
@@ -64,11 +67,17 @@ pub fn run(dir: &Path, kind: Kind, layout: Layout, count: u64) -> Result<(), Str
     let ring = Uring::new(64).map_err(|e| format!("io_uring: {e}"))?;
     let pol = Policy::default().for_image(&img);
     let mut buf = vec![0x5au8; BS as usize];
+    let hybrid = fvd::ublk::hybrid::chosen();
     // One task runs every request in turn, as a queue's tag task does (it
     // lives as long as the queue; nothing is spawned per request).
     let all = async {
         let mut one = async |op: Op, off: u64| -> Result<(), String> {
-            let r = execute(&img, &ring, Request { op, off, len: BS }, &mut buf, pol).await;
+            let req = Request { op, off, len: BS };
+            let r = if hybrid {
+                execute_host(&img, &ring, req, &mut buf, pol).await
+            } else {
+                execute(&img, &ring, req, &mut buf, pol).await
+            };
             if r != BS as i32 {
                 return Err(format!("{op:?} at {off:#x}: {r}"));
             }

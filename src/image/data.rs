@@ -42,7 +42,7 @@ fn first_error(results: Vec<Result<(), ImageError>>) -> Result<(), ImageError> {
 }
 
 impl Image {
-    fn check_request(&self, off: u64, len: u64, write: bool) -> Result<(), ImageError> {
+    pub(super) fn check_request(&self, off: u64, len: u64, write: bool) -> Result<(), ImageError> {
         if off % 512 != 0 || len % 512 != 0 {
             return Err(ImageError::Unaligned { path: self.name(), off, len });
         }

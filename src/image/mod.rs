@@ -13,6 +13,7 @@ mod copy_on_read;
 mod create;
 mod data;
 mod error;
+pub mod fast;
 pub mod fold;
 pub mod identity;
 mod inspect;

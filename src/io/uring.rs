@@ -158,6 +158,29 @@ impl Uring {
     }
 }
 
+impl Uring {
+    /// Submits `sqe` and waits for its completion, without a task (what a
+    /// ublk queue's fast path does with its SQEs, for host harnesses).
+    ///
+    /// # Safety
+    /// As [`IoEngine::submit`]: the buffers `sqe` points to stay valid until
+    /// this returns, which it does only once the operation completed.
+    pub unsafe fn run_one(&self, sqe: squeue::Entry) -> std::io::Result<i32> {
+        let key = self.push(sqe);
+        loop {
+            let done = match self.slots.borrow().get(key) {
+                Some(Slot::Done(res)) => Some(*res),
+                _ => None,
+            };
+            if let Some(res) = done {
+                self.slots.borrow_mut().remove(key);
+                return Ok(res);
+            }
+            self.submit_and_reap(1)?;
+        }
+    }
+}
+
 /// The future of one operation on a [`Uring`].
 pub struct UringOp<'r> {
     ring: &'r Uring,

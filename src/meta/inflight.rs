@@ -38,7 +38,32 @@ pub struct InflightGuard<'a> {
     end: u64,
 }
 
+/// The same hold as an [`InflightGuard`], kept where a borrow can't be (a
+/// request on a queue's fast path, whose I/O is in flight between two calls
+/// from the queue loop): it must be given back with [`Inflight::leave`]. Not
+/// Clone or Copy, so it is given back at most once; dropped without being
+/// given back, it keeps the chunk from reuse (never early reuse).
+#[derive(Debug)]
+#[must_use = "a ticket not given back holds its chunks until the image is closed"]
+pub struct InflightTicket {
+    first: u64,
+    end: u64,
+}
+
 impl Inflight {
+    /// As [`Inflight::enter`], for a hold given back with [`Inflight::leave`].
+    pub fn enter_ticket(&self, first: ChunkIdx, end: ChunkIdx) -> InflightTicket {
+        let g = self.enter(first, end);
+        let t = InflightTicket { first: g.first, end: g.end };
+        std::mem::forget(g);
+        t
+    }
+
+    /// Gives back the hold of `t`.
+    pub fn leave(&self, t: InflightTicket) {
+        drop(InflightGuard { inflight: self, first: t.first, end: t.end });
+    }
+
     /// The stripes of chunks `[first, end)`, each once.
     fn stripes_of(first: u64, end: u64) -> impl Iterator<Item = usize> {
         let (first, end) = if end - first >= STRIPES { (0, STRIPES) } else { (first, end) };
@@ -87,6 +112,15 @@ mod tests {
         assert!(f.is_idle(ChunkIdx(3)) && !f.is_idle(ChunkIdx(4)));
         drop(b);
         assert!(f.is_idle(ChunkIdx(4)));
+    }
+
+    #[test]
+    fn tickets_hold_like_guards() {
+        let f = Inflight::default();
+        let t = f.enter_ticket(ChunkIdx(3), ChunkIdx(5));
+        assert!(!f.is_idle(ChunkIdx(3)) && !f.is_idle(ChunkIdx(4)) && f.is_idle(ChunkIdx(5)));
+        f.leave(t);
+        assert!(f.is_idle(ChunkIdx(3)) && f.is_idle(ChunkIdx(4)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod table;
 
 pub use alloc::Allocator;
 pub use bitmap::Bitmap;
-pub use inflight::{Inflight, InflightGuard};
+pub use inflight::{Inflight, InflightGuard, InflightTicket};
 pub use locks::BlockLocks;
 pub use persist::{Batch, FreedChunk, Persist, Snapshot};
 pub use plan::{Piece, Plan, Source};
@@ -190,6 +190,12 @@ impl Meta {
     pub fn enter(&self, off: Bytes, len: u64) -> Option<InflightGuard<'_>> {
         let cb = self.geo.chunk_size? as u64;
         Some(self.inflight.enter(ChunkIdx(off.0 / cb), ChunkIdx((off.0 + len).div_ceil(cb))))
+    }
+
+    /// As [`Meta::enter`], kept as a ticket (see [`InflightTicket`]).
+    pub fn enter_ticket(&self, off: Bytes, len: u64) -> Option<InflightTicket> {
+        let cb = self.geo.chunk_size? as u64;
+        Some(self.inflight.enter_ticket(ChunkIdx(off.0 / cb), ChunkIdx((off.0 + len).div_ceil(cb))))
     }
 
     pub fn check_range(&self, off: Bytes, len: u64) -> Result<(), MetaError> {

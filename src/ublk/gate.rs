@@ -65,6 +65,15 @@ impl<T> Gate<T> {
         Pass(crate::io::wake::CrossThread::new(slot.read()).await)
     }
 
+    /// Passes queue `q`'s gate when it is open and no hold is being taken
+    /// (a queue's fast path, which never waits).
+    pub fn try_enter(&self, q: usize) -> Option<Pass<'_, T>> {
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.slot(q).try_read().map(Pass)
+    }
+
     /// What the gate serves now (None after a failed switch).
     pub fn current(&self) -> Option<Arc<T>> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -24,6 +24,7 @@ pub mod control;
 pub mod engine;
 pub mod error;
 pub mod gate;
+pub mod hybrid;
 pub mod kernel;
 pub mod notify;
 pub mod options;

@@ -8,7 +8,6 @@ use super::error::{ublk, ublk_errno};
 use super::gate::Gate;
 use super::options::{Mode, ServeOptions};
 use super::params::{device_params, ParamsInput};
-use super::queue::serve_queue;
 use super::report::{take, Reporter, Slot};
 use super::request::Policy;
 use super::setup::make_ctrl;
@@ -139,7 +138,11 @@ fn serve_inner(o: &ServeOptions, slot: &Slot) -> Result<(), DaemonError> {
     // every queue stores its own copy-on-read blocks.
     let q_fn = move |qid: u16, dev: &UblkDev| {
         let bg = if qid == 0 { bg.clone() } else { Background { prefetch: false, housekeeping: None, ..bg.clone() } };
-        serve_queue(qid, dev, qgate.clone(), pol, bg)
+        if super::hybrid::chosen() {
+            super::hybrid::serve_queue(qid, dev, qgate.clone(), pol, bg)
+        } else {
+            super::queue::serve_queue(qid, dev, qgate.clone(), pol, bg)
+        }
     };
     let (rd, dev_path, rslot) = (o.run_dir.clone(), st.device.clone(), slot.clone());
     let live = move |_: &UblkCtrl| {

@@ -2,6 +2,7 @@
 # fio 4 KiB random writes with crc32c verify on the raw device, then, after a
 # stop and a new start, a verify-only pass over everything written; the second daemon
 # runs its queues on the tuned ring (FVD_QUEUE_RING=tuned: SINGLE_ISSUER, DEFER_TASKRUN).
+# The verify-only reads must take the queues' fast path (src/ublk/hybrid.rs).
 # timeout: 600
 
 fvd_prelude
@@ -43,4 +44,11 @@ printf 'verify-only read back: %s\n' "${read_kib:-?}"
 
 run "$FVD" stop -n "$id"
 run "$FVD" check "$img"
+
+step "the verify-only reads took the fast path (no executor)"
+# Each queue logs at its end how many requests the fast path and the tasks carried out.
+done_lines=$(grep -h "queue done" /run/fvd/*.log | tail -n 8)
+printf '%s\n' "$done_lines"
+fast=$(printf '%s\n' "$done_lines" | sed -nE 's/.* fast=([0-9]+).*/\1/p' | sort -n | tail -n 1)
+[[ ${fast:-0} -gt 1000 ]] || fail "the fast path carried out ${fast:-no} requests of the verify-only pass"
 step "ok"

@@ -6,7 +6,8 @@
 # before writes complete), and copy-on-write over a base, all in copy mode
 # (--zero-copy off), with FVD_PERF_TUNED=1 (by hand: scripts/perf-median passes it on)
 # the default layout again with the tuned queue ring (FVD_QUEUE_RING=tuned:
-# SINGLE_ISSUER, DEFER_TASKRUN); and the default layout in zero copy (fvd-zc, where the kernel has
+# SINGLE_ISSUER, DEFER_TASKRUN) and with the all-async queue (FVD_QUEUE_PATH=async: every
+# request a task, as before the hybrid queue); and the default layout in zero copy (fvd-zc, where the kernel has
 # UBLK_F_AUTO_BUF_REG), against rublk's loop -z. One more job: 4 KiB random
 # first writes on a fresh image, where most writes allocate. Every backing file sits on
 # the guest's tmpfs. Prints IOPS or MiB/s, p99 latency and the ratios to rublk and to
@@ -93,7 +94,7 @@ rm -f "$WORK/loop.raw"
 
 head -c $SIZE /dev/urandom >"$WORK/base.raw"
 kinds="notable default journaled cow zc"
-[[ ${FVD_PERF_TUNED:-0} == 1 ]] && kinds="notable default tuned journaled cow zc"
+[[ ${FVD_PERF_TUNED:-0} == 1 ]] && kinds="notable default tuned async journaled cow zc"
 for kind in $kinds; do
     step "fvd, $kind"
     img=$WORK/$kind.fvd
@@ -117,6 +118,8 @@ for kind in $kinds; do
         # The default layout with the queue rings set up as issue 22 item 2 asks
         # (SINGLE_ISSUER, DEFER_TASKRUN): off by default until measured.
         dev=$(FVD_QUEUE_RING=tuned FVD_RUN_DIR=$rundir "$FVD" start --zero-copy $zc "$img")
+    elif [[ $kind == async ]]; then
+        dev=$(FVD_QUEUE_PATH=async FVD_RUN_DIR=$rundir "$FVD" start --zero-copy $zc "$img")
     else
         dev=$(FVD_RUN_DIR=$rundir "$FVD" start --zero-copy $zc "$img")
     fi
@@ -166,7 +169,7 @@ def value(tag, job):
             cpu = ((u + s) / hz * 1e6 / n, u / hz * 1e6 / n)
     return v, p99, cpu
 targets = [("loop", "loop"), ("rublk", "rublk loop"), ("rublk-zc", "rublk loop -z"), ("fvd-notable", "fvd no-table"),
-           ("fvd-default", "fvd default"), ("fvd-tuned", "fvd tuned ring"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow"),
+           ("fvd-default", "fvd default"), ("fvd-tuned", "fvd tuned ring"), ("fvd-async", "fvd all-async"), ("fvd-journaled", "fvd journaled"), ("fvd-cow", "fvd cow"),
            ("fvd-zc", "fvd zero copy")]
 jobs = [("randwrite-4k", "IOPS"), ("randread-4k", "IOPS"), ("seqwrite-1M", "MiB/s"), ("alloc-4k", "IOPS")]
 print(f"fio in a TCG guest (kernel {kernel}, {cpus} CPUs); backing files on the guest's tmpfs")
@@ -199,6 +202,10 @@ for job, unit in jobs:
     t, d = value("fvd-tuned", job), value("fvd-default", job)
     if t and d:
         print(f"{job}: fvd tuned ring / fvd default = {t[0] / d[0]:.2f}")
+for job, unit in jobs:
+    d, a = value("fvd-default", job), value("fvd-async", job)
+    if a and d:
+        print(f"{job}: fvd default (hybrid queue) / fvd all-async queue = {d[0] / a[0]:.2f}")
 a, o = value("fvd-default", "alloc-4k"), value("fvd-default", "randwrite-4k")
 if a and o:
     print(f"fvd default: 4k first writes (allocating) / 4k overwrites = {a[0] / o[0]:.2f}")
