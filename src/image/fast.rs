@@ -87,6 +87,13 @@ impl Image {
     /// `off` for the fast path, or None when it needs more than one plain
     /// I/O (the async path then carries it out; nothing was changed).
     pub fn fast_begin(&self, write: bool, off: u64, len: u64) -> Option<FastIo> {
+        let geo = &self.meta.geo;
+        // Most requests the fast path turns down fall in a chunk not yet
+        // allocated (first writes, reads of zeros): one table lookup says so
+        // (None too past the table's end).
+        if geo.has_table() && self.meta.table.get(geo.chunk_of(Bytes(off))).is_none() {
+            return None;
+        }
         if len == 0 || len > u64::from(u32::MAX) || self.check_request(off, len, write).is_err() {
             return None;
         }
@@ -96,7 +103,6 @@ impl Image {
                 return None;
             }
             // The raw layout's allocation is the storage's size (`try_allocate_range`).
-            let geo = &self.meta.geo;
             if !geo.has_table() && self.storage.ensure_size(geo.data_offset + off + len).is_err() {
                 return None;
             }
