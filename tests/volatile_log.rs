@@ -268,6 +268,78 @@ mod races {
         }
     }
 
+    /// A request that made no update of its own but landed in a chunk another
+    /// request just mapped skips the log's lock when `covers` says the file
+    /// holds every update made so far: then the file must hold that mapping.
+    /// Writers map chunks and sync a moment later (their I/O in between); a
+    /// reader looks up chunks, and for each one it finds mapped checks the
+    /// file after `covers` (or a sync when it says no).
+    #[test]
+    fn covers_means_the_file_holds_every_update_seen() {
+        let _s = super::serial();
+        let Some(s) = setup() else {
+            eprintln!("SKIP: no tmpfs at /dev/shm for the volatile log");
+            return;
+        };
+        let v = VolatileLog::create(&s.log, &s.image, SESSION).unwrap();
+        let (table, persist) = fresh();
+        assert!(v.covers(&persist), "nothing made yet");
+        persist.install(&table, ChunkIdx(0), PhysChunk(100)).unwrap();
+        assert!(!v.covers(&persist), "a mapping not yet in the file");
+        v.sync(&persist).unwrap();
+        assert!(v.covers(&persist));
+        let done = AtomicBool::new(false);
+        let (mut covered, mut checked) = (0u32, 0u32);
+        std::thread::scope(|sc| {
+            let writers: Vec<_> = (1..3)
+                .map(|t| {
+                    let (table, persist, v) = (&table, &persist, &v);
+                    sc.spawn(move || {
+                        worker(t, 3_000, |c, p| {
+                            if persist.install(table, c, p).is_ok() {
+                                std::thread::yield_now();
+                                v.sync(persist).unwrap();
+                            } else if let Some(old) = table.get(c) {
+                                if persist.unmap(table, c, old) {
+                                    v.sync(persist).unwrap();
+                                }
+                            }
+                        })
+                    })
+                })
+                .collect();
+            let (table, persist, v, done) = (&table, &persist, &v, &done);
+            let reader = sc.spawn(move || {
+                let (mut covered, mut checked, mut c) = (0u32, 0u32, 0u64);
+                while !done.load(Ordering::Acquire) && checked < 3_000 {
+                    c = (c + 7) % CHUNKS as u64;
+                    let Some(p) = table.get(ChunkIdx(c)) else { continue };
+                    if v.covers(persist) {
+                        covered += 1;
+                    } else {
+                        v.sync(persist).unwrap();
+                    }
+                    let recs = volatile::read(&s.log, &s.image, SESSION);
+                    let entry = p.0 + 1;
+                    assert!(
+                        recs.iter().any(|r| *r == Record::TableSet { vchunk: c as u32, entry }),
+                        "chunk {c} seen mapped to {} but the log lacks it",
+                        p.0
+                    );
+                    checked += 1;
+                }
+                (covered, checked)
+            });
+            for w in writers {
+                w.join().unwrap();
+            }
+            done.store(true, Ordering::Release);
+            (covered, checked) = reader.join().unwrap();
+        });
+        eprintln!("covers: {checked} mappings seen and checked, {covered} of them without a sync");
+        assert!(checked > 0);
+    }
+
     /// Before the fix, each thread took its records from the persist view and
     /// appended them under another lock: a free and a reallocation of the
     /// same chunk reached the file in either order (tens to hundreds of

@@ -60,6 +60,9 @@ impl Image {
     /// every update made before them, in order: see `VolatileLog`).
     pub(crate) fn sync_volatile(&self) -> Result<(), ImageError> {
         if let Some(v) = &self.volatile {
+            if v.covers(&self.meta.persist) {
+                return Ok(());
+            }
             v.sync(&self.meta.persist).map_err(|source| ImageError::Io {
                 path: self.name(),
                 what: "volatile log append",
@@ -408,7 +411,7 @@ impl Image {
         }
     }
 
-    fn try_allocate_range(&self, off: u64, len: u64) -> Result<(), ImageError> {
+    pub(super) fn try_allocate_range(&self, off: u64, len: u64) -> Result<(), ImageError> {
         let geo = &self.meta.geo;
         let s = self.storage.as_ref();
         if !geo.has_table() {

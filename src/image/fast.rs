@@ -6,8 +6,11 @@
 //! [`Image::write`] do (the same checks, the same in-flight hold on its guest
 //! chunks, the same plan) and takes it only when the plan is one piece in
 //! allocated space whose I/O is all there is to do: for a read, one range of
-//! the storage below its size; for a write, no allocation, no copy-on-write,
-//! no FUA, no writethrough, an image already marked dirty. The caller submits
+//! the storage below its size; for a write, no copy-on-write, no FUA, no
+//! writethrough, an image already marked dirty. A write into a chunk not yet
+//! allocated beyond the base allocates it first, as the async path does (a
+//! plain call); its metadata is then journaled before the write completes
+//! ([`FastEnd::Settle`]) unless a volatile log covers a daemon crash. The caller submits
 //! [`FastIo::sqe`] and gives its result to [`Image::fast_end`], which does the
 //! bookkeeping `write` does after its I/O. Anything else (None from
 //! `fast_begin`, [`FastEnd::Retry`] or [`FastEnd::Settle`] from `fast_end`)
@@ -88,10 +91,13 @@ impl Image {
     /// I/O (the async path then carries it out; nothing was changed).
     pub fn fast_begin(&self, write: bool, off: u64, len: u64) -> Option<FastIo> {
         let geo = &self.meta.geo;
-        // Most requests the fast path turns down fall in a chunk not yet
-        // allocated (first writes, reads of zeros): one table lookup says so
-        // (None too past the table's end).
-        if geo.has_table() && self.meta.table.get(geo.chunk_of(Bytes(off))).is_none() {
+        // Reads of a chunk not yet allocated read zeros (no I/O), and a first
+        // write over the base copies from it: one table lookup says so (None
+        // too past the table's end).
+        if geo.has_table()
+            && self.meta.table.get(geo.chunk_of(Bytes(off))).is_none()
+            && (!write || off < geo.base_blocks() * u64::from(geo.block_size))
+        {
             return None;
         }
         if len == 0 || len > u64::from(u32::MAX) || self.check_request(off, len, write).is_err() {
@@ -102,8 +108,10 @@ impl Image {
             if !self.marked_dirty.load(Ordering::Acquire) || self.opts.writethrough {
                 return None;
             }
-            // The raw layout's allocation is the storage's size (`try_allocate_range`).
-            if !geo.has_table() && self.storage.ensure_size(geo.data_offset + off + len).is_err() {
+            // Allocates the chunks under the write as the async path does (the
+            // raw layout's allocation is the storage's size). A full image or
+            // storage goes the async way, which waits for freed chunks.
+            if self.try_allocate_range(off, len).is_err() {
                 return None;
             }
         }
@@ -212,6 +220,12 @@ mod tests {
         let io = img.fast_begin(false, 1 << 20, 8192).expect("read is fast");
         assert_eq!(run(&img, &ring, io, &mut r), FastEnd::Done(8192));
         assert!(r[..4096].iter().all(|&b| b == 0x77) && r[4096..].iter().all(|&b| b == 0x3c));
+        // A first write beyond the base allocates its chunk on the fast path;
+        // the allocation is journaled before the write completes.
+        let io = img.fast_begin(true, 3 << 20, 4096).expect("first write beyond the base: fast");
+        assert!(img.meta().table.get(crate::units::ChunkIdx(3)).is_some());
+        assert_eq!(run(&img, &ring, io, &mut w), FastEnd::Settle(4096));
+        ring.block_on(img.flush(&ring)).unwrap().unwrap();
         // Across two chunks (one unallocated), out of range, unaligned: not fast.
         assert!(img.fast_begin(false, (2 << 20) - 4096, 8192).is_none());
         assert!(img.fast_begin(false, 8 << 20, 4096).is_none());

@@ -68,6 +68,10 @@ pub struct VolatileLog {
     /// The header the file starts with (also a compacted one).
     header: Vec<u8>,
     state: Mutex<State>,
+    /// The persist view's update count (`Persist::updates`) that the file
+    /// holds every update up to: read under this log's lock before taking
+    /// the records, stored once they are written.
+    covered: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -201,8 +205,12 @@ impl VolatileLog {
         header.extend_from_slice(&ino.to_le_bytes());
         header.extend_from_slice(&session.to_le_bytes());
         let file = new_file(log, &header)?;
-        let v =
-            VolatileLog { path: log.to_path_buf(), header, state: Mutex::new(State { file, written: 0, first: 0 }) };
+        let v = VolatileLog {
+            path: log.to_path_buf(),
+            header,
+            state: Mutex::new(State { file, written: 0, first: 0 }),
+            covered: std::sync::atomic::AtomicU64::new(0),
+        };
         let _ = std::fs::remove_file(v.compact_path()); // left by a daemon that died compacting
         Ok(v)
     }
@@ -222,8 +230,23 @@ impl VolatileLog {
     /// after every update made before them.
     pub fn sync(&self, persist: &Persist) -> io::Result<()> {
         let mut st = self.lock();
+        // Every update counted by now has taken the persist view's lock, so
+        // the take below (which waits for that lock) finds its record, or a
+        // take before it did, which wrote it under this log's lock.
+        let n = persist.updates();
         let recs = persist.take_volatile();
-        st.append_or_give_back(persist, recs)
+        st.append_or_give_back(persist, recs)?;
+        self.covered.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the file holds every update the persist view made so far (no
+    /// lock: what a request that made no update of its own checks before
+    /// it completes). An update a request saw the effect of is counted in
+    /// what this reads (`Persist::count_update`), so true means its record
+    /// is written; false sends the caller to [`VolatileLog::sync`].
+    pub fn covers(&self, persist: &Persist) -> bool {
+        persist.updates() <= self.covered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Drops the records numbered below `covered` (as [`snapshot`] returned

@@ -28,6 +28,10 @@ struct Inner {
 
 pub struct Persist {
     inner: Mutex<Inner>,
+    /// Updates made so far (table entries set or cleared, bits set), each
+    /// counted under the lock before anyone can see it: the volatile log
+    /// compares it with what it has written (`VolatileLog::covers`).
+    updates: std::sync::atomic::AtomicU64,
     /// Bitmap bits newly recorded since open (each one a metadata update).
     bits_recorded: std::sync::atomic::AtomicU64,
 }
@@ -71,6 +75,7 @@ impl Persist {
                 pending_since: None,
             }),
             bits_recorded: std::sync::atomic::AtomicU64::new(0),
+            updates: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -90,6 +95,7 @@ impl Persist {
     /// that won when another request mapped `c` first.
     pub fn install(&self, table: &Table, c: ChunkIdx, p: PhysChunk) -> Result<(), PhysChunk> {
         let mut s = self.lock();
+        self.count_update();
         table.install(c, p)?;
         set_entry_locked(&mut s, c.0, Some(p));
         Ok(())
@@ -99,6 +105,7 @@ impl Persist {
     /// records the free (see [`Persist::install`]). Returns whether it did.
     pub fn unmap(&self, table: &Table, c: ChunkIdx, p: PhysChunk) -> bool {
         let mut s = self.lock();
+        self.count_update();
         if !table.clear_if(c, p) {
             return false;
         }
@@ -109,12 +116,27 @@ impl Persist {
     /// Records that guest chunk `vchunk` now maps to `p` (None: freed).
     #[cfg(test)]
     fn set_entry(&self, vchunk: u64, p: Option<PhysChunk>) {
-        set_entry_locked(&mut self.lock(), vchunk, p);
+        let mut s = self.lock();
+        self.count_update();
+        set_entry_locked(&mut s, vchunk, p);
+    }
+
+    /// Counts an update, under the lock, before it is visible: a reader
+    /// that sees its effect (a table entry, a live bit) then reads a count
+    /// that includes it. A count without an update (a lost race) is harmless.
+    fn count_update(&self) {
+        self.updates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Updates made so far (see the field).
+    pub fn updates(&self) -> u64 {
+        self.updates.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Records that bits `first..first+count` are set.
     pub fn set_bits(&self, first: u64, count: u64) {
         let mut s = self.lock();
+        self.count_update();
         if let Some(vl) = s.volatile.as_mut() {
             let mut f = first;
             while f < first + count {
