@@ -322,7 +322,7 @@ mod races {
                     let recs = volatile::read(&s.log, &s.image, SESSION);
                     let entry = p.0 + 1;
                     assert!(
-                        recs.iter().any(|r| *r == Record::TableSet { vchunk: c as u32, entry }),
+                        recs.contains(&Record::TableSet { vchunk: c as u32, entry }),
                         "chunk {c} seen mapped to {} but the log lacks it",
                         p.0
                     );
