@@ -4,14 +4,16 @@
 # by scripts/setup-guest into target/rublk) and fvd: no table, the default layout, the
 # default layout with its run dir off tmpfs (no volatile log: allocations are journaled
 # before writes complete), and copy-on-write over a base, all in copy mode
-# (--zero-copy off), with FVD_PERF_TUNED=1 (by hand: scripts/perf-median passes it on)
-# the default layout again with the tuned queue ring (FVD_QUEUE_RING=tuned:
-# SINGLE_ISSUER, DEFER_TASKRUN) and with the all-async queue (FVD_QUEUE_PATH=async: every
-# request a task, as before the hybrid queue); and the default layout in zero copy (fvd-zc, where the kernel has
-# UBLK_F_AUTO_BUF_REG), against rublk's loop -z. One more job: 4 KiB random
-# first writes on a fresh image, where most writes allocate. Every backing file sits on
-# the guest's tmpfs. Prints IOPS or MiB/s, p99 latency and the ratios to rublk and to
-# loop into $RESULTS/perf.txt (and JSON in perf.json).
+# (--zero-copy off); with FVD_PERF_TUNED=1 (by hand: scripts/perf-median passes it on) the
+# default layout again with the tuned queue ring (FVD_QUEUE_RING=tuned: SINGLE_ISSUER,
+# DEFER_TASKRUN) and with the all-async queue (FVD_QUEUE_PATH=async: every request a task,
+# as before the hybrid queue); and the default layout in zero copy (fvd-zc, where the
+# kernel has UBLK_F_AUTO_BUF_REG), against rublk's loop -z (on a fresh file, as fvd's
+# images are). One more job: 4 KiB random first writes on a fresh image, where most writes
+# allocate, with the kernel loop device doing the same on a fresh sparse file (the
+# storage's own cost of first writes). Every backing file sits on the guest's tmpfs.
+# Prints IOPS or MiB/s, p99 latency and the ratios to rublk and to loop into
+# $RESULTS/perf.txt (and JSON in perf.json).
 # Nothing is asserted: under software emulation the numbers only compare these with
 # each other, within this boot.
 # timeout: 1200
@@ -70,7 +72,11 @@ if [[ -x $RUBLK ]]; then
     jobs /dev/ublkb9 rublk "$(pgrep -n -x rublk)"
     "$RUBLK" del -n 9
     # Zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16 and later): the request's pages go
-    # straight to the file, never through the server's memory.
+    # straight to the file, never through the server's memory. On a fresh file, as every
+    # other target's first job runs: on tmpfs a page's first write costs several times
+    # an overwrite (the loop reference below), and fvd's images are fresh too.
+    rm -f "$WORK/rublk.raw"
+    truncate -s $SIZE "$WORK/rublk.raw"
     if "$RUBLK" add loop -n 9 -q "$(nproc)" -f "$WORK/rublk.raw" -z --quiet >"$RESULTS/rublk-zc-add.txt" 2>&1 &&
         wait_for_path /dev/ublkb9 10; then
         step "rublk loop, zero copy (-z)"
@@ -90,6 +96,14 @@ truncate -s $SIZE "$WORK/loop.raw"
 loop=$(losetup -f --show "$WORK/loop.raw")
 jobs "$loop" loop
 losetup -d "$loop"
+# The storage's own cost of first writes: the same random 4 KiB first writes as fvd's
+# alloc-4k job below, on a fresh sparse file (each write is the first to its page).
+truncate -s 64G "$WORK/loop-alloc.raw"
+loop=$(losetup -f --show "$WORK/loop-alloc.raw")
+measured "" loop alloc-4k --filename="$loop" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=32 --size=64G --time_based --runtime="$RUNTIME" --norandommap --randrepeat=0
+losetup -d "$loop"
+rm -f "$WORK/loop-alloc.raw"
 rm -f "$WORK/loop.raw"
 
 head -c $SIZE /dev/urandom >"$WORK/base.raw"
@@ -207,8 +221,12 @@ for job, unit in jobs:
     if a and d:
         print(f"{job}: fvd default (hybrid queue) / fvd all-async queue = {d[0] / a[0]:.2f}")
 a, o = value("fvd-default", "alloc-4k"), value("fvd-default", "randwrite-4k")
+la, lo = value("loop", "alloc-4k"), value("loop", "randwrite-4k")
 if a and o:
-    print(f"fvd default: 4k first writes (allocating) / 4k overwrites = {a[0] / o[0]:.2f}")
+    line = f"fvd default: 4k first writes (allocating) / 4k overwrites = {a[0] / o[0]:.2f}"
+    if la and lo:
+        line += f"; kernel loop on the same tmpfs, first writes / overwrites = {la[0] / lo[0]:.2f}"
+    print(line)
 json.dump({"kernel": kernel, "cpus": int(cpus), "jobs": out}, open(f"{res}/perf.json", "w"), indent=1)
 PY
 step "ok"
