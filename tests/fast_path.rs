@@ -12,6 +12,9 @@
 //! content equals the model and `fvd check` is clean.
 
 use futures::future::join_all;
+mod common;
+
+use common::data;
 use fvd::image::{create, CreateOptions, Image, OpenOptions};
 use fvd::io::uring::Uring;
 use fvd::ublk::hybrid::execute_host;
@@ -65,18 +68,6 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
     proptest::collection::vec(op, 1..30)
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 struct World {
     dir: tempfile::TempDir,
     geo: Geo,
@@ -92,7 +83,7 @@ impl World {
         let mut model = vec![0u8; SIZE as usize];
         let base = geo.base.then(|| {
             let p = dir.path().join("base.raw");
-            let b = pattern(7, BASE as usize);
+            let b = data(7, BASE as usize);
             std::fs::write(&p, &b).unwrap();
             model[..BASE as usize].copy_from_slice(&b);
             p
@@ -126,9 +117,9 @@ impl World {
     /// as a dead process's requests in the kernel do).
     fn copy_now(&self) {
         let (ni, nv) = self.next();
-        std::fs::copy(&self.img, &ni).unwrap();
+        copy_keeping_holes(&self.img, &ni);
         if self.vlog.exists() {
-            std::fs::copy(&self.vlog, &nv).unwrap();
+            copy_keeping_holes(&self.vlog, &nv);
         }
     }
 
@@ -138,6 +129,28 @@ impl World {
         std::mem::forget(img);
         (self.img, self.vlog) = self.next();
         self.gen += 1;
+    }
+}
+
+/// Copies `from` to `to` with the same bytes and the same holes, as a dead
+/// daemon leaves its file (`std::fs::copy` fills holes, and `fvd check` then
+/// rightly reports a chunk a discard punched as leaked storage).
+fn copy_keeping_holes(from: &std::path::Path, to: &std::path::Path) {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(from).unwrap();
+    let len = src.metadata().unwrap().len();
+    let dst = std::fs::File::create(to).unwrap();
+    dst.set_len(len).unwrap();
+    let mut off = 0;
+    // SEEK_DATA fails (ENXIO) past the last data.
+    while let Ok(data) = lseek(src.as_raw_fd(), off, Whence::SeekData) {
+        let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole).unwrap();
+        let mut buf = vec![0u8; (hole - data) as usize];
+        src.read_exact_at(&mut buf, data as u64).unwrap();
+        dst.write_all_at(&buf, data as u64).unwrap();
+        off = hole;
     }
 }
 
@@ -203,7 +216,7 @@ fn run_sequence(geo: Geo, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         _ if k % 2 == 0 => ReqOp::Discard,
                         _ => ReqOp::WriteZeroes,
                     };
-                    let data = pattern((i as u64) << 8 | batch.len() as u64, len as usize);
+                    let data = data((i as u64) << 8 | batch.len() as u64, len as usize);
                     batch.push((Request { op, off, len }, data));
                 }
                 // Kill after this many completions (none: after the batch).
