@@ -44,6 +44,34 @@ const TICK: Duration = Duration::from_millis(200);
 /// How often the status is published (when it changed).
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
+/// Spawns on `exe` the background work `bg` asks of queue `qid`, beside
+/// its requests: copy-on-read (also where a prefetch runs, to store what it
+/// copies), housekeeping, prefetch. Each ends after the queue's tags
+/// (`tags_live` back at 0).
+pub fn spawn_all(
+    exe: &smol::LocalExecutor<'_>,
+    gate: &Arc<Gate<Image>>,
+    qid: u16,
+    tags_live: &Rc<Cell<usize>>,
+    bg: Background,
+) -> Vec<smol::Task<()>> {
+    use crate::io::wake::CrossThread;
+    let mut tasks = Vec::new();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cor = gate.current().is_some_and(|i| i.copy_on_read_queue().is_some());
+    if cor || bg.prefetch {
+        let (gate, live, c) = (gate.clone(), tags_live.clone(), cancel.clone());
+        tasks.push(exe.spawn(CrossThread::new(copy_on_read_loop(gate, qid, live, c))));
+    }
+    if let Some(hk) = bg.housekeeping.clone() {
+        tasks.push(exe.spawn(CrossThread::new(housekeeping(gate.clone(), qid, tags_live.clone(), hk))));
+    }
+    if bg.prefetch {
+        tasks.push(exe.spawn(CrossThread::new(prefetch(gate.clone(), qid, bg, cancel))));
+    }
+    tasks
+}
+
 /// Commits metadata that waited an interval and publishes the status,
 /// until `tags_live` drops to zero.
 pub async fn housekeeping(gate: Arc<Gate<Image>>, q: u16, tags_live: Rc<Cell<usize>>, hk: Housekeeping) {

@@ -27,7 +27,8 @@
 use super::background::{self, Background};
 use super::engine::{keep_bell_armed, QueueEngine};
 use super::gate::{Gate, Pass};
-use super::request::{decode, execute, execute_on, Op, Policy, Request, Zc};
+use super::queue::{auto_reg, zc_request};
+use super::request::{decode, execute, execute_on, Op, Policy, Request};
 use super::zc::ZcQueue;
 use crate::image::fast::{FastBuf, FastEnd, FastIo};
 use crate::image::Image;
@@ -39,7 +40,6 @@ use libublk::{sys, BufDesc, UblkError, UblkIORes, UblkUringData};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -104,12 +104,6 @@ struct Hybrid<'a, 'd> {
     /// Requests the fast path carried out, and those the tasks did.
     fast_done: Cell<u64>,
     async_done: Cell<u64>,
-}
-
-fn auto_reg(tag: u16) -> sys::ublk_auto_buf_reg {
-    // When auto registration fails (the index is taken), the kernel hands the
-    // request over anyway with UBLK_IO_F_NEED_REG_BUF, and the task registers it.
-    sys::ublk_auto_buf_reg { index: tag, flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8, ..Default::default() }
 }
 
 impl<'a, 'd> Hybrid<'a, 'd> {
@@ -272,14 +266,15 @@ impl<'a, 'd> Hybrid<'a, 'd> {
     }
 
     async fn carry_out(&self, tag: u16, bounce: &mut [u8]) -> i32 {
-        let iod = *self.q.get_iod(tag);
-        let req = match decode(&iod) {
-            Ok(r) => r,
-            Err(errno) => return errno,
+        let b = match self.bufs {
+            Bufs::Zc(zq) => return zc_request(self.q, self.qid, tag, self.gate, self.pol, zq, bounce).await,
+            Bufs::Copy(b) => b,
         };
-        let res = match self.bufs {
-            Bufs::Copy(b) => {
-                let Some(b) = b.get(usize::from(tag)) else { return -libc::EINVAL };
+        let iod = *self.q.get_iod(tag);
+        let res = match (decode(&iod), b.get(usize::from(tag))) {
+            (Err(errno), _) => errno,
+            (Ok(_), None) => -libc::EINVAL,
+            (Ok(req), Some(b)) => {
                 // SAFETY: the tag's buffer belongs to this task while it
                 // carries out the tag's request (the module's ownership rule:
                 // the loop handed it over with Mail::Request, and takes it
@@ -291,41 +286,8 @@ impl<'a, 'd> Hybrid<'a, 'd> {
                     None => -libc::EIO,
                 }
             }
-            Bufs::Zc(zq) => self.carry_out_zc(tag, &iod, req, bounce, zq).await,
         };
         tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");
-        res
-    }
-
-    async fn carry_out_zc(
-        &self,
-        tag: u16,
-        iod: &sys::ublksrv_io_desc,
-        req: super::request::Request,
-        bounce: &mut [u8],
-        zq: &ZcQueue,
-    ) -> i32 {
-        let by_hand = iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0
-            && matches!(iod.op_flags & 0xff, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
-        if by_hand {
-            let r = self.q.submit_register_io_buf(tag, tag).await;
-            if r < 0 {
-                tracing::warn!(queue = self.qid, tag, errno = -r, "registering a request buffer by hand failed");
-                return -libc::EIO;
-            }
-        }
-        let pass = self.gate.enter(usize::from(self.qid)).await;
-        let res = match pass.get() {
-            Some(img) => {
-                let z = Some(Zc { q: zq, tag });
-                execute_on(img, &QueueEngine, req, bounce, self.pol.for_image(img), z).await
-            }
-            None => -libc::EIO,
-        };
-        drop(pass);
-        if by_hand {
-            let _ = self.q.submit_unregister_io_buf(tag, tag).await;
-        }
         res
     }
 
@@ -469,18 +431,7 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, gate: Arc<Gate<Image>>, pol: Policy,
         })));
     }
     // Copy-on-read and prefetch run beside the requests and end after them.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let cor = gate.current().is_some_and(|i| i.copy_on_read_queue().is_some());
-    if cor || bg.prefetch {
-        let (gate, live, c) = (gate.clone(), tags_live.clone(), cancel.clone());
-        tasks.push(exe.spawn(CrossThread::new(background::copy_on_read_loop(gate, qid, live, c))));
-    }
-    if let Some(hk) = bg.housekeeping.clone() {
-        tasks.push(exe.spawn(CrossThread::new(background::housekeeping(gate.clone(), qid, tags_live.clone(), hk))));
-    }
-    if bg.prefetch {
-        tasks.push(exe.spawn(CrossThread::new(background::prefetch(gate.clone(), qid, bg, cancel.clone()))));
-    }
+    tasks.extend(background::spawn_all(&exe, &gate, qid, &tags_live, bg));
     let bell_task = exe.spawn(keep_bell_armed(bell));
     let run = || while exe.try_tick() {};
     loop {

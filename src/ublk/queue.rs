@@ -12,7 +12,6 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, BufDesc, UblkError};
 use std::cell::Cell;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Seconds without I/O before libublk lets an idle queue release its buffers.
@@ -73,18 +72,7 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, gate: Arc<Gate<Image>>, pol: Policy,
         })));
     }
     // Copy-on-read and prefetch run beside the requests and end after them.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let cor = gate.current().is_some_and(|i| i.copy_on_read_queue().is_some());
-    if cor || bg.prefetch {
-        let (gate, live, c) = (gate.clone(), tags_live.clone(), cancel.clone());
-        tasks.push(exe.spawn(CrossThread::new(background::copy_on_read_loop(gate, qid, live, c))));
-    }
-    if let Some(hk) = bg.housekeeping.clone() {
-        tasks.push(exe.spawn(CrossThread::new(background::housekeeping(gate.clone(), qid, tags_live.clone(), hk))));
-    }
-    if bg.prefetch {
-        tasks.push(exe.spawn(CrossThread::new(background::prefetch(gate.clone(), qid, bg, cancel.clone()))));
-    }
+    tasks.extend(background::spawn_all(&exe, &gate, qid, &tags_live, bg));
     let bell_task = exe.spawn(keep_bell_armed(bell));
     let ticker = exe.clone();
     smol::block_on(exe.run(async {
@@ -135,42 +123,62 @@ async fn tag_task_zc(
     pol: Policy,
     zq: &ZcQueue,
 ) -> Result<(), UblkError> {
-    // When auto registration fails (the index is taken), the kernel hands the
-    // request over anyway with UBLK_IO_F_NEED_REG_BUF, and we register it.
-    let reg = sys::ublk_auto_buf_reg { index: tag, flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8, ..Default::default() };
-    let desc = BufDesc::AutoReg(reg);
+    let desc = BufDesc::AutoReg(auto_reg(tag));
     let mut buf = crate::io::AlignedBuf::zeroed(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, desc.clone(), 0, None).await?;
     loop {
-        let iod = *q.get_iod(tag);
-        let by_hand = iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 && has_data(&iod);
-        let registered = !by_hand || {
-            let r = q.submit_register_io_buf(tag, tag).await;
-            if r < 0 {
-                tracing::warn!(queue = qid, tag, errno = -r, "registering a request buffer by hand failed");
-            }
-            r >= 0
-        };
-        let res = match decode(&iod) {
-            Ok(_) if !registered => -libc::EIO,
-            Ok(req) => {
-                let pass = gate.enter(usize::from(qid)).await;
-                match pass.get() {
-                    Some(img) => {
-                        let z = Some(Zc { q: zq, tag });
-                        execute_on(img, &QueueEngine, req, &mut buf, pol.for_image(img), z).await
-                    }
-                    None => -libc::EIO,
-                }
-            }
-            Err(errno) => errno,
-        };
-        if by_hand && registered {
-            let _ = q.submit_unregister_io_buf(tag, tag).await;
-        }
-        tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");
+        let res = zc_request(q, qid, tag, gate, pol, zq, &mut buf).await;
         q.submit_io_commit_cmd(tag, desc.clone(), res).await?;
     }
+}
+
+/// The auto registration of `tag`'s request buffer: fixed buffer `tag`.
+/// When auto registration fails (the index is taken), the kernel hands the
+/// request over anyway with UBLK_IO_F_NEED_REG_BUF, and the server registers it.
+pub(super) fn auto_reg(tag: u16) -> sys::ublk_auto_buf_reg {
+    sys::ublk_auto_buf_reg { index: tag, flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8, ..Default::default() }
+}
+
+/// Carries out the zero-copy request in `tag`'s I/O descriptor (registering
+/// its buffer by hand when the kernel could not), with `buf` for the copy
+/// path. Returns what the request is answered with.
+pub(super) async fn zc_request(
+    q: &UblkQueue<'_>,
+    qid: u16,
+    tag: u16,
+    gate: &Gate<Image>,
+    pol: Policy,
+    zq: &ZcQueue,
+    buf: &mut [u8],
+) -> i32 {
+    let iod = *q.get_iod(tag);
+    let by_hand = iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 && has_data(&iod);
+    let registered = !by_hand || {
+        let r = q.submit_register_io_buf(tag, tag).await;
+        if r < 0 {
+            tracing::warn!(queue = qid, tag, errno = -r, "registering a request buffer by hand failed");
+        }
+        r >= 0
+    };
+    let res = match decode(&iod) {
+        Ok(_) if !registered => -libc::EIO,
+        Ok(req) => {
+            let pass = gate.enter(usize::from(qid)).await;
+            match pass.get() {
+                Some(img) => {
+                    let z = Some(Zc { q: zq, tag });
+                    execute_on(img, &QueueEngine, req, buf, pol.for_image(img), z).await
+                }
+                None => -libc::EIO,
+            }
+        }
+        Err(errno) => errno,
+    };
+    if by_hand && registered {
+        let _ = q.submit_unregister_io_buf(tag, tag).await;
+    }
+    tracing::trace!(tag, op_flags = iod.op_flags, sector = iod.start_sector, nr = iod.nr_sectors, res, "request");
+    res
 }
 
 /// Reads and writes carry data; other requests have no buffer.
