@@ -1,0 +1,423 @@
+//! The controller's operations on one device, each checked when it ends: the device
+//! reads what the model allows, every command finished within its bound, and every
+//! image no daemon holds checks clean.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use crate::dev::{self, alive, daemon_pid, open_direct, run, signal, Daemon, Device, Kind};
+use crate::log::Log;
+use crate::model::{check_block, BLOCK};
+use crate::writer::{pread, Aligned};
+
+/// One operation, its parameters drawn by the scheduler from the seed.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// An online snapshot onto a new layer of the device's kind.
+    Snapshot,
+    /// Grow the live device by `mib`.
+    ResizeOnline { mib: u64 },
+    /// Stop; offline: check, maybe commit, resize and check --repair; start again.
+    Restart { commit: bool, resize_mib: u64, repair: bool },
+    /// kill -9 the daemon, wait `ms`, `fvd recover`; `again` more times the recovered daemon
+    /// is killed at once (a crash soon after recovery).
+    KillRecover { ms: u64, again: u32 },
+    /// SIGSTOP the daemon for `ms`, then SIGCONT.
+    Pause { ms: u64 },
+    /// Writes fail for `ms` (dm-flakey error_writes), then a forced stop, a check, a start.
+    Fault { ms: u64 },
+    /// The volume group has no free extent for `ms` (an LV takes it all), then room again.
+    VgFull { ms: u64 },
+    /// The thin pool runs out of data space for `ms` (another thin LV fills it), then has
+    /// room again; a failed commit leaves the image refusing writes until it is opened
+    /// again, so a (forced) restart follows.
+    ThinFull { ms: u64 },
+    /// Read the whole region and compare it with the model.
+    Verify,
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Snapshot => "snapshot",
+            Op::ResizeOnline { .. } => "resize-online",
+            Op::Restart { .. } => "restart",
+            Op::KillRecover { .. } => "kill-recover",
+            Op::Pause { .. } => "sigstop",
+            Op::Fault { .. } => "fault",
+            Op::VgFull { .. } => "vg-full",
+            Op::ThinFull { .. } => "thin-full",
+            Op::Verify => "verify",
+        }
+    }
+}
+
+/// What the controller shares with every operation.
+pub struct Ctx<'a> {
+    pub fvd: &'a str,
+    pub work: &'a str,
+    pub thin_pool: Option<&'a str>,
+    pub log: &'a Log,
+    pub region_blocks: u64,
+    pub online_resize: &'a std::sync::atomic::AtomicBool,
+    pub max_layers: usize,
+    /// dm tables of the flakey device: healthy and failing.
+    pub flakey_tables: Option<(String, String)>,
+}
+
+/// The dm device the flakey kind's image lives on (96-torture.sh makes it).
+pub const FLAKEY_NAME: &str = "fvdtorture";
+
+fn vg_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/dev/")?.split('/').next()
+}
+
+impl Ctx<'_> {
+    fn fvd(&self, args: &[&str]) -> Result<dev::Out, String> {
+        run(self.log, self.fvd, args)
+    }
+
+    /// Runs one operation on `d`; `Err` is a failure of the run.
+    pub fn apply(&self, d: &Device, op: Op, n: u64) -> Result<(), String> {
+        let name = d.kind.name();
+        self.log.line(&format!("op {n}: {name} dev {}: {op:?}", d.index));
+        let outcome = match op {
+            Op::Snapshot => self.snapshot(d, n)?,
+            Op::ResizeOnline { mib } => self.resize_online(d, mib)?,
+            Op::Restart { commit, resize_mib, repair } => self.restart(d, commit, resize_mib, repair)?,
+            Op::KillRecover { ms, again } => self.kill_recover(d, ms, again)?,
+            Op::Pause { ms } => self.pause(d, ms)?,
+            Op::Fault { ms } => self.fault(d, ms)?,
+            Op::VgFull { ms } => self.vg_full(d, ms)?,
+            Op::ThinFull { ms } => self.thin_full(d, ms)?,
+            Op::Verify => "",
+        };
+        self.verify(d)?;
+        let mut kind = if outcome.is_empty() { op.name().to_string() } else { format!("{}-{outcome}", op.name()) };
+        if n == 0 {
+            kind = format!("final-{kind}");
+        }
+        self.log.count(&kind);
+        self.log.line(&format!("op {n}: done ({kind})"));
+        Ok(())
+    }
+
+    fn running(&self, d: &Device) -> Result<(u32, i32), String> {
+        match *d.daemon.lock().map_err(|_| "poisoned")? {
+            Daemon::Running { id, pid } => Ok((id, pid)),
+            Daemon::Away => Err(format!("{} dev {}: no daemon serves it", d.kind.name(), d.index)),
+        }
+    }
+
+    /// Reads the whole checked region with the writers held off and checks every block.
+    pub fn verify(&self, d: &Device) -> Result<(), String> {
+        let guard = d.io.write().map_err(|_| "poisoned")?;
+        let Some(f) = guard.as_ref() else { return Ok(()) };
+        let per = 256u64; // blocks per read: 1 MiB
+        let mut buf = Aligned::new(per as usize * BLOCK);
+        let mut b0 = 0;
+        while b0 < self.region_blocks {
+            let n = per.min(self.region_blocks - b0);
+            let b = buf.get(n as usize * BLOCK);
+            if let Err(e) = pread(f, b, b0 * BLOCK as u64) {
+                if d.trouble.load(SeqCst) {
+                    self.log.line(&format!("  verify: read at block {b0} failed (errno {e}) in a trouble window"));
+                    return Ok(());
+                }
+                return Err(format!("{} dev {}: verify read at block {b0} failed: errno {e}", d.kind.name(), d.index));
+            }
+            let mut m = d.model.lock().map_err(|_| "poisoned")?;
+            for i in 0..n {
+                let blk = b0 + i;
+                let seen = check_block(&b[i as usize * BLOCK..][..BLOCK], d.index, blk, &m.blocks[blk as usize].cur)
+                    .map_err(|e| format!("{} dev {}: verify: {e}", d.kind.name(), d.index))?;
+                m.observed(blk, seen);
+            }
+            b0 += n;
+        }
+        Ok(())
+    }
+
+    fn new_layer(&self, d: &Device, n: u64) -> Result<Option<String>, String> {
+        let layers = d.layers.lock().map_err(|_| "poisoned")?.len();
+        if layers >= self.max_layers {
+            return Ok(None);
+        }
+        let name = format!("d{}s{n}", d.index);
+        match d.kind {
+            Kind::Lv | Kind::Thin => {
+                let vg = vg_of(&d.storage).ok_or("no VG in the LV path")?;
+                let size = "16M".to_string();
+                let pool;
+                let args: Vec<&str> = if d.kind == Kind::Thin {
+                    pool = self.thin_pool.ok_or("no --thin-pool")?.to_string();
+                    vec!["-q", "-y", "-V", "384M", "-T", &pool, "-n", &name]
+                } else {
+                    vec!["-q", "-y", "-L", &size, "-n", &name, vg]
+                };
+                let o = run(self.log, "lvcreate", &args)?;
+                if !o.ok {
+                    return Ok(None);
+                }
+                let path = format!("/dev/{vg}/{name}");
+                dev::wait_path(&path, 20);
+                Ok(Some(path))
+            }
+            _ => Ok(Some(format!("{}/{name}.fvd", self.work))),
+        }
+    }
+
+    fn snapshot(&self, d: &Device, n: u64) -> Result<&'static str, String> {
+        let (id, _) = self.running(d)?;
+        let Some(new) = self.new_layer(d, n)? else { return Ok("skipped") };
+        let o = self.fvd(&["snapshot", "-n", &id.to_string(), &new])?;
+        if !o.ok {
+            return Ok("refused");
+        }
+        d.layers.lock().map_err(|_| "poisoned")?.push(new);
+        Ok("")
+    }
+
+    fn resize_online(&self, d: &Device, mib: u64) -> Result<&'static str, String> {
+        if !self.online_resize.load(SeqCst) {
+            return Ok("unsupported");
+        }
+        let (id, _) = self.running(d)?;
+        let o = self.fvd(&["resize", "-n", &id.to_string(), &format!("+{mib}M")])?;
+        if !o.ok {
+            if o.stderr.contains("UPDATE_SIZE") {
+                self.online_resize.store(false, SeqCst);
+                return Ok("unsupported");
+            }
+            return Ok("refused");
+        }
+        d.size.fetch_add(mib << 20, SeqCst);
+        Ok("")
+    }
+
+    /// Stops the device with the writers held off; `force` for a daemon that may be stuck or dead.
+    fn stop(&self, d: &Device, force: bool) -> Result<(), String> {
+        let id = match *d.daemon.lock().map_err(|_| "poisoned")? {
+            Daemon::Running { id, .. } => id,
+            Daemon::Away => return Ok(()),
+        };
+        *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Away;
+        let mut io = d.io.write().map_err(|_| "poisoned")?;
+        *io = None;
+        let ids = id.to_string();
+        let args: Vec<&str> = if force { vec!["stop", "-n", &ids, "--force"] } else { vec!["stop", "-n", &ids] };
+        let o = self.fvd(&args)?;
+        if !o.ok && !force {
+            return Err(format!("{} dev {}: fvd stop failed: {}", d.kind.name(), d.index, o.stderr));
+        }
+        if o.ok && !force {
+            // A clean stop flushes: everything acknowledged is durable.
+            let mut m = d.model.lock().map_err(|_| "poisoned")?;
+            let s = m.seq();
+            m.flushed(s);
+        }
+        Ok(())
+    }
+
+    /// Checks every layer; `fvd check` must say clean (exit 0).
+    pub fn check_layers(&self, d: &Device) -> Result<(), String> {
+        let layers = d.layers.lock().map_err(|_| "poisoned")?.clone();
+        for l in &layers {
+            let o = self.fvd(&["check", l])?;
+            if !o.ok {
+                return Err(format!(
+                    "{} dev {}: fvd check {l} exited {:?}: {}{}",
+                    d.kind.name(),
+                    d.index,
+                    o.code,
+                    o.stdout,
+                    o.stderr
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn start(&self, d: &Device) -> Result<(), String> {
+        let top = d.top();
+        let o = self.fvd(&["start", &top])?;
+        if !o.ok {
+            return Err(format!("{} dev {}: fvd start {top} failed: {}", d.kind.name(), d.index, o.stderr));
+        }
+        let path = o.stdout.lines().last().unwrap_or("").trim().to_string();
+        let id: u32 = path
+            .strip_prefix("/dev/ublkb")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("fvd start printed {path:?}"))?;
+        if !dev::wait_path(&path, 20) {
+            return Err(format!("{path} did not appear"));
+        }
+        let pid = daemon_pid(id).ok_or_else(|| format!("no pid for device {id}"))?;
+        *d.io.write().map_err(|_| "poisoned")? = Some(open_direct(&path)?);
+        *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Running { id, pid };
+        Ok(())
+    }
+
+    fn restart(&self, d: &Device, commit: bool, resize_mib: u64, repair: bool) -> Result<&'static str, String> {
+        self.running(d)?;
+        self.verify(d)?;
+        self.stop(d, false)?;
+        self.check_layers(d)?;
+        let top = d.top();
+        let mut outcome = "";
+        let layers = d.layers.lock().map_err(|_| "poisoned")?.len();
+        if commit && layers >= 2 {
+            let o = self.fvd(&["commit", &top])?;
+            if !o.ok {
+                return Err(format!("fvd commit {top} failed: {}", o.stderr));
+            }
+            self.check_layers(d)?;
+            outcome = "commit";
+        }
+        if resize_mib > 0 {
+            let o = self.fvd(&["resize", &top, &format!("+{resize_mib}M")])?;
+            if o.ok {
+                d.size.fetch_add(resize_mib << 20, SeqCst);
+                outcome = if outcome.is_empty() { "resize" } else { "commit-resize" };
+            }
+            self.check_layers(d)?;
+        }
+        if repair {
+            let o = self.fvd(&["check", "--repair", &top])?;
+            if !o.ok {
+                return Err(format!("fvd check --repair {top} on a clean image exited {:?}: {}", o.code, o.stdout));
+            }
+            self.check_layers(d)?;
+        }
+        self.start(d)?;
+        Ok(outcome)
+    }
+
+    fn recover(&self, d: &Device, id: u32) -> Result<(), String> {
+        let o = self.fvd(&["recover", "-n", &id.to_string()])?;
+        if !o.ok {
+            return Err(format!("{} dev {}: fvd recover -n {id} failed: {}", d.kind.name(), d.index, o.stderr));
+        }
+        let pid = daemon_pid(id).ok_or_else(|| format!("no pid for device {id} after recover"))?;
+        *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Running { id, pid };
+        Ok(())
+    }
+
+    fn kill_recover(&self, d: &Device, ms: u64, again: u32) -> Result<&'static str, String> {
+        let (id, mut pid) = self.running(d)?;
+        d.paused.fetch_add(1, SeqCst);
+        for round in 0..=again {
+            *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Away;
+            d.model.lock().map_err(|_| "poisoned")?.crashed();
+            d.crashes.fetch_add(1, SeqCst);
+            signal(pid, libc::SIGKILL);
+            let t0 = std::time::Instant::now();
+            while alive(pid) && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(if round == 0 { ms } else { 0 }));
+            self.recover(d, id)?;
+            pid = self.running(d)?.1;
+        }
+        d.unpaused_ms.store(dev::now_ms(self.log.start()), SeqCst);
+        d.paused.fetch_sub(1, SeqCst);
+        Ok(if again > 0 { "twice" } else { "" })
+    }
+
+    fn pause(&self, d: &Device, ms: u64) -> Result<&'static str, String> {
+        let (_, pid) = self.running(d)?;
+        d.paused.fetch_add(1, SeqCst);
+        signal(pid, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(ms));
+        signal(pid, libc::SIGCONT);
+        d.unpaused_ms.store(dev::now_ms(self.log.start()), SeqCst);
+        d.paused.fetch_sub(1, SeqCst);
+        Ok("")
+    }
+
+    fn dm_table(&self, table: &str) -> Result<(), String> {
+        let name = FLAKEY_NAME;
+        for args in [vec!["suspend", name], vec!["load", name, "--table", table], vec!["resume", name]] {
+            let o = run(self.log, "dmsetup", &args)?;
+            if !o.ok {
+                return Err(format!("dmsetup {} failed: {}", args.join(" "), o.stderr));
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&self, d: &Device, ms: u64) -> Result<&'static str, String> {
+        let (id, _) = self.running(d)?;
+        let (healthy, failing) = self.flakey_tables.clone().ok_or("no flakey tables")?;
+        d.trouble.store(true, SeqCst);
+        self.dm_table(&failing)?;
+        std::thread::sleep(Duration::from_millis(ms));
+        self.dm_table(&healthy)?;
+        // The daemon must have lived through it.
+        let (_, pid) = self.running(d)?;
+        if !alive(pid) {
+            return Err(format!("flakey dev {}: the daemon (device {id}) died in a fault window", d.index));
+        }
+        self.forced_restart(d)?;
+        d.trouble.store(false, SeqCst);
+        Ok("")
+    }
+
+    /// After trouble: a forced stop (it may lose what was not flushed: the model says
+    /// so), every layer checked clean, a start and a full check.
+    fn forced_restart(&self, d: &Device) -> Result<(), String> {
+        d.model.lock().map_err(|_| "poisoned")?.crashed();
+        d.crashes.fetch_add(1, SeqCst);
+        self.stop(d, true)?;
+        self.check_layers(d)?;
+        self.start(d)?;
+        self.verify(d)
+    }
+
+    fn thin_full(&self, d: &Device, ms: u64) -> Result<&'static str, String> {
+        self.running(d)?;
+        let pool = self.thin_pool.ok_or("no --thin-pool")?.to_string();
+        let vg = pool.split('/').next().unwrap_or_default().to_string();
+        let filler = format!("/dev/{vg}/filler");
+        d.trouble.store(true, SeqCst);
+        let o = run(self.log, "lvcreate", &["-q", "-y", "-V", "2G", "-T", &pool, "-n", "filler"])?;
+        if !o.ok {
+            return Err(format!("lvcreate filler in {pool}: {}", o.stderr));
+        }
+        dev::wait_path(&filler, 20);
+        // Fills the pool; dd ends with "No space left" once the pool is full.
+        let of = format!("of={filler}");
+        run(self.log, "dd", &["if=/dev/zero", &of, "bs=1M", "oflag=direct", "count=2048", "status=none"])?;
+        std::thread::sleep(Duration::from_millis(ms));
+        let r = run(self.log, "lvremove", &["-q", "-y", "-f", &format!("{vg}/filler")])?;
+        if !r.ok {
+            return Err(format!("lvremove {vg}/filler failed: {}", r.stderr));
+        }
+        let (_, pid) = self.running(d)?;
+        if !alive(pid) {
+            return Err(format!("thin dev {}: the daemon died while the pool was full", d.index));
+        }
+        self.forced_restart(d)?;
+        d.trouble.store(false, SeqCst);
+        Ok("")
+    }
+
+    fn vg_full(&self, d: &Device, ms: u64) -> Result<&'static str, String> {
+        let vg = vg_of(&d.storage).ok_or("no VG in the LV path")?.to_string();
+        d.trouble.store(true, SeqCst);
+        let fill = format!("{vg}/fill");
+        let o = run(self.log, "lvcreate", &["-q", "-y", "-l", "100%FREE", "-n", "fill", &vg])?;
+        std::thread::sleep(Duration::from_millis(ms));
+        if o.ok {
+            let r = run(self.log, "lvremove", &["-q", "-y", "-f", &fill])?;
+            if !r.ok {
+                return Err(format!("lvremove {fill} failed: {}", r.stderr));
+            }
+        }
+        // Room again: writing resumes without a restart (after a moment for a retry).
+        std::thread::sleep(Duration::from_millis(1500));
+        self.verify(d)?;
+        d.trouble.store(false, SeqCst);
+        Ok(if o.ok { "" } else { "no-free" })
+    }
+}

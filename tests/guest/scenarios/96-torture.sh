@@ -1,0 +1,61 @@
+# shellcheck shell=bash
+# The seeded torture run (examples/torture): every operation at once over five devices,
+# one per kind of storage fvd serves, checked against a model after every step:
+#   file     an image file
+#   lv       a linear LV in a volume group close to full (grown by the daemon, 16 MiB units)
+#   thin     a thin LV in a small thin pool (error when full)
+#   flakey   a loop device full of old random bytes behind a dm table that turns into
+#            dm-flakey error_writes during fault windows
+#   overlay  an overlay over a raw base that holds stamps of its own
+# Writers keep a model of every acknowledged write and flush; the schedule (snapshots
+# onto new files and LVs, online resize where the kernel has it, stop / offline commit,
+# resize, check --repair / start, kill -9 and recover, sometimes twice, SIGSTOP, write
+# faults, a full volume group) comes from the seed. Every image is checked clean at the
+# end. FVD_TORTURE_SEED and FVD_TORTURE_SECONDS choose the run (scripts/torture passes
+# them; CI runs a short one on each kernel); a failure prints the seed and the log's tail.
+# timeout: 900
+# memory: 3G
+
+lv_prelude
+modprobe dm-flakey || fail "modprobe dm-flakey failed"
+at_exit "\"$FVD\" stop --all --force >/dev/null 2>&1 || true"
+TORTURE=$FVD_ROOT/target/release/examples/torture
+[[ -x $TORTURE ]] || fail "no $TORTURE: cargo build --release --example torture"
+cp "$TORTURE" "$WORK/torture"
+cp "$FVD" "$WORK/fvd" # private copies: the shared target/ may be rebuilt meanwhile
+FVD=$WORK/fvd
+seed=${FVD_TORTURE_SEED:-1}
+secs=${FVD_TORTURE_SECONDS:-120}
+M=$((1 << 20))
+export FVD_GROW_UNIT=16M
+
+step "storage: VG fvdtl (160 MiB, close to full once written) with a 16 MiB linear LV; VG fvdtp with a 256 MiB thin pool"
+make_vg fvdtl 160M
+lvcreate -q -y -L 16M -n lin fvdtl
+make_vg fvdtp 512M
+lvcreate -q -y -L 256M -T fvdtp/pool --errorwhenfull y
+lvcreate -q -y -V 384M -T fvdtp/pool -n thin
+udev_settle
+
+step "flakey: 128 MiB of old random bytes behind dm device fvdtorture"
+head -c $((4 * M)) /dev/urandom >"$WORK/old"
+for _ in $(seq 32); do cat "$WORK/old"; done >"$WORK/flakey.img"
+rm "$WORK/old"
+loop=$(losetup -f --show "$WORK/flakey.img")
+at_exit "losetup -d $loop"
+sectors=$(blockdev --getsz "$loop")
+table="0 $sectors linear $loop 0"
+dmsetup create fvdtorture --table "$table"
+at_exit "dmsetup remove -f fvdtorture 2>/dev/null || true"
+udev_settle
+
+step "torture: seed $seed for $secs s"
+rc=0
+"$WORK/torture" --fvd "$FVD" --work "$WORK" --results "$RESULTS" --seed "$seed" --seconds "$secs" \
+    --dev "file:$WORK/file.fvd" --dev "lv:/dev/fvdtl/lin" --dev "thin:/dev/fvdtp/thin" \
+    --dev "flakey:/dev/mapper/fvdtorture" --dev "overlay:$WORK/overlay.fvd" \
+    --thin-pool fvdtp/pool --flakey-table "$table" || rc=$?
+step "torture exited $rc"
+vgs fvdtl fvdtp || true
+lvs fvdtl fvdtp || true
+((rc == 0)) || fail "torture failed (seed $seed): see above and $RESULTS/torture-ops.log"
