@@ -72,6 +72,10 @@ struct Args {
     /// At most this long a writer pauses after each request, µs.
     #[arg(long, default_value_t = 5000)]
     think_us: u64,
+    /// The control: the model forgets one write on the first device, and the run must
+    /// fail (it shows the checks see what the devices hold).
+    #[arg(long)]
+    control: bool,
     #[arg(long)]
     verbose: bool,
 }
@@ -249,6 +253,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
                     values: &values,
                     counts: &counts,
                     think_us: a.think_us,
+                    control: a.control,
                 };
                 s.spawn(move || w.run());
             }

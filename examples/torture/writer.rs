@@ -113,6 +113,8 @@ pub struct Writer<'a> {
     pub counts: &'a [AtomicU64; 7],
     /// At most this long a pause after each request (drawn at random), µs.
     pub think_us: u64,
+    /// The control run: one write is left out of the model, which must be caught.
+    pub control: bool,
 }
 
 /// Index into `Writer::counts`.
@@ -131,6 +133,7 @@ impl Writer<'_> {
         let mine: Vec<u64> = (0..stripes).filter(|s| s % self.threads == self.thread).collect();
         let mut buf = Aligned::new(STRIPE as usize * BLOCK);
         let t0 = self.log.start();
+        let mut writes_done = 0u64;
         while !self.stop.load(Ordering::SeqCst) && !self.log.has_failed() {
             let stripe = mine[rng.gen_range(0..mine.len())];
             let first = stripe * STRIPE + rng.gen_range(0..STRIPE);
@@ -161,6 +164,27 @@ impl Writer<'_> {
                         vals.push(v);
                     }
                     let r = pwrite(f, b, off, fua);
+                    writes_done += 1;
+                    // The control: the model forgets this write (it expects the write before),
+                    // and the block is read back at once: the run must fail.
+                    let forget = self.control && self.thread == 0 && self.dev.index == 1 && writes_done == 200 && r.is_ok();
+                    if forget {
+                        self.log.line(&format!("control: the model forgets write {:#x} to block {first}", vals[0]));
+                        if let Ok(mut m) = self.dev.model.lock() {
+                            m.wrote(first, vals[0] - 1, true);
+                        }
+                        let rb = buf.get(BLOCK);
+                        if pread(f, rb, off).is_ok() {
+                            if let Ok(m) = self.dev.model.lock() {
+                                if let Err(e) = check_block(rb, self.dev.index, first, &m.blocks[first as usize].cur) {
+                                    self.log.fail(&format!("{} dev {}: read: {e}", self.dev.kind.name(), self.dev.index));
+                                }
+                            }
+                        }
+                        self.op_start.store(0, Ordering::SeqCst);
+                        drop(guard);
+                        continue;
+                    }
                     if let Ok(mut m) = self.dev.model.lock() {
                         for (i, v) in vals.into_iter().enumerate() {
                             match (&r, fua) {

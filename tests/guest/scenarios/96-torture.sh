@@ -29,8 +29,8 @@ secs=${FVD_TORTURE_SECONDS:-120}
 M=$((1 << 20))
 export FVD_GROW_UNIT=16M
 
-step "storage: VG fvdtl (160 MiB, close to full once written) with a 16 MiB linear LV; VG fvdtp with a 256 MiB thin pool"
-make_vg fvdtl 160M
+step "storage: VG fvdtl (384 MiB; the vg-full operation fills it) with a 16 MiB linear LV; VG fvdtp with a 256 MiB thin pool"
+make_vg fvdtl 384M
 lvcreate -q -y -L 16M -n lin fvdtl
 make_vg fvdtp 512M
 lvcreate -q -y -L 256M -T fvdtp/pool --errorwhenfull y
@@ -59,3 +59,15 @@ step "torture exited $rc"
 vgs fvdtl fvdtp || true
 lvs fvdtl fvdtp || true
 ((rc == 0)) || fail "torture failed (seed $seed): see above and $RESULTS/torture-ops.log"
+"$FVD" stop --all >/dev/null 2>&1 || true
+
+step "control: the same run on one image file, with one write left out of the model: it must fail"
+mkdir -p "$RESULTS/control"
+rc=0
+"$WORK/torture" --fvd "$FVD" --work "$WORK" --results "$RESULTS/control" --seed "$seed" --seconds 60 \
+    --dev "file:$WORK/control.fvd" --control >"$RESULTS/control/out.txt" 2>&1 || rc=$?
+grep -m1 "control:" "$RESULTS/control/torture-ops.log" || true
+grep -m1 "FAIL" "$RESULTS/control/out.txt" || true
+((rc == 1)) || fail "the control exited $rc: the checks did not catch the write the model left out"
+grep -q "FAIL: file dev 1: read: block .*: holds write" "$RESULTS/control/out.txt" ||
+    fail "the control failed, but not on the write left out: $(head -3 "$RESULTS/control/out.txt")"
