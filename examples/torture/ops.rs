@@ -268,17 +268,26 @@ impl Ctx<'_> {
         let layers = d.layers.lock().map_err(|_| "poisoned")?.len();
         if commit && layers >= 2 {
             let o = self.fvd(&["commit", &top])?;
-            if !o.ok {
+            if o.ok {
+                outcome = "commit";
+            } else if o.stderr.contains("is smaller") {
+                // The top grew after its base was frozen: a commit does not grow a frozen
+                // layer, and says so (it names rebase -b "" instead).
+                outcome = "commit-refused";
+            } else {
                 return Err(format!("fvd commit {top} failed: {}", o.stderr));
             }
             self.check_layers(d)?;
-            outcome = "commit";
         }
         if resize_mib > 0 {
             let o = self.fvd(&["resize", &top, &format!("+{resize_mib}M")])?;
             if o.ok {
                 d.size.fetch_add(resize_mib << 20, SeqCst);
-                outcome = if outcome.is_empty() { "resize" } else { "commit-resize" };
+                outcome = match outcome {
+                    "" => "resize",
+                    "commit" => "commit-resize",
+                    _ => "commit-refused-resize",
+                };
             }
             self.check_layers(d)?;
         }
