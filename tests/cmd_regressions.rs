@@ -439,3 +439,30 @@ fn check_of_a_header_without_its_base_and_convert_of_a_headerless_file() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("no fvd header"), "{out}");
 }
+
+/// Found by the torture run (issue 23, seed 5 on 7.3.4): after a snapshot, the live top
+/// grew (online or offline) and a commit into its frozen base was refused with "grow it
+/// first", which fvd resize refuses for a frozen layer: advice that cannot be followed.
+/// The refusal now says what works, and that works: the top stands alone with every byte.
+#[test]
+fn commit_into_a_smaller_frozen_base_names_what_works() {
+    let d = tempfile::tempdir().unwrap();
+    let (base, top) = (p(d.path(), "base.fvd"), p(d.path(), "top.fvd"));
+    ok(&["create", "--size", "8M", &base]);
+    ok(&["io", &base, "-c", "write -P 1 0 8M"]);
+    ok(&["snapshot", &base, &top]);
+    ok(&["resize", &top, "+8M"]);
+    ok(&["io", &top, "-c", "write -P 2 8M 8M"]);
+    let (code, out) = fvd_merged(&["resize", &base, "+8M"]);
+    assert_ne!(code, 0, "a frozen layer is not resized: {out}");
+    let (code, out) = fvd_merged(&["commit", &top]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("is smaller") && out.contains("rebase -b"), "{out}");
+    assert!(!out.contains("grow it first"), "{out}");
+    // Nothing changed, and the advice works.
+    ok(&["io", "-r", &top, "-c", "read -P 1 0 8M", "-c", "read -P 2 8M 8M"]);
+    ok(&["check", &base]);
+    ok(&["rebase", "-b", "", &top]);
+    ok(&["io", "-r", &top, "-c", "read -P 1 0 8M", "-c", "read -P 2 8M 8M"]);
+    ok(&["check", &top]);
+}

@@ -246,7 +246,9 @@ pub fn commit(
     let layer = &chain.layers()[depth - 1];
     if layer.size() < top.size() {
         return Err(invalid(format!(
-            "{} is smaller ({:#x} bytes) than the image ({:#x} bytes); grow it first",
+            "{} is smaller ({:#x} bytes) than the image ({:#x} bytes): a commit does not grow the layer it \
+             writes into, and a layer under an overlay keeps its size: make the image stand alone with \
+             'fvd rebase -b \"\" IMAGE' instead (or commit before growing the image)",
             layer.name(),
             layer.size(),
             top.size()
