@@ -49,7 +49,7 @@ struct Args {
     seconds: u64,
     /// A device: KIND:PATH, KIND one of file, lv, thin, flakey, overlay (PATH: the image
     /// file to create, the LV or the dm device).
-    #[arg(long = "dev", required = true)]
+    #[arg(long = "dev")]
     devs: Vec<String>,
     /// The thin pool (VG/POOL) new thin layers are made in.
     #[arg(long)]
@@ -57,6 +57,20 @@ struct Args {
     /// The flakey device's healthy dm table (its failing one is made from it).
     #[arg(long)]
     flakey_table: Option<String>,
+    /// The overlay's base: a device or file that holds `--make-base`'s bytes (default: a
+    /// raw file the run writes itself).
+    #[arg(long)]
+    overlay_base: Option<String>,
+    /// A command that kills the overlay base's NBD server.
+    #[arg(long)]
+    nbd_down: Option<String>,
+    /// A command that serves the base again and attaches it (the daemon is stopped then).
+    #[arg(long)]
+    nbd_up: Option<String>,
+    /// Only write a base's bytes for device INDEX (the overlay, 5 in 96-torture) into
+    /// this file, then exit.
+    #[arg(long, value_name = "FILE:INDEX")]
+    make_base: Option<String>,
     /// Virtual size of each image.
     #[arg(long, default_value = "256M")]
     size: String,
@@ -88,6 +102,18 @@ const REQUEST_BOUND: Duration = Duration::from_secs(90);
 
 fn main() {
     let a = Args::parse();
+    if let Some(spec) = &a.make_base {
+        let r = spec
+            .rsplit_once(':')
+            .and_then(|(f, i)| Some((f, i.parse::<u32>().ok()?)))
+            .ok_or_else(|| format!("--make-base {spec}: want FILE:INDEX"))
+            .and_then(|(f, i)| write_base(f, i, a.region_mib * (1 << 20) / BLOCK as u64, parse_size(&a.size)?));
+        if let Err(e) = r {
+            eprintln!("torture: {e}");
+            std::process::exit(2);
+        }
+        std::process::exit(0);
+    }
     let log = match Log::new(&format!("{}/torture-ops.log", a.results), a.seed, a.verbose) {
         Ok(l) => l,
         Err(e) => {
@@ -124,9 +150,15 @@ fn setup(a: &Args, log: &Log, ctx: &Ctx) -> Result<Vec<Device>, String> {
         let index = i as u32 + 1;
         let size = parse_size(&a.size)?;
         if kind == Kind::Overlay {
-            let base = format!("{}/base{index}.raw", a.work);
-            write_base(&base, index, region_blocks, size)?;
-            let o = run(log, &a.fvd, &["create", "-b", &base, path])?;
+            let base = match &a.overlay_base {
+                Some(b) => b.clone(),
+                None => {
+                    let b = format!("{}/base{index}.raw", a.work);
+                    write_base(&b, index, region_blocks, size)?;
+                    b
+                }
+            };
+            let o = run(log, &a.fvd, &["create", "--copy-on-read", "--prefetch", "-b", &base, path])?;
             if !o.ok {
                 return Err(format!("fvd create -b {base} {path}: {}", o.stderr));
             }
@@ -183,13 +215,14 @@ fn write_base(path: &str, dev: u32, blocks: u64, size: u64) -> Result<(), String
 }
 
 /// Draws the next operation for a device of `kind` (the same seed, the same draws).
-fn draw(rng: &mut StdRng, kind: Kind, online_resize: bool) -> Op {
+fn draw(rng: &mut StdRng, kind: Kind, online_resize: bool, nbd: bool) -> Op {
     loop {
         let op = match rng.gen_range(0..100) {
             0..=11 => Op::Snapshot,
             12..=19 => Op::ResizeOnline { mib: rng.gen_range(1..=16) },
             20..=35 => Op::Restart {
                 commit: rng.gen_bool(0.5),
+                rebase: rng.gen_bool(0.3),
                 resize_mib: if rng.gen_bool(0.3) { rng.gen_range(1..=16) } else { 0 },
                 repair: rng.gen_bool(0.2),
             },
@@ -198,12 +231,14 @@ fn draw(rng: &mut StdRng, kind: Kind, online_resize: bool) -> Op {
             72..=83 => Op::Fault { ms: rng.gen_range(300..3000) },
             84..=88 => Op::VgFull { ms: rng.gen_range(500..4000) },
             89..=92 => Op::ThinFull { ms: rng.gen_range(500..3000) },
+            93..=96 => Op::NbdRestart { ms: rng.gen_range(500..3000) },
             _ => Op::Verify,
         };
         match (op, kind) {
             (Op::Fault { .. }, k) if k != Kind::Flakey => continue,
             (Op::VgFull { .. }, k) if k != Kind::Lv => continue,
             (Op::ThinFull { .. }, k) if k != Kind::Thin => continue,
+            (Op::NbdRestart { .. }, k) if k != Kind::Overlay || !nbd => continue,
             // Where the kernel has no online resize (6.12) its draws go elsewhere.
             (Op::ResizeOnline { .. }, _) if !online_resize => continue,
             _ => return op,
@@ -226,7 +261,12 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         online_resize: &online_resize,
         max_layers: a.max_layers,
         flakey_tables,
+        nbd_down: a.nbd_down.as_deref(),
+        nbd_up: a.nbd_up.as_deref(),
     };
+    if a.devs.is_empty() {
+        return Err("no --dev given".into());
+    }
     log.line(&format!("torture: seed {} for {} s over {} devices", a.seed, a.seconds, a.devs.len()));
     let devs = setup(a, log, &ctx)?;
     let stop = AtomicBool::new(false);
@@ -297,7 +337,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         'draws: while Instant::now() < deadline && !log.has_failed() {
             std::thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
             let di = rng.gen_range(0..devs.len());
-            let op = draw(&mut rng, devs[di].kind, online_resize.load(SeqCst));
+            let op = draw(&mut rng, devs[di].kind, online_resize.load(SeqCst), a.nbd_down.is_some());
             n += 1;
             let d = &devs[di];
             while running_ops.load(SeqCst) >= MAX_PARALLEL || d.busy.load(SeqCst) {
@@ -321,6 +361,13 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         while running_ops.load(SeqCst) > 0 {
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Every daemon killed at once with the writers' requests in flight, each device
+        // recovered and read whole.
+        if !log.has_failed() {
+            if let Err(e) = ctx.kill_all(&devs) {
+                log.fail(&e);
+            }
+        }
         stop.store(true, SeqCst);
     });
     if log.has_failed() {
@@ -329,7 +376,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
     // The end: every device checked, stopped cleanly, every layer checked.
     for d in &devs {
         ctx.verify(d)?;
-        ctx.apply(d, Op::Restart { commit: false, resize_mib: 0, repair: false }, 0)?; // counted as final-restart
+        ctx.apply(d, Op::Restart { commit: false, rebase: false, resize_mib: 0, repair: false }, 0)?; // counted as final-restart
         ctx.verify(d)?;
         let id = match *d.daemon.lock().map_err(|_| "poisoned")? {
             Daemon::Running { id, .. } => id,

@@ -17,8 +17,9 @@ pub enum Op {
     Snapshot,
     /// Grow the live device by `mib`.
     ResizeOnline { mib: u64 },
-    /// Stop; offline: check, maybe commit, resize and check --repair; start again.
-    Restart { commit: bool, resize_mib: u64, repair: bool },
+    /// Stop; offline: check, maybe commit, rebase the top onto the bottom layer, resize
+    /// and check --repair; start again.
+    Restart { commit: bool, rebase: bool, resize_mib: u64, repair: bool },
     /// kill -9 the daemon, wait `ms`, `fvd recover`; `again` more times the recovered daemon
     /// is killed at once (a crash soon after recovery).
     KillRecover { ms: u64, again: u32 },
@@ -32,6 +33,10 @@ pub enum Op {
     /// room again; a failed commit leaves the image refusing writes until it is opened
     /// again, so a (forced) restart follows.
     ThinFull { ms: u64 },
+    /// The NBD server of the overlay's base dies for `ms` and comes back; then the daemon
+    /// is stopped, the export attached again and the daemon started (fvd does not
+    /// reconnect by itself yet: issue 25).
+    NbdRestart { ms: u64 },
     /// Read the whole region and compare it with the model.
     Verify,
 }
@@ -47,6 +52,7 @@ impl Op {
             Op::Fault { .. } => "fault",
             Op::VgFull { .. } => "vg-full",
             Op::ThinFull { .. } => "thin-full",
+            Op::NbdRestart { .. } => "nbd-restart",
             Op::Verify => "verify",
         }
     }
@@ -63,6 +69,9 @@ pub struct Ctx<'a> {
     pub max_layers: usize,
     /// dm tables of the flakey device: healthy and failing.
     pub flakey_tables: Option<(String, String)>,
+    /// Commands that kill the overlay base's NBD server, and serve and attach it again.
+    pub nbd_down: Option<&'a str>,
+    pub nbd_up: Option<&'a str>,
 }
 
 /// The dm device the flakey kind's image lives on (96-torture.sh makes it).
@@ -84,12 +93,13 @@ impl Ctx<'_> {
         let outcome = match op {
             Op::Snapshot => self.snapshot(d, n)?,
             Op::ResizeOnline { mib } => self.resize_online(d, mib)?,
-            Op::Restart { commit, resize_mib, repair } => self.restart(d, commit, resize_mib, repair)?,
+            Op::Restart { commit, rebase, resize_mib, repair } => self.restart(d, commit, rebase, resize_mib, repair)?,
             Op::KillRecover { ms, again } => self.kill_recover(d, ms, again)?,
             Op::Pause { ms } => self.pause(d, ms)?,
             Op::Fault { ms } => self.fault(d, ms)?,
             Op::VgFull { ms } => self.vg_full(d, ms)?,
             Op::ThinFull { ms } => self.thin_full(d, ms)?,
+            Op::NbdRestart { ms } => self.nbd_restart(d, ms)?,
             Op::Verify => "",
         };
         self.verify(d)?;
@@ -240,7 +250,12 @@ impl Ctx<'_> {
 
     pub fn start(&self, d: &Device) -> Result<(), String> {
         let top = d.top();
-        let o = self.fvd(&["start", &top])?;
+        let mut args = vec!["start", &top[..]];
+        if d.kind == Kind::Overlay {
+            // Copy-on-read and a slow prefetch keep reading the base through the run.
+            args.extend(["--copy-on-read", "--prefetch", "--prefetch-rate", "1M"]);
+        }
+        let o = self.fvd(&args)?;
         if !o.ok {
             return Err(format!("{} dev {}: fvd start {top} failed: {}", d.kind.name(), d.index, o.stderr));
         }
@@ -258,7 +273,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn restart(&self, d: &Device, commit: bool, resize_mib: u64, repair: bool) -> Result<&'static str, String> {
+    fn restart(&self, d: &Device, commit: bool, rebase: bool, resize_mib: u64, repair: bool) -> Result<&'static str, String> {
         self.running(d)?;
         self.verify(d)?;
         self.stop(d, false)?;
@@ -266,6 +281,36 @@ impl Ctx<'_> {
         let top = d.top();
         let mut outcome = "";
         let layers = d.layers.lock().map_err(|_| "poisoned")?.len();
+        if rebase && layers >= 3 {
+            // A safe rebase onto the bottom layer: the layers between drop out of the chain.
+            let bottom = d.layers.lock().map_err(|_| "poisoned")?[0].clone();
+            let o = self.fvd(&["rebase", "-b", &bottom, &top])?;
+            if !o.ok {
+                return Err(format!("fvd rebase -b {bottom} {top} failed: {}", o.stderr));
+            }
+            let dropped: Vec<String> = {
+                let mut l = d.layers.lock().map_err(|_| "poisoned")?;
+                let between = l[1..l.len() - 1].to_vec();
+                *l = vec![bottom, top.clone()];
+                between
+            };
+            self.check_layers(d)?;
+            // The layers that left the chain give their storage back (a long run would
+            // fill the volume group or the pool with them otherwise).
+            for gone in dropped {
+                if gone.starts_with("/dev/") {
+                    let lv = gone.trim_start_matches("/dev/").to_string();
+                    let o = run(self.log, "lvremove", &["-q", "-y", "-f", &lv])?;
+                    if !o.ok {
+                        return Err(format!("lvremove {lv}: {}", o.stderr));
+                    }
+                } else {
+                    std::fs::remove_file(&gone).map_err(|e| format!("rm {gone}: {e}"))?;
+                }
+            }
+            self.start(d)?;
+            return Ok("rebase");
+        }
         if commit && layers >= 2 {
             let o = self.fvd(&["commit", &top])?;
             if o.ok {
@@ -428,5 +473,65 @@ impl Ctx<'_> {
         self.verify(d)?;
         d.trouble.store(false, SeqCst);
         Ok(if o.ok { "" } else { "no-free" })
+    }
+}
+
+impl Ctx<'_> {
+    fn nbd_restart(&self, d: &Device, ms: u64) -> Result<&'static str, String> {
+        let (Some(down), Some(up)) = (self.nbd_down, self.nbd_up) else { return Ok("skipped") };
+        self.running(d)?;
+        d.trouble.store(true, SeqCst);
+        let o = run(self.log, down, &[])?;
+        if !o.ok {
+            return Err(format!("{down} failed: {}", o.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(ms));
+        let (_, pid) = self.running(d)?;
+        if !alive(pid) {
+            return Err(format!("overlay dev {}: the daemon died while its base was away", d.index));
+        }
+        // Reads that needed the base failed meanwhile; writes went on. A clean stop.
+        self.stop(d, false)?;
+        let o = run(self.log, up, &[])?;
+        if !o.ok {
+            return Err(format!("{up} failed: {}", o.stderr));
+        }
+        self.check_layers(d)?;
+        self.start(d)?;
+        self.verify(d)?;
+        d.trouble.store(false, SeqCst);
+        Ok("")
+    }
+}
+
+impl Ctx<'_> {
+    /// The end of a run: every daemon killed at the same moment, with the writers' last
+    /// requests in flight; then each recovered and read whole.
+    pub fn kill_all(&self, devs: &[Device]) -> Result<(), String> {
+        let mut ids = Vec::new();
+        for d in devs {
+            let (id, pid) = self.running(d)?;
+            d.paused.fetch_add(1, SeqCst);
+            *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Away;
+            d.model.lock().map_err(|_| "poisoned")?.crashed();
+            d.crashes.fetch_add(1, SeqCst);
+            ids.push((id, pid));
+        }
+        for (_, pid) in &ids {
+            signal(*pid, libc::SIGKILL);
+        }
+        self.log.line(&format!("final: killed every daemon at once ({} devices)", ids.len()));
+        for (d, (id, pid)) in devs.iter().zip(ids) {
+            let t0 = std::time::Instant::now();
+            while alive(pid) && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.recover(d, id)?;
+            d.unpaused_ms.store(dev::now_ms(self.log.start()), SeqCst);
+            d.paused.fetch_sub(1, SeqCst);
+            self.verify(d)?;
+        }
+        self.log.count("final-kill-all");
+        Ok(())
     }
 }

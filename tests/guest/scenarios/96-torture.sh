@@ -6,10 +6,12 @@
 #   thin     a thin LV in a small thin pool (error when full)
 #   flakey   a loop device full of old random bytes behind a dm table that turns into
 #            dm-flakey error_writes during fault windows
-#   overlay  an overlay over a raw base that holds stamps of its own
+#   overlay  an overlay (copy-on-read, prefetch at 1 MiB/s) over a base that holds stamps of
+#            its own, exported by qemu-storage-daemon over NBD; its server is killed and
+#            brought back during the run
 # Writers keep a model of every acknowledged write and flush; the schedule (snapshots
 # onto new files and LVs, online resize where the kernel has it, stop / offline commit,
-# resize, check --repair / start, kill -9 and recover, sometimes twice, SIGSTOP, write
+# rebase, resize, check --repair / start, kill -9 and recover, sometimes twice, SIGSTOP, write
 # faults, a full volume group) comes from the seed. Every image is checked clean at the
 # end. FVD_TORTURE_SEED and FVD_TORTURE_SECONDS choose the run (scripts/torture passes
 # them; CI runs a short one on each kernel); a failure prints the seed and the log's tail.
@@ -18,6 +20,10 @@
 
 lv_prelude
 modprobe dm-flakey || fail "modprobe dm-flakey failed"
+modprobe nbd nbds_max=2 || fail "modprobe nbd failed"
+command -v nbd-client >/dev/null || fail "nbd-client not installed"
+command -v qemu-storage-daemon >/dev/null || fail "qemu-storage-daemon not installed"
+at_exit "nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true; [[ -f $WORK/qsd.pid ]] && kill -9 \$(cat $WORK/qsd.pid) 2>/dev/null || true"
 at_exit "\"$FVD\" stop --all --force >/dev/null 2>&1 || true"
 TORTURE=$FVD_ROOT/target/release/examples/torture
 [[ -x $TORTURE ]] || fail "no $TORTURE: cargo build --release --example torture"
@@ -49,11 +55,36 @@ dmsetup create fvdtorture --table "$table"
 at_exit "dmsetup remove -f fvdtorture 2>/dev/null || true"
 udev_settle
 
+step "overlay base: stamps written by the torture program into a raw file, exported by qemu-storage-daemon over NBD, attached as /dev/nbd0"
+"$WORK/torture" --make-base "$WORK/base.raw:5" --fvd "$FVD" --work "$WORK" --results "$RESULTS"
+cat >"$WORK/nbd-up" <<EOF
+#!/bin/bash
+# Serves base.raw over NBD (a unix socket) and attaches it as /dev/nbd0 (read-only, 5 s timeout).
+set -e
+rm -f $WORK/qsd.sock
+qemu-storage-daemon --blockdev driver=file,node-name=base,filename=$WORK/base.raw,read-only=on \\
+    --nbd-server addr.type=unix,addr.path=$WORK/qsd.sock --export type=nbd,id=e0,node-name=base,name=base \\
+    --pidfile $WORK/qsd.pid --daemonize
+for _ in \$(seq 100); do [[ -S $WORK/qsd.sock ]] && break; sleep 0.1; done
+nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
+nbd-client -N base -u $WORK/qsd.sock /dev/nbd0 -t 5 -R -L >/dev/null
+for _ in \$(seq 50); do
+    [[ \$(blockdev --getsize64 /dev/nbd0 2>/dev/null || echo 0) -gt 0 ]] && exit 0
+    sleep 0.2
+done
+echo "/dev/nbd0 has no size after nbd-client" >&2
+exit 1
+EOF
+printf '#!/bin/bash\n# The NBD server dies.\nkill -9 "$(cat %s/qsd.pid)"\n' "$WORK" >"$WORK/nbd-down"
+chmod +x "$WORK/nbd-up" "$WORK/nbd-down"
+"$WORK/nbd-up" || fail "could not serve and attach the base"
+
 step "torture: seed $seed for $secs s"
 rc=0
 "$WORK/torture" --fvd "$FVD" --work "$WORK" --results "$RESULTS" --seed "$seed" --seconds "$secs" \
     --dev "file:$WORK/file.fvd" --dev "lv:/dev/fvdtl/lin" --dev "thin:/dev/fvdtp/thin" \
     --dev "flakey:/dev/mapper/fvdtorture" --dev "overlay:$WORK/overlay.fvd" \
+    --overlay-base /dev/nbd0 --nbd-down "$WORK/nbd-down" --nbd-up "$WORK/nbd-up" \
     --thin-pool fvdtp/pool --flakey-table "$table" || rc=$?
 step "torture exited $rc"
 vgs fvdtl fvdtp || true
