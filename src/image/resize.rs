@@ -257,8 +257,11 @@ async fn punch<E: IoEngine>(e: &E, s: &dyn Storage, off: u64, len: u64, what: &'
     io::punch(e, s, off, len).await.map_err(io_error(s, what, off))
 }
 
-/// Refuses a geometry fixed-size storage cannot hold.
-fn check_capacity(s: &dyn Storage, g: &Geometry, size: u64) -> Result<(), ImageError> {
+/// Refuses a geometry fixed-size storage cannot hold; otherwise lets the storage's
+/// growth reach what the grown image can need (an LV's growth ahead stops at the
+/// old image's need until told; raising it before the resize writes is safe: the
+/// limit only bounds growth ahead of need).
+fn admit_geometry(s: &dyn Storage, g: &Geometry, size: u64) -> Result<(), ImageError> {
     match s.capacity() {
         Some(cap) if g.max_storage_size() > cap => Err(invalid(
             s,
@@ -269,7 +272,10 @@ fn check_capacity(s: &dyn Storage, g: &Geometry, size: u64) -> Result<(), ImageE
                 g.max_storage_size()
             ),
         )),
-        _ => Ok(()),
+        _ => {
+            s.set_size_limit(g.max_storage_size());
+            Ok(())
+        }
     }
 }
 
@@ -357,7 +363,7 @@ async fn reshape_on<E: IoEngine>(
         nh.virtual_size = new_size;
         nh.session = 0;
         let ng = Geometry::from_header(&nh, u64::MAX).map_err(layout_err)?;
-        check_capacity(s, &ng, new_size)?;
+        admit_geometry(s, &ng, new_size)?;
         // A plain block device reads zeros past the old end already: below its
         // mark is only what it zeroed or the image wrote (never past the end).
         let from = geo.data_offset + old;
@@ -437,7 +443,7 @@ async fn reshape_on<E: IoEngine>(
         nh.meta_sums = vec![0; format::twin::stripes(t1 + h.bitmap_len).1];
     }
     let ng = Geometry::from_header(&nh, u64::MAX).map_err(layout_err)?;
-    check_capacity(s, &ng, new_size)?;
+    admit_geometry(s, &ng, new_size)?;
     // Chunks outside the new table's reach [k, k + chunks1) move to free slots in it.
     let window = k..k + chunks1;
     let mut used = vec![false; (k + chunks1).max(geo.phys_chunks) as usize];

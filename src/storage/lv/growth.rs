@@ -20,7 +20,7 @@ impl Shared {
             // Grown already: an earlier answer got lost, or the administrator did it.
             return self.adopt(size, now).map_err(|m| fail(false, m, used, true));
         }
-        let target = self.policy.goal(self.growth, size, used);
+        let target = self.policy().goal(self.growth, size, used);
         let asked = match self.vol.extend_to(target) {
             Ok(()) => target,
             Err(ExtendError::NoSpace(m)) => {
@@ -29,9 +29,9 @@ impl Shared {
                 // else the least size that holds it.
                 let need = self.lock().used;
                 let all = tool::available_extents(&m)
-                    .map(|n| size + n * self.policy.extent)
+                    .map(|n| size + n * self.policy().extent)
                     .filter(|&t| t > size && t < target);
-                let least = self.policy.minimal(need);
+                let least = self.policy().minimal(need);
                 let to = match all {
                     Some(t) if t >= least => t,
                     _ if need > size => least,

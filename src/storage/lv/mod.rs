@@ -154,7 +154,7 @@ impl LvStorage {
         let sh = Arc::new(Shared {
             path,
             vol,
-            policy,
+            policy: Mutex::new(policy),
             unit_from,
             initial: size,
             size: AtomicU64::new(size),
@@ -180,7 +180,7 @@ impl LvStorage {
             lv = %sh.vol.lv(),
             kind = if sh.vol.is_thin() { "thin" } else { "linear" },
             size,
-            grow_unit = sh.policy.unit,
+            grow_unit = sh.policy().unit,
             grow_unit_from = unit_from,
             zeroing = %sh.vol.zero_method(),
             "image storage on an LVM logical volume"
@@ -191,7 +191,7 @@ impl LvStorage {
     }
 
     pub fn policy(&self) -> Policy {
-        self.sh.policy
+        self.sh.policy()
     }
 
     pub fn lv(&self) -> &LvName {
@@ -209,7 +209,7 @@ impl LvStorage {
                     || st.used > size
                     || (self.sh.growth == Growth::Ahead
                         && st.failure.is_none()
-                        && self.sh.policy.wants_growth(size, st.used)
+                        && self.sh.policy().wants_growth(size, st.used)
                         && st.used > 0);
                 if !pending {
                     return true;
@@ -240,6 +240,18 @@ impl Drop for LvStorage {
 impl Storage for LvStorage {
     fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    fn set_size_limit(&self, max: u64) {
+        let bound_unit = self.sh.unit_from == policy::FROM_DEFAULT;
+        let p = {
+            let mut g = self.sh.policy.lock().unwrap_or_else(|p| p.into_inner());
+            *g = g.bounded(max, bound_unit);
+            *g
+        };
+        tracing::debug!(lv = %self.sh.vol.lv(), limit = max, grow_unit = p.unit, "growth bounded by the image's size");
+        // The grower may be waiting on the old policy.
+        self.sh.work.notify_all();
     }
 
     fn size(&self) -> u64 {
@@ -309,6 +321,37 @@ mod tests {
         s.ensure_size(8 * M).unwrap();
         assert!(matches!(s.ensure_size(9 * M), Err(StorageError::NoSpace { .. })));
         assert!(r.extends.lock().unwrap().is_empty());
+    }
+
+    /// Issue 26: a 2 GiB image on an LV with the default 1 GiB unit became as large as
+    /// the whole disk on its first 8 MiB. Bounded by the image's size, the daemon keeps
+    /// at most a quarter of the disk ahead, and never grows past what the image can need.
+    #[test]
+    fn the_default_unit_is_bounded_by_the_image() {
+        let r = rig(20 * M, 8 << 30);
+        let inner = FileStorage::open(&r.path, OpenMode::ReadWrite).unwrap();
+        let vol = r.volume(true, Duration::ZERO, false);
+        let o = LvOptions { publish: false, ..Default::default() };
+        let s = LvStorage::with_volume(inner, Box::new(vol), 4 * M, &o, policy::FROM_DEFAULT).unwrap();
+        s.set_size_limit(2068 * M);
+        s.ensure_size(28 * M).unwrap();
+        assert!(s.wait_idle(Duration::from_secs(5)));
+        assert!(s.size() >= 28 * M + 256 * M, "a unit ahead: {}", s.size());
+        assert!(s.size() <= 28 * M + 512 * M, "at most a quarter of the 2 GiB disk ahead: {} MiB", s.size() / M);
+        s.ensure_size(2060 * M).unwrap();
+        assert!(s.wait_idle(Duration::from_secs(5)));
+        assert_eq!(s.size(), 2068 * M, "never past what the image can need");
+        // A unit someone chose is kept (the cap still holds).
+        let r = rig(20 * M, 8 << 30);
+        let inner = FileStorage::open(&r.path, OpenMode::ReadWrite).unwrap();
+        let vol = r.volume(true, Duration::ZERO, false);
+        let o = LvOptions { publish: false, grow_unit: Some(1 << 30), ..Default::default() };
+        let s = LvStorage::with_volume(inner, Box::new(vol), 4 * M, &o, "FVD_GROW_UNIT").unwrap();
+        s.set_size_limit(2068 * M);
+        s.ensure_size(28 * M).unwrap();
+        assert!(s.wait_idle(Duration::from_secs(5)));
+        assert_eq!(s.size(), 2068 * M, "one to two chosen units ahead, up to the cap: {} MiB", s.size() / M);
+        assert_eq!(s.policy().unit, 1 << 30);
     }
 
     /// A one-shot command (no growth ahead) grows by about what it writes, a

@@ -57,7 +57,8 @@ pub(super) struct State {
 pub(super) struct Shared {
     pub(super) path: String,
     pub(super) vol: Box<dyn Volume>,
-    pub(super) policy: Policy,
+    /// Behind a lock: the image bounds it once it knows its size (set_size_limit).
+    pub(super) policy: Mutex<Policy>,
     pub(super) unit_from: &'static str,
     pub(super) initial: u64,
     pub(super) size: AtomicU64,
@@ -74,6 +75,10 @@ pub(super) struct Shared {
 impl Shared {
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn policy(&self) -> Policy {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn size(&self) -> u64 {

@@ -66,12 +66,14 @@ impl Shared {
             // Unknown until the first allocation in this process.
             "used": (st.used > 0).then_some(st.used),
             "free-ahead": (st.used > 0).then(|| size.saturating_sub(st.used)),
-            "grow-unit": self.policy.unit,
+            "grow-unit": self.policy().unit,
             "grow-unit-from": self.unit_from,
-            "low-water": self.policy.low_water,
+            "low-water": self.policy().low_water,
+            // The most the image can need: growth stops there (unknown before the image opened).
+            "growth-limit": (self.policy().limit != u64::MAX).then(|| self.policy().cap()),
             "growths": st.growths,
             "grown-bytes": st.grown_bytes,
-            "units-added": st.grown_bytes / self.policy.unit,
+            "units-added": st.grown_bytes / self.policy().unit,
             "growth-ms-total": ms(st.growth_time),
             "growth-ms-last": ms(st.last_growth_time),
             "waits": st.waits,

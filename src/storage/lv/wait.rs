@@ -20,7 +20,7 @@ impl Shared {
         st.used = st.used.max(min);
         let size = sh.size();
         if min <= size {
-            if can_grow && sh.policy.wants_growth(size, st.used) && !st.growing {
+            if can_grow && sh.policy().wants_growth(size, st.used) && !st.growing {
                 sh.work.notify_one();
             }
             return Ok(());

@@ -8,6 +8,11 @@
 //! unit`. A write that needs space past the end waits for the same growth;
 //! when the volume group cannot give a whole unit, the growth falls back to
 //! the least size that holds what the write needs.
+//!
+//! Growth never goes past the most the image can need (`limit`: its metadata and
+//! every chunk, set once the image is open), and the default unit is bounded by
+//! it: at most an eighth of it, so that the one to two units kept ahead are at
+//! most a quarter of the disk (a 2 GiB image grows 256 MiB at a time, not 1 GiB).
 
 /// Growth parameters, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,10 +23,14 @@ pub struct Policy {
     pub low_water: u64,
     /// The volume group's extent size (LV sizes are multiples of it).
     pub extent: u64,
+    /// The most the image can ever need; `u64::MAX` until the image says.
+    pub limit: u64,
 }
 
 /// Default grow unit (see docs/lvm.md for the reasoning).
 pub const DEFAULT_GROW_UNIT: u64 = 1 << 30;
+/// Where [`choose_unit`] says the unit came from when nobody chose it.
+pub const FROM_DEFAULT: &str = "the default";
 /// Smallest and largest grow unit accepted.
 pub const MIN_GROW_UNIT: u64 = 1 << 20;
 pub const MAX_GROW_UNIT: u64 = 1 << 40;
@@ -31,20 +40,44 @@ impl Policy {
     pub fn new(unit: u64, extent: u64) -> Policy {
         let extent = extent.max(512);
         let unit = unit.clamp(MIN_GROW_UNIT, MAX_GROW_UNIT).div_ceil(extent) * extent;
-        Policy { unit, low_water: unit, extent }
+        Policy { unit, low_water: unit, extent, limit: u64::MAX }
     }
 
-    /// Whether the free space past `used` is below the low-water mark.
+    /// This policy for an image that needs at most `limit` bytes: growth stops
+    /// there, and when `bound_unit` (the unit is the default, nobody chose it)
+    /// the unit is at most an eighth of it, in whole extents.
+    pub fn bounded(self, limit: u64, bound_unit: bool) -> Policy {
+        let mut p = Policy { limit, ..self };
+        if bound_unit {
+            let most = (limit / 8 / self.extent * self.extent).max(MIN_GROW_UNIT.div_ceil(self.extent) * self.extent);
+            p.unit = p.unit.min(most);
+            p.low_water = p.unit;
+        }
+        p
+    }
+
+    /// The largest size growth goes to: `limit` in whole extents.
+    pub fn cap(&self) -> u64 {
+        if self.limit == u64::MAX {
+            u64::MAX
+        } else {
+            self.minimal(self.limit)
+        }
+    }
+
+    /// Whether the free space past `used` is below the low-water mark (and the
+    /// LV is short of the most the image can need).
     pub fn wants_growth(&self, size: u64, used: u64) -> bool {
-        size.saturating_sub(used) < self.low_water
+        size < self.cap() && size.saturating_sub(used) < self.low_water
     }
 
     /// The size to grow to: `size + k × unit` with the least `k ≥ 1` that
-    /// leaves at least the low-water mark free past `used`.
+    /// leaves at least the low-water mark free past `used`, never past the cap
+    /// (but always holding `used`).
     pub fn target(&self, size: u64, used: u64) -> u64 {
         let want = used.saturating_add(self.low_water);
         let k = want.saturating_sub(size).div_ceil(self.unit).max(1);
-        size.saturating_add(k.saturating_mul(self.unit))
+        size.saturating_add(k.saturating_mul(self.unit)).min(self.cap()).max(self.minimal(used))
     }
 
     /// The least LV size that holds `need` bytes.
@@ -57,7 +90,7 @@ impl Policy {
     /// copy grows the LV a few times, not once per extent, while taking from
     /// the volume group no more than that ahead.
     pub fn step(&self, size: u64, used: u64) -> u64 {
-        self.minimal(used.max(size.saturating_add(STEP.min(self.unit))))
+        self.minimal(used.max(size.saturating_add(STEP.min(self.unit)))).min(self.cap()).max(self.minimal(used))
     }
 
     /// The size one growth goes to, from `size`, for `used` bytes.
@@ -109,7 +142,7 @@ pub fn choose_unit(
     match tag {
         Some(Ok(v)) => checked(v, "the LV tag fvd-grow-unit"),
         Some(Err(e)) => Err(format!("LV tag fvd-grow-unit: {e}")),
-        None => Ok((DEFAULT_GROW_UNIT, "the default")),
+        None => Ok((DEFAULT_GROW_UNIT, FROM_DEFAULT)),
     }
 }
 
@@ -117,6 +150,26 @@ pub fn choose_unit(
 mod tests {
     use super::*;
     const M: u64 = 1 << 20;
+
+    #[test]
+    fn the_default_unit_keeps_at_most_a_quarter_of_the_image_ahead() {
+        // A 2 GiB image (20 MiB of metadata): 256 MiB units, not 1 GiB.
+        let limit = 2068 * M;
+        let p = Policy::new(DEFAULT_GROW_UNIT, 4 * M).bounded(limit, true);
+        assert_eq!(p.unit, 256 * M);
+        // After 8 MiB of data past 20 MiB of metadata, from a 20 MiB LV.
+        let t = p.target(20 * M, 28 * M);
+        assert!(t - 28 * M <= 2 * p.unit && t - 28 * M <= 2048 * M / 4, "{t}");
+        // Never past the most the image can need, but always what is used.
+        assert_eq!(p.target(2000 * M, 2000 * M), 2068 * M);
+        assert!(!p.wants_growth(2068 * M, 2060 * M));
+        assert_eq!(p.step(2064 * M, 2064 * M), 2068 * M);
+        // A unit someone chose stays (only the cap applies), and a small image
+        // still grows at least 1 MiB at a time.
+        assert_eq!(Policy::new(DEFAULT_GROW_UNIT, 4 * M).bounded(limit, false).unit, DEFAULT_GROW_UNIT);
+        assert_eq!(Policy::new(DEFAULT_GROW_UNIT, 4 * M).bounded(8 * M, true).unit, 4 * M);
+        assert_eq!(Policy::new(DEFAULT_GROW_UNIT, 512).bounded(4 * M, true).unit, M);
+    }
 
     #[test]
     fn unit_rounds_to_extents() {
