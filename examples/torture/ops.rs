@@ -362,13 +362,12 @@ impl Ctx<'_> {
         d.paused.fetch_add(1, SeqCst);
         for round in 0..=again {
             *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Away;
-            d.model.lock().map_err(|_| "poisoned")?.crashed();
-            d.crashes.fetch_add(1, SeqCst);
             signal(pid, libc::SIGKILL);
             let t0 = std::time::Instant::now();
             while alive(pid) && t0.elapsed() < Duration::from_secs(30) {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            self.crashed(d)?;
             std::thread::sleep(Duration::from_millis(if round == 0 { ms } else { 0 }));
             self.recover(d, id)?;
             pid = self.running(d)?.1;
@@ -420,9 +419,8 @@ impl Ctx<'_> {
     /// After trouble: a forced stop (it may lose what was not flushed: the model says
     /// so), every layer checked clean, a start and a full check.
     fn forced_restart(&self, d: &Device) -> Result<(), String> {
-        d.model.lock().map_err(|_| "poisoned")?.crashed();
-        d.crashes.fetch_add(1, SeqCst);
         self.stop(d, true)?;
+        self.crashed(d)?;
         self.check_layers(d)?;
         self.start(d)?;
         self.verify(d)
@@ -513,8 +511,6 @@ impl Ctx<'_> {
             let (id, pid) = self.running(d)?;
             d.paused.fetch_add(1, SeqCst);
             *d.daemon.lock().map_err(|_| "poisoned")? = Daemon::Away;
-            d.model.lock().map_err(|_| "poisoned")?.crashed();
-            d.crashes.fetch_add(1, SeqCst);
             ids.push((id, pid));
         }
         for (_, pid) in &ids {
@@ -526,12 +522,26 @@ impl Ctx<'_> {
             while alive(pid) && t0.elapsed() < Duration::from_secs(30) {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            self.crashed(d)?;
             self.recover(d, id)?;
             d.unpaused_ms.store(dev::now_ms(self.log.start()), SeqCst);
             d.paused.fetch_sub(1, SeqCst);
             self.verify(d)?;
         }
         self.log.count("final-kill-all");
+        Ok(())
+    }
+}
+
+impl Ctx<'_> {
+    /// The daemon is gone (dead, or stopped by force): from here a block may hold what
+    /// it held at the last flush or anything written since. Only once it is gone: a
+    /// write acknowledged between this and its death would otherwise count as certain.
+    /// Requests under way meanwhile see the crash count change and count as uncertain.
+    fn crashed(&self, d: &Device) -> Result<(), String> {
+        let mut m = d.model.lock().map_err(|_| "poisoned")?;
+        d.crashes.fetch_add(1, SeqCst);
+        m.crashed();
         Ok(())
     }
 }

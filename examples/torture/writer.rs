@@ -149,6 +149,10 @@ impl Writer<'_> {
                 continue;
             };
             self.op_start.store(now_ms(t0).max(1), Ordering::SeqCst);
+            // A request that spans a crash may or may not have taken effect, whatever it
+            // returned: it counts as uncertain (the crash count is read again under the
+            // model's lock, which the crash takes to count itself).
+            let crashes = self.dev.crashes.load(Ordering::SeqCst);
             let off = first * BLOCK as u64;
             let len = (n as usize) * BLOCK;
             let what;
@@ -186,7 +190,12 @@ impl Writer<'_> {
                         continue;
                     }
                     if let Ok(mut m) = self.dev.model.lock() {
+                        let spanned = self.dev.crashes.load(Ordering::SeqCst) != crashes;
                         for (i, v) in vals.into_iter().enumerate() {
+                            if spanned {
+                                m.wrote(first + i as u64, v, false);
+                                continue;
+                            }
                             match (&r, fua) {
                                 (Ok(()), true) => m.wrote_durable(first + i as u64, v),
                                 (Ok(()), false) => m.wrote(first + i as u64, v, true),
@@ -221,7 +230,9 @@ impl Writer<'_> {
                     let r = flush(f);
                     if r.is_ok() {
                         if let Ok(mut m) = self.dev.model.lock() {
-                            m.flushed(upto);
+                            if self.dev.crashes.load(Ordering::SeqCst) == crashes {
+                                m.flushed(upto);
+                            }
                         }
                     }
                     self.counts[FLUSHES].fetch_add(1, Ordering::Relaxed);
@@ -232,8 +243,9 @@ impl Writer<'_> {
                     what = if discard { "discard" } else { "write-zeroes" };
                     let r = ioctl_range(f, if discard { BLKDISCARD } else { BLKZEROOUT }, off, len as u64);
                     if let Ok(mut m) = self.dev.model.lock() {
+                        let spanned = self.dev.crashes.load(Ordering::SeqCst) != crashes;
                         for i in 0..n {
-                            m.wrote(first + i, 0, r.is_ok());
+                            m.wrote(first + i, 0, r.is_ok() && !spanned);
                         }
                     }
                     self.counts[if discard { DISCARDS } else { ZEROES }].fetch_add(1, Ordering::Relaxed);
