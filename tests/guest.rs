@@ -118,11 +118,9 @@ fn guest_scenarios() {
 /// What runs on the second kernel too (FVD_GUEST_NEW_SCENARIOS overrides).
 /// Chosen for what differs between kernels (ublk's feature set, user recovery, error
 /// paths, udev) at a few minutes in all: CI runs both kernels in one job.
-/// 96-torture runs its short CI seed on both kernels (online resize is 7.x only).
 /// (40-recover passes there too, run by hand: `tests/guest/run --kernel new 40-recover`;
 /// it is left out of CI for time.)
-const NEW_KERNEL_SCENARIOS: &[&str] =
-    &["00-kernel", "10-fs", "67-resize-online", "70-errors", "80-udev", "96-torture"];
+const NEW_KERNEL_SCENARIOS: &[&str] = &["00-kernel", "10-fs", "67-resize-online", "70-errors", "80-udev"];
 
 fn list(s: String) -> Vec<String> {
     s.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()).map(str::to_owned).collect()
