@@ -406,10 +406,15 @@ impl Ctx<'_> {
         self.dm_table(&failing)?;
         std::thread::sleep(Duration::from_millis(ms));
         self.dm_table(&healthy)?;
-        // The daemon must have lived through it.
+        self.after_trouble(d, &format!("the daemon (device {id}) died in a fault window"))
+    }
+
+    /// The end of a trouble window: the daemon must have lived through it; then a
+    /// forced restart, and requests must succeed again.
+    fn after_trouble(&self, d: &Device, died: &str) -> Result<&'static str, String> {
         let (_, pid) = self.running(d)?;
         if !alive(pid) {
-            return Err(format!("flakey dev {}: the daemon (device {id}) died in a fault window", d.index));
+            return Err(format!("{} dev {}: {died}", d.kind.name(), d.index));
         }
         self.forced_restart(d)?;
         d.trouble.store(false, SeqCst);
@@ -445,13 +450,7 @@ impl Ctx<'_> {
         if !r.ok {
             return Err(format!("lvremove {vg}/filler failed: {}", r.stderr));
         }
-        let (_, pid) = self.running(d)?;
-        if !alive(pid) {
-            return Err(format!("thin dev {}: the daemon died while the pool was full", d.index));
-        }
-        self.forced_restart(d)?;
-        d.trouble.store(false, SeqCst);
-        Ok("")
+        self.after_trouble(d, "the daemon died while the pool was full")
     }
 
     fn vg_full(&self, d: &Device, ms: u64) -> Result<&'static str, String> {

@@ -157,7 +157,7 @@ impl Writer<'_> {
             let len = (n as usize) * BLOCK;
             let what;
             let res = match op {
-                0..=49 | 50..=54 => {
+                0..=54 => {
                     let fua = op >= 50;
                     what = if fua { "fua write" } else { "write" };
                     let b = buf.get(len);

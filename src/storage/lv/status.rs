@@ -55,6 +55,7 @@ impl Shared {
     pub(super) fn status_locked(&self, st: &State, report: Option<VolumeReport>) -> Value {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let size = self.size();
+        let policy = self.policy();
         let mut v = json!({
             "kind": "lvm",
             "vg": self.vol.lv().vg(),
@@ -66,14 +67,14 @@ impl Shared {
             // Unknown until the first allocation in this process.
             "used": (st.used > 0).then_some(st.used),
             "free-ahead": (st.used > 0).then(|| size.saturating_sub(st.used)),
-            "grow-unit": self.policy().unit,
+            "grow-unit": policy.unit,
             "grow-unit-from": self.unit_from,
-            "low-water": self.policy().low_water,
+            "low-water": policy.low_water,
             // The most the image can need: growth stops there (unknown before the image opened).
-            "growth-limit": (self.policy().limit != u64::MAX).then(|| self.policy().cap()),
+            "growth-limit": (policy.limit != u64::MAX).then(|| policy.cap()),
             "growths": st.growths,
             "grown-bytes": st.grown_bytes,
-            "units-added": st.grown_bytes / self.policy().unit,
+            "units-added": st.grown_bytes / policy.unit,
             "growth-ms-total": ms(st.growth_time),
             "growth-ms-last": ms(st.last_growth_time),
             "waits": st.waits,
