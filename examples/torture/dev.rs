@@ -54,7 +54,10 @@ impl Kind {
 /// The daemon's state as the controller left it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Daemon {
-    Running { id: u32, pid: i32 },
+    Running {
+        id: u32,
+        pid: i32,
+    },
     /// Killed or stopped on purpose: its death is expected.
     Away,
 }

@@ -322,7 +322,11 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
                     if let Ok(g) = d.daemon.lock() {
                         if let Daemon::Running { id, pid } = *g {
                             if !alive(pid) {
-                                log.fail(&format!("{} dev {}: daemon of device {id} (pid {pid}) exited unasked", d.kind.name(), d.index));
+                                log.fail(&format!(
+                                    "{} dev {}: daemon of device {id} (pid {pid}) exited unasked",
+                                    d.kind.name(),
+                                    d.index
+                                ));
                             }
                         }
                     }

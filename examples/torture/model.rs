@@ -50,7 +50,11 @@ pub fn stamp_block(buf: &mut [u8], dev: u32, block: u64, value: u64) {
 pub enum Seen {
     Value(u64),
     /// A stamp of another device or block: misplaced data.
-    Elsewhere { dev: u32, block: u64, value: u64 },
+    Elsewhere {
+        dev: u32,
+        block: u64,
+        value: u64,
+    },
     /// Neither zeros nor a whole stamp: bytes nobody wrote here.
     Garbage,
 }
@@ -201,10 +205,7 @@ pub fn check_block(buf: &[u8], dev: u32, block: u64, allowed: &[u64]) -> Result<
         match decode(s, dev, block) {
             Seen::Value(v) if allowed.contains(&v) => add(&mut seen, v),
             Seen::Value(v) => {
-                return Err(format!(
-                    "block {block} sector {i}: holds write {v:#x}, allowed {}",
-                    fmt_set(allowed)
-                ))
+                return Err(format!("block {block} sector {i}: holds write {v:#x}, allowed {}", fmt_set(allowed)))
             }
             Seen::Elsewhere { dev: d, block: b, value } => {
                 return Err(format!(

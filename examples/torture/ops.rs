@@ -93,7 +93,9 @@ impl Ctx<'_> {
         let outcome = match op {
             Op::Snapshot => self.snapshot(d, n)?,
             Op::ResizeOnline { mib } => self.resize_online(d, mib)?,
-            Op::Restart { commit, rebase, resize_mib, repair } => self.restart(d, commit, rebase, resize_mib, repair)?,
+            Op::Restart { commit, rebase, resize_mib, repair } => {
+                self.restart(d, commit, rebase, resize_mib, repair)?
+            }
             Op::KillRecover { ms, again } => self.kill_recover(d, ms, again)?,
             Op::Pause { ms } => self.pause(d, ms)?,
             Op::Fault { ms } => self.fault(d, ms)?,
@@ -273,7 +275,14 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn restart(&self, d: &Device, commit: bool, rebase: bool, resize_mib: u64, repair: bool) -> Result<&'static str, String> {
+    fn restart(
+        &self,
+        d: &Device,
+        commit: bool,
+        rebase: bool,
+        resize_mib: u64,
+        repair: bool,
+    ) -> Result<&'static str, String> {
         self.running(d)?;
         self.verify(d)?;
         self.stop(d, false)?;

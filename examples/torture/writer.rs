@@ -171,7 +171,8 @@ impl Writer<'_> {
                     writes_done += 1;
                     // The control: the model forgets this write (it expects the write before),
                     // and the block is read back at once: the run must fail.
-                    let forget = self.control && self.thread == 0 && self.dev.index == 1 && writes_done == 200 && r.is_ok();
+                    let forget =
+                        self.control && self.thread == 0 && self.dev.index == 1 && writes_done == 200 && r.is_ok();
                     if forget {
                         self.log.line(&format!("control: the model forgets write {:#x} to block {first}", vals[0]));
                         if let Ok(mut m) = self.dev.model.lock() {
@@ -181,7 +182,11 @@ impl Writer<'_> {
                         if pread(f, rb, off).is_ok() {
                             if let Ok(m) = self.dev.model.lock() {
                                 if let Err(e) = check_block(rb, self.dev.index, first, &m.blocks[first as usize].cur) {
-                                    self.log.fail(&format!("{} dev {}: read: {e}", self.dev.kind.name(), self.dev.index));
+                                    self.log.fail(&format!(
+                                        "{} dev {}: read: {e}",
+                                        self.dev.kind.name(),
+                                        self.dev.index
+                                    ));
                                 }
                             }
                         }
@@ -215,8 +220,14 @@ impl Writer<'_> {
                             for i in 0..n {
                                 let blk = first + i;
                                 let allowed = &m.blocks[blk as usize].cur;
-                                if let Err(e) = check_block(&b[i as usize * BLOCK..][..BLOCK], self.dev.index, blk, allowed) {
-                                    self.log.fail(&format!("{} dev {}: read: {e}", self.dev.kind.name(), self.dev.index));
+                                if let Err(e) =
+                                    check_block(&b[i as usize * BLOCK..][..BLOCK], self.dev.index, blk, allowed)
+                                {
+                                    self.log.fail(&format!(
+                                        "{} dev {}: read: {e}",
+                                        self.dev.kind.name(),
+                                        self.dev.index
+                                    ));
                                 }
                             }
                         }

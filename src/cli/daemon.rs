@@ -241,19 +241,25 @@ pub fn list(a: ListArgs) -> Result<i32, CliError> {
         return Ok(0);
     }
     println!(
-        "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9} {:>9} {:>7}  {:<30} BASE",
-        "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "PREFETCH", "REC/WR", "IMAGE"
+        "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9} {:>17} {:>9} {:>7}  {:<30} BASE",
+        "ID", "DEVICE", "STATE", "PID", "QUEUES", "SIZE", "LV USED/SIZE", "PREFETCH", "REC/WR", "IMAGE"
     );
     for d in &devs {
         let live = d.live.as_ref();
+        // An LV's use and size (the difference is the room grown ahead).
+        let lv = d.storage.as_ref().filter(|v| v["kind"] == "lvm").map_or("-".into(), |v| {
+            let n = |k: &str| v[k].as_u64().map_or("?".into(), human);
+            format!("{}/{}", n("used"), n("size"))
+        });
         println!(
-            "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9} {:>9} {:>7}  {:<30} {}",
+            "{:<4} {:<13} {:<9} {:>7} {:>6} {:>9} {:>17} {:>9} {:>7}  {:<30} {}",
             d.st.id,
             d.st.device,
             d.status,
             d.st.pid,
             d.st.queues,
             human(d.st.virtual_size),
+            lv,
             live.and_then(|l| l.prefetch.as_ref()).map_or("-".into(), prefetch_cell),
             live.map_or("-".into(), |l| format!("{:.3}", l.records_per_write)),
             d.st.image.display(),

@@ -195,6 +195,14 @@ fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<
         super::warn_if_written(&a.image);
     }
     let storage_status = served.as_ref().and_then(|d| d.storage.clone()).or_else(|| img.storage().status());
+    // Where the image's use of its storage ends, and the space past it (the slack a
+    // stop or `fvd reduce` gives back on a linear LV): from the table on storage, or
+    // from the serving daemon, whose table is ahead of it.
+    let used_end = match served.as_ref().and_then(|d| d.storage.as_ref()) {
+        Some(st) => st.get("used").and_then(|u| u.as_u64()),
+        None => img.used_end(),
+    };
+    let slack = used_end.map(|u| s.size().saturating_sub(u));
     let mut v = json!({
         "filename": a.image.display().to_string(),
         "format": "fvd",
@@ -202,6 +210,8 @@ fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<
         "frozen": h.is_frozen(),
         "storage-size": s.size(),
         "storage-allocated": s.allocated_bytes(),
+        "storage-used-end": used_end,
+        "storage-slack": slack,
         "allocated-chunks": img.allocated_chunks(),
         "copied-blocks": img.meta().bitmap.count_set(),
         "data-bytes": sum(image::MapKind::Data),
@@ -261,9 +271,13 @@ fn info_of(path: &std::path::Path, output: &str, depth: usize) -> Result<Option<
     }
     println!("virtual size: {} ({} bytes)", human(g.virtual_size.0), g.virtual_size.0);
     println!(
-        "storage size: {} ({} allocated)",
+        "storage size: {} ({} allocated{})",
         human(s.size()),
-        s.allocated_bytes().map(human).unwrap_or("n/a".into())
+        s.allocated_bytes().map(human).unwrap_or("n/a".into()),
+        match (used_end, slack) {
+            (Some(u), Some(k)) => format!(", used to {}, slack {}", human(u), human(k)),
+            _ => String::new(),
+        }
     );
     println!("block size: {}", g.block_size);
     match g.chunk_size {

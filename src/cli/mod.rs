@@ -7,6 +7,7 @@ pub mod daemon;
 mod image_cmds;
 mod io_cmd;
 mod prefetch;
+mod reduce;
 mod resize;
 mod scrub;
 mod shell;
@@ -42,6 +43,8 @@ enum Cmd {
     Rebase(chain_cmds::RebaseArgs),
     /// Grow an image (offline, or -n ID: a live device, where the kernel allows it).
     Resize(resize::ResizeArgs),
+    /// Give back the space an image's LV holds past what the image uses (offline; snapshots and stops do it themselves).
+    Reduce(reduce::ReduceArgs),
     /// Verify every copy of an image's metadata and rewrite damaged ones from a good copy (offline, or -n ID online).
     Scrub(scrub::ScrubArgs),
     /// Give an image made before the metadata was kept twice its second, checksummed copy (offline).
@@ -150,6 +153,7 @@ pub fn main() -> i32 {
         Cmd::Commit(a) => chain_cmds::commit(a),
         Cmd::Rebase(a) => chain_cmds::rebase(a),
         Cmd::Resize(a) => resize::run(a),
+        Cmd::Reduce(a) => reduce::run(a),
         Cmd::Scrub(a) => scrub::run(a),
         Cmd::Upgrade(a) => resize::upgrade(a),
         Cmd::Io(a) => io_cmd::run(a),

@@ -14,8 +14,12 @@ use futures::future::join_all;
 use std::sync::atomic::Ordering;
 
 /// How many commits an allocation on a full image tries before it gives up
-/// on chunks freed by discards (each after a 1 ms pause but the first).
+/// on chunks freed by discards (each after a pause but the first).
 const FREED_RETRIES: u32 = 100;
+
+/// The pause between those tries grows from 1 ms to this, so that the
+/// tries span about two seconds: a punch under load can take that long.
+const FREED_PAUSE_MAX_MS: u64 = 32;
 
 /// Where a write's bytes come from.
 #[derive(Clone, Copy)]
@@ -391,7 +395,10 @@ impl Image {
             match self.try_allocate_range(off, len) {
                 Err(ImageError::NoFreeChunk { .. } | ImageError::Storage(StorageError::NoSpace { .. }))
                     if tries < FREED_RETRIES
-                        && (tries == 0 || self.meta.persist.has_freed() || self.committing.load(Ordering::Acquire)) =>
+                        && (tries == 0
+                            || self.meta.persist.has_freed()
+                            || self.freeing.load(Ordering::Acquire) > 0
+                            || self.committing.load(Ordering::Acquire)) =>
                 {
                     // Every chunk is in use (or the storage can't grow), but
                     // some may be freed by a discard whose record is not yet
@@ -401,7 +408,8 @@ impl Image {
                     // under way and commits the rest; then wait a moment for
                     // requests in flight.
                     if tries > 0 {
-                        io::sleep(e, std::time::Duration::from_millis(1)).await;
+                        let ms = (1u64 << (tries - 1).min(5)).min(FREED_PAUSE_MAX_MS);
+                        io::sleep(e, std::time::Duration::from_millis(ms)).await;
                     }
                     self.flush(e).await?;
                     tries += 1;
@@ -483,6 +491,9 @@ impl Image {
         let Some(p) = self.meta.table.get(c) else {
             return Ok(());
         };
+        // Until the unmap below, `p` is neither mapped for long nor freed: an
+        // allocation that finds no free chunk meanwhile must wait for it.
+        let _freeing = Freeing::enter(&self.freeing);
         let off = self.meta.chunk_offset(p);
         io::punch(e, self.storage.as_ref(), off, self.meta.geo.chunk_bytes())
             .await
@@ -506,5 +517,21 @@ impl Image {
         let _inflight = self.meta.enter(Bytes(s), end - s);
         let plan = self.meta.plan_write(Bytes(s), end - s).map_err(self.meta_err())?;
         first_error(join_all(plan.iter().map(|p| self.write_piece(e, s, p, Data::Zeros))).await)
+    }
+}
+
+/// A discard between its punch and its unmap (see `Image::freeing`).
+struct Freeing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Freeing<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Freeing(n)
+    }
+}
+
+impl Drop for Freeing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

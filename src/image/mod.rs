@@ -27,6 +27,7 @@ pub mod rebase;
 mod repair;
 pub mod resize;
 pub mod scrub;
+pub mod slack;
 pub mod snapshot;
 pub mod volatile;
 mod zero_scan;
@@ -125,6 +126,9 @@ pub struct Image {
     failed: AtomicBool,
     /// A journal commit has taken its batch and is writing it.
     committing: AtomicBool,
+    /// Discards between punching a whole chunk and unmapping it: the chunk
+    /// is about to be freed, so an allocation that finds none waits.
+    freeing: std::sync::atomic::AtomicUsize,
     /// Whether the header on storage says dirty (set before the first change).
     marked_dirty: AtomicBool,
     closed: AtomicBool,

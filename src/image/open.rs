@@ -416,6 +416,7 @@ impl Image {
             durable: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             committing: AtomicBool::new(false),
+            freeing: std::sync::atomic::AtomicUsize::new(0),
             // A recovered image stays marked dirty until it is closed.
             marked_dirty: AtomicBool::new(recovered),
             closed: AtomicBool::new(opts.read_only),

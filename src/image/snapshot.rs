@@ -179,6 +179,8 @@ fn uring_for(image: &Path) -> Result<crate::io::uring::Uring, ImageError> {
 
 /// Freezes the image at `path`, which no one else holds open for writing
 /// (a holder makes the open fail: it is never frozen under a writer).
+/// A frozen layer on a linear LV then gives back its slack (a failure there is
+/// only logged: the layer is frozen and whole, `fvd reduce` can try again).
 pub(crate) fn freeze_offline(image: &Path) -> Result<(), ImageError> {
     let img = Image::open(image, &OpenOptions::default())?;
     let ring = uring_for(image)?;
@@ -187,7 +189,22 @@ pub(crate) fn freeze_offline(image: &Path) -> Result<(), ImageError> {
         what: "freeze",
         offset: 0,
         source,
-    })?
+    })??;
+    log_give_back(image, img.give_back_slack(crate::storage::Slack::Frozen));
+    Ok(())
+}
+
+/// Logs what giving back a layer's slack did.
+pub(crate) fn log_give_back(image: &Path, r: Result<Option<crate::storage::GaveBack>, ImageError>) {
+    match r {
+        Ok(Some(g)) => tracing::info!(image = %image.display(), from = g.from, to = g.to, "slack given back"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            image = %image.display(),
+            error = %e,
+            "the slack of the image could not be given back (`fvd reduce` tries again)"
+        ),
+    }
 }
 
 fn thaw_offline(image: &Path) -> Result<(), ImageError> {

@@ -36,6 +36,26 @@ pub enum StorageError {
     NoSpace { path: String, want: u64, have: u64 },
     #[error("{path}: {what} at {offset:#x}: {source}")]
     Io { path: String, what: &'static str, offset: u64, source: io::Error },
+    #[error("{path}: cannot reduce to {to:#x} bytes: {source}")]
+    Reduce { path: String, to: u64, source: io::Error },
+}
+
+/// Why [`Storage::give_back`] is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slack {
+    /// A snapshot froze the image: it never allocates again.
+    Frozen,
+    /// A stop closed it (an LV tagged `fvd-keep-slack` keeps its slack then).
+    Stopped,
+    /// Someone asked (`fvd reduce`).
+    Asked,
+}
+
+/// What [`Storage::give_back`] gave back: the size before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GaveBack {
+    pub from: u64,
+    pub to: u64,
 }
 
 /// The storage under an image (or a raw base).
@@ -85,6 +105,13 @@ pub trait Storage: Send + Sync {
     }
     /// Hands the mark kept in the image's header back to the storage at open.
     fn set_initialised_end(&self, _end: u64) {}
+    /// Gives back the space past `keep` bytes where holding it costs something
+    /// and the storage can (a linear LV: `lvreduce`, see [`lv`]). Only for an
+    /// image that allocates no more while this storage is open (frozen, or
+    /// closed). `Ok(None)`: nothing given back.
+    fn give_back(&self, _keep: u64, _why: Slack) -> Result<Option<GaveBack>, StorageError> {
+        Ok(None)
+    }
     /// Storage of a fixed size (a plain block device): the most it can ever hold.
     /// `None`: it grows (files, LVs).
     fn capacity(&self) -> Option<u64> {
@@ -212,5 +239,8 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn capacity(&self) -> Option<u64> {
         (**self).capacity()
+    }
+    fn give_back(&self, keep: u64, why: Slack) -> Result<Option<GaveBack>, StorageError> {
+        (**self).give_back(keep, why)
     }
 }

@@ -190,7 +190,8 @@ fn finish(
 ) -> Result<(), DaemonError> {
     let _ = o.run_dir.update(id, |s| s.state = "stopping".into());
     super::notify::tell("STOPPING=1\nSTATUS=stopping: closing the image");
-    let closed = match gate.current() {
+    let served = gate.current();
+    let closed = match &served {
         Some(img) => {
             let vlog = o.run_dir.volatile_log(img.path());
             let r = img.close();
@@ -217,6 +218,11 @@ fn finish(
         }
         o.run_dir.remove(id)?;
         tracing::info!(id, "device deleted");
+    }
+    // Closed clean and no device left over it (lvm2's udev wait is then never
+    // behind a probe of the device): a linear LV gives back the room grown ahead.
+    if let (Some(img), Ok(()), false) = (&served, &closed, o.read_only) {
+        crate::image::snapshot::log_give_back(img.path(), img.give_back_slack(crate::storage::Slack::Stopped));
     }
     ran.map_err(ublk("serving the device"))?;
     Ok(closed?)

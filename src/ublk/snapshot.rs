@@ -164,6 +164,11 @@ impl Snapshotter {
                     snapshots = count,
                     "online snapshot taken; requests released"
                 );
+                // With requests flowing again: the frozen layer never allocates again.
+                crate::image::snapshot::log_give_back(
+                    &old_path,
+                    crate::image::slack::give_back_at(&old_path, crate::storage::Slack::Frozen),
+                );
                 Ok(Taken {
                     frozen: old_path,
                     overlay: new.to_path_buf(),

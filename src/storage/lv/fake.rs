@@ -20,6 +20,8 @@ pub struct FakeVolume {
     file: File,
     vg_free: Arc<Mutex<u64>>,
     extends: Arc<Mutex<Vec<u64>>>,
+    reduces: Arc<Mutex<Vec<u64>>>,
+    fail_reduce: Arc<Mutex<bool>>,
     zeroed: Arc<Mutex<Vec<(u64, u64)>>>,
     /// Extends but reports a failure, this many times.
     lose_answers: Arc<Mutex<u32>>,
@@ -64,6 +66,19 @@ impl Volume for FakeVolume {
         }
         Ok(())
     }
+    fn reduce_to(&self, bytes: u64) -> Result<(), String> {
+        let cur = self.device_size().unwrap();
+        if bytes >= cur || bytes % M != 0 {
+            return Err(format!("bad reduce from {cur} to {bytes}"));
+        }
+        if *self.fail_reduce.lock().unwrap() {
+            return Err("lvreduce failed (test)".into());
+        }
+        self.file.set_len(bytes).unwrap();
+        *self.vg_free.lock().unwrap() += cur - bytes;
+        self.reduces.lock().unwrap().push(bytes);
+        Ok(())
+    }
     fn report(&self) -> Result<VolumeReport, String> {
         Ok(VolumeReport {
             lv_size: self.device_size().unwrap(),
@@ -88,6 +103,8 @@ pub struct Rig {
     pub path: PathBuf,
     pub vg_free: Arc<Mutex<u64>>,
     pub extends: Arc<Mutex<Vec<u64>>>,
+    pub reduces: Arc<Mutex<Vec<u64>>>,
+    pub fail_reduce: Arc<Mutex<bool>>,
     pub zeroed: Arc<Mutex<Vec<(u64, u64)>>>,
     pub lose: Arc<Mutex<u32>>,
 }
@@ -102,6 +119,8 @@ pub fn rig(initial: u64, vg_free: u64) -> Rig {
         path,
         vg_free: Arc::new(Mutex::new(vg_free)),
         extends: Default::default(),
+        reduces: Default::default(),
+        fail_reduce: Default::default(),
         zeroed: Default::default(),
         lose: Default::default(),
     }
@@ -115,6 +134,8 @@ impl Rig {
             file: File::options().read(true).write(write).open(&self.path).unwrap(),
             vg_free: self.vg_free.clone(),
             extends: self.extends.clone(),
+            reduces: self.reduces.clone(),
+            fail_reduce: self.fail_reduce.clone(),
             zeroed: self.zeroed.clone(),
             lose_answers: self.lose.clone(),
             delay,

@@ -21,7 +21,8 @@ impl Shared {
             }
             let size = self.size();
             let hard = st.used > size;
-            let want = hard || (self.growth == Growth::Ahead && st.used > 0 && self.policy().wants_growth(size, st.used));
+            let ahead = self.growth == Growth::Ahead && !st.reduced;
+            let want = hard || (ahead && st.used > 0 && self.policy().wants_growth(size, st.used));
             if !want {
                 st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;

@@ -46,12 +46,14 @@
 //! `volume`: the LV and lvm2's facts about it; `shared`: the state writers
 //! and the grower share; `wait`: a write waiting for space; `grower`: the
 //! growth thread; `growth`: one growth and the zeroing of new space;
+//! `reduce`: giving back what a frozen or closed image does not use;
 //! `status`: the status and its publication.
 
 #[cfg(test)]
 mod fake;
 mod grower;
 mod growth;
+mod reduce;
 mod shared;
 mod status;
 mod volume;
@@ -65,7 +67,7 @@ pub use wait::{GROWTH_WAIT_MAX, HARD_RETRY};
 use super::file::FileStorage;
 use super::lvm::policy::{self, Growth, Policy};
 use super::lvm::LvName;
-use super::{blockdev, Storage, StorageError};
+use super::{blockdev, GaveBack, Slack, Storage, StorageError};
 use serde_json::Value;
 use shared::{Shared, State};
 use std::io;
@@ -80,6 +82,8 @@ pub struct LvStorage {
     inner: FileStorage,
     sh: Arc<Shared>,
     grower: Option<JoinHandle<()>>,
+    /// The LV's tag `fvd-keep-slack`: a stop leaves its size alone.
+    keep_slack: bool,
 }
 
 /// How an [`LvStorage`] is set up.
@@ -125,7 +129,9 @@ impl LvStorage {
                     tracing::warn!(lv = %vol.lv(), "the LV is not marked active");
                 }
                 let o = LvOptions { grow_unit: Some(unit), ..o.clone() };
-                LvStorage::with_volume(inner, Box::new(vol), rep.extent_size, &o, from).map(Ok)
+                let mut s = LvStorage::with_volume(inner, Box::new(vol), rep.extent_size, &o, from)?;
+                s.keep_slack = rep.keeps_slack();
+                Ok(Ok(s))
             }
             Err(e) => {
                 // Served at its current size, like any block device.
@@ -185,7 +191,7 @@ impl LvStorage {
             zeroing = %sh.vol.zero_method(),
             "image storage on an LVM logical volume"
         );
-        let s = LvStorage { inner, sh, grower };
+        let s = LvStorage { inner, sh, grower, keep_slack: false };
         s.sh.publish();
         Ok(s)
     }
@@ -208,6 +214,7 @@ impl LvStorage {
                 let pending = st.growing
                     || st.used > size
                     || (self.sh.growth == Growth::Ahead
+                        && !st.reduced
                         && st.failure.is_none()
                         && self.sh.policy().wants_growth(size, st.used)
                         && st.used > 0);
@@ -303,6 +310,13 @@ impl Storage for LvStorage {
     fn status(&self) -> Option<Value> {
         Some(self.sh.status(self.grower.is_some()))
     }
+
+    fn give_back(&self, keep: u64, why: Slack) -> Result<Option<GaveBack>, StorageError> {
+        if why == Slack::Stopped && self.keep_slack {
+            return Ok(None);
+        }
+        self.reduce(keep)
+    }
 }
 
 #[cfg(test)]
@@ -390,6 +404,111 @@ mod tests {
         s.read_at(&mut b, 2 * M).unwrap();
         assert_eq!(b, [0u8; 16]);
         assert!(s.has_data(0, 16 * M), "large ranges are not read");
+    }
+
+    /// Issue 26: an image closed (or frozen) gives back its slack, grows again when
+    /// written, and all of it through crashes: write, close, reduce, write more, crash
+    /// with the writes unflushed, recover, reduce, crash again right after a reduce,
+    /// and so on. Every flushed write reads back, the rest reads as written or zeros,
+    /// never anything else, and the image checks clean each time.
+    #[test]
+    fn reduce_then_grow_through_crashes() {
+        use crate::format::{layout::CreateParams, BaseFormat, Geometry};
+        use crate::image::{create_on, CreateOptions, Image, OpenOptions};
+        use crate::storage::Slack;
+        let r = rig(4 * M, 1 << 30);
+        let unit = 8 * M;
+        let d = CreateOptions::default();
+        let geo = Geometry::new(&CreateParams {
+            virtual_size: 256 * M,
+            block_size: d.block_size,
+            chunk_size: Some(M as u32),
+            base_size: 0,
+            journal_len: d.journal_size,
+        })
+        .unwrap();
+        create_on(&r.open(unit, Duration::ZERO, false), &geo, "", BaseFormat::None).unwrap();
+        let ring = crate::io::uring::Uring::new(64).unwrap();
+        // A kill: the LV holds what the image wrote so far, and nothing of a close.
+        let crash = |img: Image| {
+            let held = r.path.with_extension("crash");
+            std::fs::copy(&r.path, &held).unwrap();
+            drop(img);
+            std::fs::copy(&held, &r.path).unwrap();
+        };
+        // What each 1 MiB of the disk must read: Some(v) = flushed; pending: written, unflushed.
+        let mut model: Vec<Option<u8>> = vec![None; 256];
+        let mut rng = 0x2612_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for round in 0..6u8 {
+            let s = r.open(unit, Duration::ZERO, false);
+            let img =
+                Image::open_on(&r.path, Box::new(s), None, &OpenOptions { grow_ahead: true, ..Default::default() })
+                    .unwrap();
+            // Everything flushed reads back; then the model is exact again.
+            for (i, m) in model.iter().enumerate() {
+                let mut b = crate::io::AlignedBuf::zeroed(4096);
+                ring.block_on(img.read(&ring, i as u64 * M, &mut b)).unwrap().unwrap();
+                assert!(b.iter().all(|&x| x == m.unwrap_or(0)), "round {round} MiB {i}: {} not {m:?}", b[0]);
+            }
+            // Flushed writes, then a discard of a whole chunk (it frees one).
+            for _ in 0..12 {
+                let i = (next() % 200) as usize;
+                let v = 1 + (next() % 250) as u8;
+                let buf = crate::io::AlignedBuf::from_slice(&vec![v; M as usize]);
+                ring.block_on(img.write(&ring, i as u64 * M, &buf, false)).unwrap().unwrap();
+                model[i] = Some(v);
+            }
+            let gone = (next() % 200) as usize;
+            ring.block_on(img.discard(&ring, gone as u64 * M, M)).unwrap().unwrap();
+            model[gone] = None;
+            ring.block_on(img.flush(&ring)).unwrap().unwrap();
+            let before = img.storage().size();
+            if round % 2 == 0 {
+                // A clean stop: closed, then its slack goes; sometimes a crash right after.
+                img.close().unwrap();
+                let g = img.give_back_slack(Slack::Stopped).unwrap();
+                let used = img.used_end().unwrap();
+                let g = g.expect("a linear LV grown ahead has slack");
+                assert_eq!((g.from, g.to), (before, used), "reduced to the used end (1 MiB extents)");
+                assert_eq!(std::fs::metadata(&r.path).unwrap().len(), used);
+                if round % 4 == 0 {
+                    crash(img); // right after the reduce
+                } else {
+                    drop(img);
+                }
+            } else {
+                // Writes in flight at a crash: unflushed, each may or may not be there.
+                for _ in 0..4 {
+                    let i = 200 + (next() % 56) as usize;
+                    let buf = crate::io::AlignedBuf::from_slice(&vec![0xee; M as usize]);
+                    ring.block_on(img.write(&ring, i as u64 * M, &buf, false)).unwrap().unwrap();
+                }
+                crash(img);
+                // Recovery (the journal) decides; read what it kept into the model.
+                let s = r.open(unit, Duration::ZERO, false);
+                let img = Image::open_on(&r.path, Box::new(s), None, &OpenOptions::default()).unwrap();
+                for (i, m) in model.iter_mut().enumerate().skip(200) {
+                    let mut b = crate::io::AlignedBuf::zeroed(M as usize);
+                    ring.block_on(img.read(&ring, i as u64 * M, &mut b)).unwrap().unwrap();
+                    assert!(b.iter().all(|&x| x == b[0]) && (b[0] == 0 || b[0] == 0xee), "MiB {i} after recovery");
+                    *m = (b[0] == 0xee).then_some(0xee);
+                }
+                img.close().unwrap();
+                // `fvd reduce` on the recovered image, then a crash at once.
+                let g = img.give_back_slack(Slack::Asked).unwrap();
+                assert!(g.is_none() || g.unwrap().to == img.used_end().unwrap());
+                crash(img);
+            }
+            let rep = crate::image::check(&r.open(unit, Duration::ZERO, false));
+            assert_eq!(rep.exit_code(), 0, "round {round}: {rep:?}");
+        }
+        assert!(!r.reduces.lock().unwrap().is_empty());
     }
 
     /// The whole engine over a growing LV: create on a volume smaller than

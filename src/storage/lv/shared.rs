@@ -46,6 +46,10 @@ pub(super) struct State {
     /// Waits that began after the first growth had completed.
     pub(super) late_waits: u64,
     pub(super) enospc: u64,
+    /// The LV was reduced to what the image uses (see `reduce`): no growth ahead.
+    pub(super) reduced: bool,
+    pub(super) reductions: u64,
+    pub(super) reduced_bytes: u64,
     pub(super) failed_attempts: u64,
     pub(super) report: Option<VolumeReport>,
     pub(super) pool_warned: bool,

@@ -82,6 +82,8 @@ impl Shared {
             "wait-ms-max": ms(st.wait_max),
             "late-waits": st.late_waits,
             "enospc-errors": st.enospc,
+            "reductions": st.reductions,
+            "reduced-bytes": st.reduced_bytes,
             "failed-attempts": st.failed_attempts,
             "last-error": st.failure.as_ref().map(|f| f.msg.clone()),
             "zeroing": self.vol.zero_method(),

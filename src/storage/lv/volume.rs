@@ -31,6 +31,9 @@ pub trait Volume: Send + Sync + 'static {
     fn device_size(&self) -> io::Result<u64>;
     /// Grows the LV to `bytes` (an absolute size, a multiple of the extent size).
     fn extend_to(&self, bytes: u64) -> Result<(), ExtendError>;
+    /// Shrinks the LV to `bytes` (a multiple of the extent size); nothing past it
+    /// is needed (the caller's word).
+    fn reduce_to(&self, bytes: u64) -> Result<(), String>;
     fn report(&self) -> Result<VolumeReport, String>;
     /// Makes a range read as zeros, giving the space back where the device can.
     fn zero(&self, off: u64, len: u64) -> io::Result<()>;
@@ -98,6 +101,10 @@ impl Volume for LvmVolume {
 
     fn extend_to(&self, bytes: u64) -> Result<(), ExtendError> {
         self.lvm.extend_to(&self.name, bytes)
+    }
+
+    fn reduce_to(&self, bytes: u64) -> Result<(), String> {
+        self.lvm.reduce_to(&self.name, bytes).map_err(|e| e.to_string())
     }
 
     fn report(&self) -> Result<VolumeReport, String> {

@@ -39,6 +39,11 @@ impl LvReport {
     }
 
     /// A `fvd-grow-unit=SIZE` tag on the LV.
+    /// The tag `fvd-keep-slack`: a stopped image keeps the space its LV grew ahead.
+    pub fn keeps_slack(&self) -> bool {
+        self.tags.iter().any(|t| t == "fvd-keep-slack")
+    }
+
     pub fn grow_unit_tag(&self) -> Option<Result<u64, String>> {
         let v = self.tags.iter().find_map(|t| t.strip_prefix("fvd-grow-unit="))?;
         Some(crate::units::parse_size(v).map(|b| b.0))

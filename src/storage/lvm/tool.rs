@@ -64,6 +64,9 @@ pub fn available_extents(msg: &str) -> Option<u64> {
     rest[n.len()..].trim_start().starts_with("available").then(|| n.parse().ok()).flatten()
 }
 
+/// The longest an `lvreduce` may take (a stop waits for it).
+const REDUCE_TIMEOUT: Duration = Duration::from_secs(45);
+
 /// lvm2's command-line tools.
 #[derive(Debug, Clone)]
 pub struct Lvm {
@@ -223,11 +226,46 @@ impl Lvm {
         let args = vec!["lvextend".to_string(), "--size".into(), format!("{bytes}b"), lv.arg()];
         self.run(&args).map(|_| ()).map_err(classify_extend_failure)
     }
+
+    /// `lvreduce -f -y [--fs ignore] --size BYTESb VG/LV`: the caller's word that
+    /// nothing needs the bytes past BYTES. `--fs ignore` where lvm2 has it (2.03.17
+    /// on; an image holds no file system for lvreduce to look after).
+    pub fn reduce_to(&self, lv: &LvName, bytes: u64) -> Result<(), ToolError> {
+        let mut args = vec!["lvreduce".to_string(), "-f".into(), "-y".into()];
+        if self.version().is_some_and(|v| v >= (2, 3, 17)) {
+            args.extend(["--fs".into(), "ignore".into()]);
+        }
+        args.extend(["--size".into(), format!("{bytes}b"), lv.arg()]);
+        // Bounded well inside a stop's own wait for the daemon.
+        self.clone().with_timeout(self.timeout.min(REDUCE_TIMEOUT)).run(&args).map(|_| ())
+    }
+
+    /// lvm2's version (`lvm version`: "LVM version:     2.03.16(2) (2022-05-18)").
+    pub fn version(&self) -> Option<(u32, u32, u32)> {
+        parse_version(&self.run_raw(&["version".to_string()]).ok()?)
+    }
+}
+
+/// The (major, minor, patch) of `lvm version`'s first line.
+fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let line = text.lines().find(|l| l.trim_start().starts_with("LVM version:"))?;
+    let v = line.split(':').nth(1)?.trim();
+    let v: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let mut it = v.split('.').map(|n| n.parse::<u32>().ok());
+    Some((it.next()??, it.next()??, it.next()??))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lvm_version_is_read() {
+        let t = "  LVM version:     2.03.16(2) (2022-05-18)\n  Library version: 1.02.185 (2022-05-18)\n";
+        assert_eq!(parse_version(t), Some((2, 3, 16)));
+        assert_eq!(parse_version("  LVM version:     2.03.31(2) (2025-02-27)"), Some((2, 3, 31)));
+        assert_eq!(parse_version("nothing"), None);
+    }
 
     #[test]
     fn available_extents_from_the_message() {

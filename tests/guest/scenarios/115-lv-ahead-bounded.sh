@@ -4,7 +4,12 @@
 # to make the LV as large as the whole disk (2,068 MiB); now the unit is at most an eighth
 # of what the image can need, so the LV holds the data, the metadata and at most a quarter
 # of the disk ahead. The status shows the growth limit; the image checks clean.
-# timeout: 300
+# Then the slack goes back (issue 26): an online snapshot freezes the image and its LV is
+# reduced to its used end (within one extent); a stop does the same to the new top; an LV
+# tagged fvd-keep-slack keeps its room at a stop, and `fvd reduce` gives it back after.
+# `fvd info` shows the used end and the slack; every layer checks clean and reads back.
+# timeout: 420
+# memory: 3G
 
 lv_prelude
 unset FVD_GROW_UNIT
@@ -41,6 +46,72 @@ printf 'after 8 MiB: LV %s MiB, grow unit %s MiB (from %s), growth limit %s MiB\
 ((size <= 8 + 24 + 512)) || fail "the LV is $size MiB after 8 MiB written: more than a quarter of the disk ahead"
 ((size >= 8 + 256)) || fail "the LV is $size MiB: less than one unit ahead of the data"
 cmp <(dd if="$dev" bs=1M count=8 iflag=direct status=none) "$WORK/a" || fail "the data does not read back"
-run "$FVD" stop -n "$id"
-run "$FVD" check "$lv"
 printf 'LV after 8 MiB into a 2 GiB image: %s MiB (was 2,068 MiB with the unbounded 1 GiB unit)\n' "$size"
+
+# info_num IMAGE KEY: a number from `fvd info --output json` (0 when absent).
+info_num() {
+    "$FVD" info --output json "$1" >"$WORK/info.json"
+    python3 -c 'import json,sys; v=json.load(open(sys.argv[1])).get(sys.argv[2]); print(v if v is not None else 0)' \
+        "$WORK/info.json" "$2"
+}
+lv_bytes() { lvs --noheadings --units b --nosuffix -o lv_size "$1" | tr -d ' '; }
+EXTENT=$((4 * M))
+# expect_reduced LV WHAT: the LV holds its used end, rounded up to one extent, and no more.
+expect_reduced() {
+    local used have
+    used=$(info_num "$1" storage-used-end)
+    have=$(lv_bytes "$1")
+    printf '%s: LV %s MiB, used end %s MiB, slack %s KiB (fvd info)\n' "$2" $((have / M)) $((used / M)) \
+        $(($(info_num "$1" storage-slack) / 1024))
+    ((used > 0)) || fail "$2: fvd info gives no used end"
+    ((have >= used && have < used + EXTENT)) ||
+        fail "$2: the LV is $((have / M)) MiB for a used end of $((used / M)) MiB: not given back"
+}
+
+step "online snapshot onto a second 16 MiB LV: the frozen layer gives back its slack"
+lvcreate -q -y -L 16M -n b fvdahead
+udev_settle
+before=$(lv_bytes "$lv")
+t0=$(date +%s%N)
+run "$FVD" snapshot -n "$id" /dev/fvdahead/b
+printf 'snapshot (with the reduce) took %s ms\n' $((($(date +%s%N) - t0) / 1000000))
+expect_reduced "$lv" "frozen layer a (was $((before / M)) MiB)"
+cmp <(dd if="$dev" bs=1M count=8 iflag=direct status=none) "$WORK/a" || fail "the data does not read back after the snapshot"
+
+step "8 MiB more into the new top, then a stop: the top gives back its slack"
+head -c $((8 * M)) /dev/urandom >"$WORK/b"
+dd if="$WORK/b" of="$dev" bs=1M seek=16 oflag=direct conv=fsync status=none
+sleep 2
+printf 'top b while served: %s MiB\n' $(($(lv_bytes /dev/fvdahead/b) / M))
+"$FVD" list
+run "$FVD" stop -n "$id" || { tail -30 /run/fvd/"$id".log; ps -eo pid,stat,wchan:30,args | grep -E 'fvd|lv' ; fail "stop failed"; }
+expect_reduced /dev/fvdahead/b "stopped top b"
+run "$FVD" check "$lv"
+run "$FVD" check /dev/fvdahead/b
+run "$FVD" info /dev/fvdahead/b
+
+step "an LV tagged fvd-keep-slack keeps its room at a stop; fvd reduce gives it back"
+lvchange -q --addtag fvd-keep-slack fvdahead/b
+dev=$("$FVD" start /dev/fvdahead/b)
+id=${dev#/dev/ublkb}
+dd if="$WORK/a" of="$dev" bs=1M seek=40 oflag=direct conv=fsync status=none
+sleep 2
+run "$FVD" stop -n "$id"
+kept=$(lv_bytes /dev/fvdahead/b)
+used=$(info_num /dev/fvdahead/b storage-used-end)
+printf 'kept: LV %s MiB, used end %s MiB\n' $((kept / M)) $((used / M))
+((kept >= used + 256 * M)) || fail "the tagged LV did not keep the room grown ahead ($((kept / M)) MiB)"
+run "$FVD" reduce /dev/fvdahead/b
+expect_reduced /dev/fvdahead/b "after fvd reduce"
+run "$FVD" reduce /dev/fvdahead/b | grep -q "nothing to give back" || fail "a second reduce found more to give"
+run "$FVD" check /dev/fvdahead/b
+
+step "the chain reads back: a's data under b's, b's own"
+dev=$("$FVD" start --read-only /dev/fvdahead/b)
+id=${dev#/dev/ublkb}
+cmp <(dd if="$dev" bs=1M count=8 iflag=direct status=none) "$WORK/a" || fail "a's data does not read back"
+cmp <(dd if="$dev" bs=1M skip=16 count=8 iflag=direct status=none) "$WORK/b" || fail "b's data does not read back"
+cmp <(dd if="$dev" bs=1M skip=40 count=8 iflag=direct status=none) "$WORK/a" || fail "b's second data does not read back"
+cmp <(dd if="$dev" bs=1M skip=8 count=8 iflag=direct status=none) <(head -c $((8 * M)) /dev/zero) ||
+    fail "a range never written does not read zeros"
+run "$FVD" stop -n "$id"
