@@ -399,7 +399,7 @@ impl Ctx<'_> {
 
     fn dm_table(&self, table: &str) -> Result<(), String> {
         let name = FLAKEY_NAME;
-        for args in [vec!["suspend", name], vec!["load", name, "--table", table], vec!["resume", name]] {
+        for args in [vec!["suspend", "--nolockfs", name], vec!["load", name, "--table", table], vec!["resume", name]] {
             let o = run(self.log, "dmsetup", &args)?;
             if !o.ok {
                 return Err(format!("dmsetup {} failed: {}", args.join(" "), o.stderr));

@@ -102,6 +102,9 @@ pub fn commit(a: CommitArgs) -> Result<i32, CliError> {
     chain.truncate(depth + 1);
     refuse_if_in_use(&chain, "a commit")?;
     let r = super::with_progress(|p| fvd::image::fold::commit(&a.image, a.base.as_deref(), a.keep, p))?;
+    // The target grew by steps as the commit wrote; an emptied image uses nothing.
+    give_back(std::path::Path::new(&r.target));
+    give_back(&a.image);
     if a.output == "json" {
         super::print_json_timed(&r, t0)?;
         return Ok(0);
@@ -143,6 +146,7 @@ pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
     refuse_if_in_use(&snapshot::chain_paths(&a.image)[..1], "a rebase")?;
     let new = (!a.base.is_empty()).then(|| std::path::Path::new(&a.base));
     let r = super::with_progress(|p| fvd::image::rebase::rebase(&a.image, new, a.unsafe_mode, p))?;
+    give_back(&a.image);
     if a.output == "json" {
         super::print_json_timed(&r, t0)?;
         return Ok(0);
@@ -163,4 +167,12 @@ pub fn rebase(a: RebaseArgs) -> Result<i32, CliError> {
         );
     }
     Ok(0)
+}
+
+/// After a commit or rebase: an FVD image on a linear LV gives back what it does not
+/// use (logged; `fvd reduce` tries again). Other images and bases are left alone.
+fn give_back(path: &std::path::Path) {
+    if snapshot::header_at(path).is_ok() {
+        fvd::image::slack::log_give_back(path, fvd::image::slack::give_back_at(path, fvd::storage::Slack::Asked));
+    }
 }

@@ -64,3 +64,16 @@ pub fn give_back_at(path: &Path, why: Slack) -> Result<Option<GaveBack>, ImageEr
     img.close()?;
     img.give_back_slack(why)
 }
+
+/// Logs what giving back a layer's slack did.
+pub fn log_give_back(image: &Path, r: Result<Option<crate::storage::GaveBack>, ImageError>) {
+    match r {
+        Ok(Some(g)) => tracing::info!(image = %image.display(), from = g.from, to = g.to, "slack given back"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            image = %image.display(),
+            error = %e,
+            "the slack of the image could not be given back (`fvd reduce` tries again)"
+        ),
+    }
+}

@@ -190,22 +190,10 @@ pub(crate) fn freeze_offline(image: &Path) -> Result<(), ImageError> {
         offset: 0,
         source,
     })??;
-    log_give_back(image, img.give_back_slack(crate::storage::Slack::Frozen));
+    super::slack::log_give_back(image, img.give_back_slack(crate::storage::Slack::Frozen));
     Ok(())
 }
 
-/// Logs what giving back a layer's slack did.
-pub(crate) fn log_give_back(image: &Path, r: Result<Option<crate::storage::GaveBack>, ImageError>) {
-    match r {
-        Ok(Some(g)) => tracing::info!(image = %image.display(), from = g.from, to = g.to, "slack given back"),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(
-            image = %image.display(),
-            error = %e,
-            "the slack of the image could not be given back (`fvd reduce` tries again)"
-        ),
-    }
-}
 
 fn thaw_offline(image: &Path) -> Result<(), ImageError> {
     let so = crate::storage::StorageOptions::new(crate::storage::OpenMode::ReadWrite);

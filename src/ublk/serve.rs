@@ -222,7 +222,7 @@ fn finish(
     // Closed clean and no device left over it (lvm2's udev wait is then never
     // behind a probe of the device): a linear LV gives back the room grown ahead.
     if let (Some(img), Ok(()), false) = (&served, &closed, o.read_only) {
-        crate::image::snapshot::log_give_back(img.path(), img.give_back_slack(crate::storage::Slack::Stopped));
+        crate::image::slack::log_give_back(img.path(), img.give_back_slack(crate::storage::Slack::Stopped));
     }
     ran.map_err(ublk("serving the device"))?;
     Ok(closed?)

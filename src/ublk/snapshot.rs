@@ -165,7 +165,7 @@ impl Snapshotter {
                     "online snapshot taken; requests released"
                 );
                 // With requests flowing again: the frozen layer never allocates again.
-                crate::image::snapshot::log_give_back(
+                crate::image::slack::log_give_back(
                     &old_path,
                     crate::image::slack::give_back_at(&old_path, crate::storage::Slack::Frozen),
                 );
