@@ -194,7 +194,6 @@ pub(crate) fn freeze_offline(image: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-
 fn thaw_offline(image: &Path) -> Result<(), ImageError> {
     let so = crate::storage::StorageOptions::new(crate::storage::OpenMode::ReadWrite);
     let storage = crate::storage::open_image_storage(image, &so)?;

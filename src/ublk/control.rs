@@ -50,9 +50,16 @@ pub fn stop(rd: &RunDir, id: u32, timeout: Duration, force: bool) -> Result<Stop
         if !wait_exit(st.pid, timeout) {
             return Err(DaemonError::StopTimeout { id, pid: st.pid, secs: timeout.as_secs() });
         }
-        // A daemon that finished its stop removed the state file.
-        if rd.read(id)?.is_none() {
-            return Ok(Stopped::Clean(st));
+        // A daemon that finished its stop removed the state file. A state
+        // file of another daemon is a device that reused the id after this one
+        // had gone (a start while the stop waited): it is not this stop's.
+        match rd.read(id)? {
+            None => return Ok(Stopped::Clean(st)),
+            Some(now) if now.pid != st.pid => {
+                tracing::info!(id, pid = now.pid, "the device's id serves another daemon by now; left to it");
+                return Ok(Stopped::Clean(st));
+            }
+            Some(_) => {}
         }
         tracing::warn!(id, "the daemon exited without finishing the stop; cleaning up");
     }
@@ -190,4 +197,47 @@ pub fn list(rd: &RunDir) -> Result<Vec<Listed>, DaemonError> {
             Listed { daemon_running: running, kernel_state: kernel_state.into(), status, storage, live, st }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Found by the torture run (issue 23): `fvd stop -n 1` waited for its daemon,
+    /// which deleted the device, removed its state and then gave back its LV's
+    /// slack; meanwhile `fvd start` of another image took id 1. The stop then read
+    /// the new daemon's state, took it for a stop left unfinished, and deleted
+    /// that device. A state file of another pid is now left to its daemon.
+    #[test]
+    fn a_stop_leaves_alone_a_device_that_reused_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(dir.path().join("run"));
+        // The new daemon's state, put in place by the old daemon as it exits (the
+        // start that raced the stop), and a stand-in daemon whose name starts with fvd.
+        let next = dir.path().join("next.json");
+        let new = DeviceState { pid: i32::MAX - 1, read_only: true, ..crate::ublk::state::tests::sample(1) };
+        std::fs::write(&next, serde_json::to_string_pretty(&new).unwrap()).unwrap();
+        let fake = dir.path().join("fvd-stand-in");
+        std::fs::copy("/bin/sh", &fake).unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = format!(
+            "trap 'mv {} {}; exit 0' TERM; while :; do sleep 0.05; done",
+            next.display(),
+            rd.state_path(1).display()
+        );
+        let mut child = std::process::Command::new(&fake).args(["-c", &script]).spawn().unwrap();
+        let old = DeviceState { pid: child.id() as i32, read_only: true, ..crate::ublk::state::tests::sample(1) };
+        rd.write(&old).unwrap();
+        let t0 = Instant::now();
+        while !kernel::daemon_alive(old.pid) && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the trap is set
+        let r = stop(&rd, 1, Duration::from_secs(10), true);
+        let _ = child.wait();
+        assert!(matches!(r, Ok(Stopped::Clean(_))), "{r:?}");
+        let left = rd.read(1).unwrap().expect("the other daemon's state is still there");
+        assert_eq!(left.pid, new.pid);
+    }
 }
