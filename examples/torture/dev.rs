@@ -104,16 +104,9 @@ pub struct Out {
 
 /// Runs `prog args` with COMMAND_BOUND; `Err` only when it hung (was killed) or could not start.
 pub fn run(log: &Log, prog: &str, args: &[&str]) -> Result<Out, String> {
-    run_env(log, prog, args, &[])
-}
-
-pub fn run_env(log: &Log, prog: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Out, String> {
     let t0 = Instant::now();
     let mut cmd = Command::new(prog);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
     let child = cmd.spawn().map_err(|e| format!("cannot run {prog}: {e}"))?;
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();

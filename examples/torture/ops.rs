@@ -480,9 +480,7 @@ impl Ctx<'_> {
         d.trouble.store(false, SeqCst);
         Ok(if o.ok { "" } else { "no-free" })
     }
-}
 
-impl Ctx<'_> {
     fn nbd_restart(&self, d: &Device, ms: u64) -> Result<&'static str, String> {
         let (Some(down), Some(up)) = (self.nbd_down, self.nbd_up) else { return Ok("skipped") };
         self.running(d)?;
@@ -508,9 +506,7 @@ impl Ctx<'_> {
         d.trouble.store(false, SeqCst);
         Ok("")
     }
-}
 
-impl Ctx<'_> {
     /// The end of a run: every daemon killed at the same moment, with the writers' last
     /// requests in flight; then each recovered and read whole.
     pub fn kill_all(&self, devs: &[Device]) -> Result<(), String> {
@@ -539,9 +535,7 @@ impl Ctx<'_> {
         self.log.count("final-kill-all");
         Ok(())
     }
-}
 
-impl Ctx<'_> {
     /// The daemon is gone (dead, or stopped by force): from here a block may hold what
     /// it held at the last flush or anything written since. Only once it is gone: a
     /// write acknowledged between this and its death would otherwise count as certain.
