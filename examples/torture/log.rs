@@ -16,10 +16,12 @@ pub struct Log {
     counts: Mutex<BTreeMap<String, u64>>,
     failed: AtomicBool,
     verbose: bool,
+    /// The fvd binary, to release the devices when the run fails.
+    fvd: String,
 }
 
 impl Log {
-    pub fn new(path: &str, seed: u64, verbose: bool) -> Result<Log, String> {
+    pub fn new(path: &str, seed: u64, verbose: bool, fvd: &str) -> Result<Log, String> {
         let file = File::create(path).map_err(|e| format!("{path}: {e}"))?;
         Ok(Log {
             t0: Instant::now(),
@@ -29,6 +31,7 @@ impl Log {
             counts: Mutex::new(BTreeMap::new()),
             failed: AtomicBool::new(false),
             verbose,
+            fvd: fvd.to_string(),
         })
     }
 
@@ -83,8 +86,43 @@ impl Log {
             println!("  {l}");
         }
         println!("torture: operations so far: {:?}", self.counts());
-        // A hung request would keep the run from winding down: end here; the
-        // scenario's cleanup stops the daemons.
+        // A hung request would keep the run from winding down: end here. But a
+        // process with I/O in flight cannot exit until it completes: release every
+        // device first (a daemon under SIGSTOP, or killed and not yet recovered,
+        // holds its requests forever), else the scenario waits for this process.
+        release_devices(&self.fvd);
         std::process::exit(1);
+    }
+}
+
+/// Continues every fvd daemon (SIGCONT) and stops every device (`fvd stop --all --force`,
+/// within two and a half minutes): requests in flight complete or fail.
+fn release_devices(fvd: &str) {
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "fvd" {
+                // SAFETY: kill(2) with a pid and a signal; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
+        }
+    }
+    let child = std::process::Command::new(fvd)
+        .args(["stop", "--all", "--force"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Ok(mut c) = child {
+        let t0 = Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(150) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        println!("torture: fvd stop --all --force did not finish within 150 s");
+        let _ = c.kill();
     }
 }

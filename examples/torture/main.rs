@@ -114,7 +114,7 @@ fn main() {
         }
         std::process::exit(0);
     }
-    let log = match Log::new(&format!("{}/torture-ops.log", a.results), a.seed, a.verbose) {
+    let log = match Log::new(&format!("{}/torture-ops.log", a.results), a.seed, a.verbose, &a.fvd) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("torture: {e}");
