@@ -8,7 +8,7 @@
 # reduced to its used end (within one extent); a stop does the same to the new top; an LV
 # tagged fvd-keep-slack keeps its room at a stop, and `fvd reduce` gives it back after.
 # `fvd info` shows the used end and the slack; every layer checks clean and reads back.
-# timeout: 420
+# timeout: 600
 # memory: 3G
 
 lv_prelude
@@ -115,3 +115,28 @@ cmp <(dd if="$dev" bs=1M skip=40 count=8 iflag=direct status=none) "$WORK/a" || 
 cmp <(dd if="$dev" bs=1M skip=8 count=8 iflag=direct status=none) <(head -c $((8 * M)) /dev/zero) ||
     fail "a range never written does not read zeros"
 run "$FVD" stop -n "$id"
+
+# steady WHAT: a 2 GiB image on a 16 MiB thin LV (thin: growth costs an lvextend and no
+# zeroing, so the figure is the lead the unit gives against lvextend's time), 384 MiB
+# written sequentially at 16 MiB/s, then the growth and wait counters.
+steady() {
+    lvcreate -q -y -V 16M -T fvdahead/pool -n "s$1"
+    udev_settle
+    run "$FVD" create -s 2G "/dev/fvdahead/s$1"
+    local d i st
+    d=$("$FVD" start "/dev/fvdahead/s$1")
+    i=${d#/dev/ublkb}
+    st=/run/fvd/lv/fvdahead-s$1.json
+    run fio --name=steady --filename="$d" --ioengine=io_uring --direct=1 --rw=write --bs=1M --size=384M \
+        --iodepth=4 --rate=16m --output="$RESULTS/fio-steady-$1.txt"
+    sleep 1
+    printf 'steady writer, %s: grow unit %s MiB, %s growths, waits %s (max %s ms), late waits %s\n' "$2" \
+        $(($(json_get "$st" grow-unit) / M)) "$(json_get "$st" growths)" "$(json_get "$st" waits)" \
+        "$(json_get "$st" wait-ms-max)" "$(json_get "$st" late-waits)" | tee -a "$RESULTS/figures.txt"
+    run "$FVD" stop -n "$i"
+    lvremove -q -y "fvdahead/s$1"
+}
+step "a steady writer, the bounded default unit against the 1 GiB unit it replaced (thin LVs, same boot)"
+lvcreate -q -y -L 1G -T fvdahead/pool
+steady a "default unit (bounded)"
+FVD_GROW_UNIT=1G steady b "FVD_GROW_UNIT=1G (the unit before)"
