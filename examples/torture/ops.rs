@@ -294,6 +294,13 @@ impl Ctx<'_> {
             // A safe rebase onto the bottom layer: the layers between drop out of the chain.
             let bottom = d.layers.lock().map_err(|_| "poisoned")?[0].clone();
             let o = self.fvd(&["rebase", "-b", &bottom, &top])?;
+            if !o.ok && o.stderr.contains("a rebase keeps the base's size") {
+                // A resize grew the layers above the bottom: a rebase onto a base of
+                // another size is refused, in one line, and changes nothing.
+                self.check_layers(d)?;
+                self.start(d)?;
+                return Ok("rebase-refused");
+            }
             if !o.ok {
                 return Err(format!("fvd rebase -b {bottom} {top} failed: {}", o.stderr));
             }
@@ -324,9 +331,11 @@ impl Ctx<'_> {
             let o = self.fvd(&["commit", &top])?;
             if o.ok {
                 outcome = "commit";
-            } else if o.stderr.contains("is smaller") {
+            } else if o.stderr.contains("is smaller") || o.stderr.contains("no base to commit into") {
                 // The top grew after its base was frozen: a commit does not grow a frozen
-                // layer, and says so (it names rebase -b "" instead).
+                // layer, and says so (it names rebase -b "" instead). Or the top holds
+                // its whole base (an overlay's prefetch finished): it no longer reads
+                // through it, and there is nothing to commit into.
                 outcome = "commit-refused";
             } else {
                 return Err(format!("fvd commit {top} failed: {}", o.stderr));
