@@ -89,6 +89,25 @@ pub struct Device {
 }
 
 impl Device {
+    /// A device no daemon serves yet, its chain `layers` (bottom first), its model `model`.
+    pub fn new(index: u32, kind: Kind, layers: Vec<String>, model: Model, size: u64) -> Device {
+        Device {
+            index,
+            kind,
+            storage: layers.first().cloned().unwrap_or_default(),
+            layers: Mutex::new(layers),
+            daemon: Mutex::new(Daemon::Away),
+            io: RwLock::new(None),
+            model: Mutex::new(model),
+            crashes: AtomicU64::new(0),
+            trouble: AtomicBool::new(false),
+            paused: AtomicU32::new(0),
+            unpaused_ms: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+            size: AtomicU64::new(size),
+        }
+    }
+
     pub fn top(&self) -> String {
         self.layers.lock().map(|l| l.last().cloned().unwrap_or_default()).unwrap_or_default()
     }

@@ -21,8 +21,15 @@ pub struct Log {
 }
 
 impl Log {
-    pub fn new(path: &str, seed: u64, verbose: bool, fvd: &str) -> Result<Log, String> {
-        let file = File::create(path).map_err(|e| format!("{path}: {e}"))?;
+    /// `append`: a later phase of a run (after a power cut) adds to the phase before's log.
+    pub fn new(path: &str, seed: u64, verbose: bool, fvd: &str, append: bool) -> Result<Log, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .map_err(|e| format!("{path}: {e}"))?;
         Ok(Log {
             t0: Instant::now(),
             seed,
@@ -60,6 +67,13 @@ impl Log {
     pub fn count(&self, kind: &str) {
         if let Ok(mut c) = self.counts.lock() {
             *c.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    /// The log file on stable storage (before a power cut).
+    pub fn sync(&self) {
+        if let Ok(f) = self.file.lock() {
+            let _ = f.sync_all();
         }
     }
 

@@ -16,10 +16,10 @@ mod dev;
 mod log;
 mod model;
 mod ops;
+mod powercut;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
-use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -90,6 +90,17 @@ struct Args {
     /// fail (it shows the checks see what the devices hold).
     #[arg(long)]
     control: bool,
+    /// This phase of the run (each power cut starts the next).
+    #[arg(long, default_value_t = 1)]
+    phase: u32,
+    /// End with the whole guest's power cut instead of killing every daemon
+    /// (powercut.rs; the guest harness boots the next phase).
+    #[arg(long)]
+    power_cut: bool,
+    /// Go on from the state the last power cut left in the results folder: every device
+    /// recovered and read whole first.
+    #[arg(long)]
+    resume: bool,
     #[arg(long)]
     verbose: bool,
 }
@@ -114,7 +125,7 @@ fn main() {
         }
         std::process::exit(0);
     }
-    let log = match Log::new(&format!("{}/torture-ops.log", a.results), a.seed, a.verbose, &a.fvd) {
+    let log = match Log::new(&format!("{}/torture-ops.log", a.results), a.seed, a.verbose, &a.fvd, a.resume) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("torture: {e}");
@@ -130,6 +141,20 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The writers' counts, by their index in `writer::Writer::counts`.
+const NAMES: [&str; 7] = ["writes", "fua-writes", "reads", "flushes", "discards", "write-zeroes", "request-errors"];
+
+fn summed(
+    a: &std::collections::BTreeMap<String, u64>,
+    b: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut s = a.clone();
+    for (k, v) in b {
+        *s.entry(k.clone()).or_default() += v;
+    }
+    s
 }
 
 fn failing_table(healthy: &str) -> Result<String, String> {
@@ -169,21 +194,7 @@ fn setup(a: &Args, log: &Log, ctx: &Ctx) -> Result<Vec<Device>, String> {
             }
         }
         let init = move |b: u64| if kind == Kind::Overlay { base_value(b) } else { 0 };
-        let d = Device {
-            index,
-            kind,
-            storage: path.to_string(),
-            layers: Mutex::new(vec![path.to_string()]),
-            daemon: Mutex::new(Daemon::Away),
-            io: RwLock::new(None),
-            model: Mutex::new(Model::new(region_blocks, init)),
-            crashes: AtomicU64::new(0),
-            trouble: AtomicBool::new(false),
-            paused: AtomicU32::new(0),
-            unpaused_ms: AtomicU64::new(0),
-            busy: AtomicBool::new(false),
-            size: AtomicU64::new(size),
-        };
+        let d = Device::new(index, kind, vec![path.to_string()], Model::new(region_blocks, init), size);
         ctx.start(&d)?;
         log.line(&format!("dev {index}: {} on {path}", kind.name()));
         devs.push(d);
@@ -267,10 +278,30 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
     if a.devs.is_empty() {
         return Err("no --dev given".into());
     }
-    log.line(&format!("torture: seed {} for {} s over {} devices", a.seed, a.seconds, a.devs.len()));
-    let devs = setup(a, log, &ctx)?;
+    log.line(&format!(
+        "torture: seed {} phase {} for {} s over {} devices{}",
+        a.seed,
+        a.phase,
+        a.seconds,
+        a.devs.len(),
+        if a.power_cut { ", then a power cut" } else { "" }
+    ));
+    // A later phase draws its own schedule; the first keeps the seed's (old seeds replay).
+    let seed = a.seed ^ (u64::from(a.phase.saturating_sub(1)) << 56);
+    let (devs, next_value, earlier) = if a.resume {
+        let (state, devs) = powercut::load(&powercut::state_path(&a.results), a.seed)?;
+        for d in &devs {
+            ctx.start(d)?;
+            log.line(&format!("dev {}: {} recovered after the power cut on {}", d.index, d.kind.name(), d.top()));
+            ctx.verify(d)?;
+            log.count("power-cut-recovered");
+        }
+        (devs, state.next_value, state.counts)
+    } else {
+        (setup(a, log, &ctx)?, 1, std::collections::BTreeMap::new())
+    };
     let stop = AtomicBool::new(false);
-    let values = AtomicU64::new(1);
+    let values = AtomicU64::new(next_value);
     let counts: [AtomicU64; 7] = Default::default();
     let op_starts: Vec<Vec<AtomicU64>> =
         devs.iter().map(|_| (0..a.writers).map(|_| AtomicU64::new(0)).collect()).collect();
@@ -286,7 +317,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
                     thread: t,
                     threads: a.writers,
                     region_blocks: ctx.region_blocks,
-                    seed: a.seed,
+                    seed,
                     log,
                     stop: &stop,
                     op_start: &op_starts[di][t as usize],
@@ -336,7 +367,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         // The scheduler: the seed draws the sequence of (device, operation); each waits
         // for its device and for a free slot, so a replay runs the same operations in the
         // same order (how they overlap in time may differ).
-        let mut rng = StdRng::seed_from_u64(a.seed);
+        let mut rng = StdRng::seed_from_u64(seed);
         let mut n = 0u64;
         'draws: while Instant::now() < deadline && !log.has_failed() {
             std::thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
@@ -366,8 +397,16 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(100));
         }
         // Every daemon killed at once with the writers' requests in flight, each device
-        // recovered and read whole.
-        if !log.has_failed() {
+        // recovered and read whole; or the whole guest's power cut.
+        if !log.has_failed() && a.power_cut {
+            log.count("power-cut");
+            let mut all = summed(&earlier, &log.counts());
+            for (i, nm) in NAMES.iter().enumerate() {
+                *all.entry((*nm).to_string()).or_default() += counts[i].load(SeqCst);
+            }
+            let e = powercut::cut(&a.results, a.seed, a.phase, log, &devs, values.load(SeqCst), all);
+            log.fail(&e);
+        } else if !log.has_failed() {
             if let Err(e) = ctx.kill_all(&devs) {
                 log.fail(&e);
             }
@@ -394,14 +433,15 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         }
         ctx.check_layers(d)?;
     }
-    let names = ["writes", "fua-writes", "reads", "flushes", "discards", "write-zeroes", "request-errors"];
     let mut summary = serde_json::Map::new();
     summary.insert("seed".into(), a.seed.into());
+    summary.insert("phases".into(), a.phase.into());
     summary.insert("seconds".into(), t0.elapsed().as_secs().into());
-    for (i, nm) in names.iter().enumerate() {
-        summary.insert((*nm).into(), counts[i].load(SeqCst).into());
+    let mut all = summed(&earlier, &log.counts());
+    for (i, nm) in NAMES.iter().enumerate() {
+        *all.entry((*nm).to_string()).or_default() += counts[i].load(SeqCst);
     }
-    for (k, v) in log.counts() {
+    for (k, v) in all {
         summary.insert(k, v.into());
     }
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(summary)).unwrap_or_default();

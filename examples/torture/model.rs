@@ -114,6 +114,9 @@ impl Block {
 pub struct Model {
     pub blocks: Vec<Block>,
     seq: u64,
+    /// Requests under way, per writer thread: (block, value) each may leave behind. A
+    /// power cut may catch them half done; a completed request clears its own.
+    pending: Vec<Vec<(u64, u64)>>,
 }
 
 impl Model {
@@ -124,7 +127,43 @@ impl Model {
                 Block { cur: vec![v], durable: vec![v], since: Vec::new() }
             })
             .collect();
-        Model { blocks, seq: 0 }
+        Model { blocks, seq: 0, pending: Vec::new() }
+    }
+
+    /// A model whose blocks may each hold any of `sets` (what a power cut left).
+    pub fn from_sets(sets: Vec<Vec<u64>>) -> Model {
+        let blocks = sets.into_iter().map(|s| Block { cur: s.clone(), durable: s, since: Vec::new() }).collect();
+        Model { blocks, seq: 0, pending: Vec::new() }
+    }
+
+    /// Writer `thread` is about to send a request that may leave `value` in each of `blocks`.
+    pub fn begin(&mut self, thread: usize, blocks: impl Iterator<Item = (u64, u64)>) {
+        if self.pending.len() <= thread {
+            self.pending.resize(thread + 1, Vec::new());
+        }
+        self.pending[thread].clear();
+        self.pending[thread].extend(blocks);
+    }
+
+    /// Writer `thread`'s request completed (and is in the model, or changed nothing).
+    pub fn end(&mut self, thread: usize) {
+        if let Some(p) = self.pending.get_mut(thread) {
+            p.clear();
+        }
+    }
+
+    /// The power is cut now: what a crash allows, and each request under way may have
+    /// reached its blocks too. Returns each block's allowed values.
+    pub fn power_cut(&mut self) -> Vec<Vec<u64>> {
+        self.crashed();
+        for p in std::mem::take(&mut self.pending) {
+            for (b, v) in p {
+                let blk = &mut self.blocks[b as usize];
+                add(&mut blk.cur, v);
+                add(&mut blk.durable, v);
+            }
+        }
+        self.blocks.iter().map(|b| b.cur.clone()).collect()
     }
 
     /// The sequence number a flush issued now covers.
@@ -259,5 +298,19 @@ mod tests {
         m.crashed();
         assert_eq!(m.blocks[0].cur, vec![6]);
         assert_eq!(m.blocks[1].cur, vec![0]);
+    }
+
+    #[test]
+    fn a_power_cut_allows_what_was_under_way() {
+        let mut m = Model::new(3, |_| 0);
+        m.wrote(0, 5, true);
+        m.flushed(m.seq());
+        m.begin(0, [(0, 7), (1, 7)].into_iter());
+        m.begin(1, [(2, 9)].into_iter());
+        m.end(1);
+        let sets = m.power_cut();
+        assert_eq!(sets, vec![vec![5, 7], vec![0, 7], vec![0]]);
+        let m2 = Model::from_sets(sets);
+        assert_eq!(m2.blocks[0].cur, vec![5, 7]);
     }
 }

@@ -167,6 +167,9 @@ impl Writer<'_> {
                         stamp_block(&mut b[i as usize * BLOCK..][..BLOCK], self.dev.index, first + i, v);
                         vals.push(v);
                     }
+                    if let Ok(mut m) = self.dev.model.lock() {
+                        m.begin(self.thread as usize, vals.iter().enumerate().map(|(i, &v)| (first + i as u64, v)));
+                    }
                     let r = pwrite(f, b, off, fua);
                     writes_done += 1;
                     // The control: the model forgets this write (it expects the write before),
@@ -195,6 +198,7 @@ impl Writer<'_> {
                         continue;
                     }
                     if let Ok(mut m) = self.dev.model.lock() {
+                        m.end(self.thread as usize);
                         let spanned = self.dev.crashes.load(Ordering::SeqCst) != crashes;
                         for (i, v) in vals.into_iter().enumerate() {
                             if spanned {
@@ -252,8 +256,12 @@ impl Writer<'_> {
                 _ => {
                     let discard = op < 96;
                     what = if discard { "discard" } else { "write-zeroes" };
+                    if let Ok(mut m) = self.dev.model.lock() {
+                        m.begin(self.thread as usize, (0..n).map(|i| (first + i, 0)));
+                    }
                     let r = ioctl_range(f, if discard { BLKDISCARD } else { BLKZEROOUT }, off, len as u64);
                     if let Ok(mut m) = self.dev.model.lock() {
+                        m.end(self.thread as usize);
                         let spanned = self.dev.crashes.load(Ordering::SeqCst) != crashes;
                         for i in 0..n {
                             m.wrote(first + i, 0, r.is_ok() && !spanned);
