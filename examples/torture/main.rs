@@ -101,6 +101,10 @@ struct Args {
     /// recovered and read whole first.
     #[arg(long)]
     resume: bool,
+    /// Only these operations (names as in the log, comma-separated; "restart-commit" is
+    /// a restart that commits): a failure's replay, aimed.
+    #[arg(long, value_delimiter = ',')]
+    ops: Vec<String>,
     #[arg(long)]
     verbose: bool,
 }
@@ -372,7 +376,17 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         'draws: while Instant::now() < deadline && !log.has_failed() {
             std::thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
             let di = rng.gen_range(0..devs.len());
-            let op = draw(&mut rng, devs[di].kind, online_resize.load(SeqCst), a.nbd_down.is_some());
+            let mut op = draw(&mut rng, devs[di].kind, online_resize.load(SeqCst), a.nbd_down.is_some());
+            while !a.ops.is_empty()
+                && !a.ops.iter().any(|o| o == op.name() || (o == "restart-commit" && matches!(op, Op::Restart { .. })))
+            {
+                op = draw(&mut rng, devs[di].kind, online_resize.load(SeqCst), a.nbd_down.is_some());
+            }
+            if a.ops.iter().any(|o| o == "restart-commit") {
+                if let Op::Restart { commit, .. } = &mut op {
+                    *commit = true;
+                }
+            }
             n += 1;
             let d = &devs[di];
             while running_ops.load(SeqCst) >= MAX_PARALLEL || d.busy.load(SeqCst) {

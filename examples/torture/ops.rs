@@ -141,13 +141,56 @@ impl Ctx<'_> {
             let mut m = d.model.lock().map_err(|_| "poisoned")?;
             for i in 0..n {
                 let blk = b0 + i;
-                let seen = check_block(&b[i as usize * BLOCK..][..BLOCK], d.index, blk, &m.blocks[blk as usize].cur)
-                    .map_err(|e| format!("{} dev {}: verify: {e}", d.kind.name(), d.index))?;
+                let seen =
+                    match check_block(&b[i as usize * BLOCK..][..BLOCK], d.index, blk, &m.blocks[blk as usize].cur) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.where_is(d, blk);
+                            return Err(format!("{} dev {}: verify: {e}", d.kind.name(), d.index));
+                        }
+                    };
                 m.observed(blk, seen);
             }
             b0 += n;
         }
         Ok(())
+    }
+
+    /// Logs where each layer of the device keeps `blk` (fvd map, what its metadata on
+    /// storage says), for a failure's report.
+    fn where_is(&self, d: &Device, blk: u64) {
+        let layers = d.layers.lock().map(|l| l.clone()).unwrap_or_default();
+        let off = blk * BLOCK as u64;
+        for l in layers.iter().rev() {
+            let Ok(o) = self.fvd(&["map", "--output", "json", l]) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&o.stdout) else {
+                self.log.line(&format!("  where: {l}: fvd map: {}", o.stderr.trim()));
+                continue;
+            };
+            let hit = v.as_array().into_iter().flatten().find(|r| {
+                let s = r["start"].as_u64().unwrap_or(u64::MAX);
+                s <= off && off < s.saturating_add(r["length"].as_u64().unwrap_or(0))
+            });
+            let mut raw = String::new();
+            if let Some(h) = hit {
+                if let (Some(so), Some(st)) = (h["offset"].as_u64(), h["start"].as_u64()) {
+                    let at = so + (off - st);
+                    let mut sec = [0u8; 512];
+                    let r = std::fs::File::open(l)
+                        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut sec, at));
+                    raw = match r {
+                        Ok(()) => {
+                            format!("; its storage at {at:#x} holds {:?}", crate::model::decode(&sec, d.index, blk))
+                        }
+                        Err(e) => format!("; its storage at {at:#x}: {e}"),
+                    };
+                }
+            }
+            self.log.line(&format!(
+                "  where: block {blk} (byte {off:#x}) in {l}: {}{raw}",
+                hit.map(|h| h.to_string()).unwrap_or_default()
+            ));
+        }
     }
 
     fn new_layer(&self, d: &Device, n: u64) -> Result<Option<String>, String> {

@@ -103,6 +103,17 @@ pub fn cut(
     if let Err(e) = write_synced(&state_path(results), &text) {
         return e;
     }
+    // The daemons' logs (on tmpfs, which the cut empties) kept for a failure's report.
+    let run_dir = std::env::var("FVD_RUN_DIR").unwrap_or_else(|_| "/run/fvd".into());
+    let keep = format!("{results}/phase{phase}-daemon-logs");
+    if std::fs::create_dir_all(&keep).is_ok() {
+        for e in std::fs::read_dir(&run_dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".log") {
+                let _ = std::fs::copy(e.path(), format!("{keep}/{name}"));
+            }
+        }
+    }
     log.line(&format!("power cut: phase {phase} ends with every request in flight; phase {} recovers", phase + 1));
     log.sync();
     if let Err(e) = write_synced(&format!("{results}/powercut"), format!("{}\n", phase + 1).as_bytes()) {

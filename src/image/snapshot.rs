@@ -51,15 +51,20 @@ impl Image {
     }
 }
 
-/// The base path to store in `new` for `image`: the file name when both are in
-/// one folder (the pair can move together), else the absolute path.
+/// The base path to store in `new` for `image`: the file name when both are
+/// files in one folder (the pair can move together), else the absolute path; a
+/// device-mapper device (an LV) by its stable `/dev/mapper` name.
 pub fn base_reference(image: &Path, new: &Path) -> PathBuf {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let img = canon(image);
+    // A device-mapper device by its dm name, never by its /dev/dm-N node: after a
+    // reboot N names another device (once the thin pool's, whose first bytes were
+    // the layer's own header: the chain read the pool's blocks as the layer's).
+    let img = crate::storage::blockdev::stable_path(&canon(image));
     let new_dir =
         new.parent().filter(|d| !d.as_os_str().is_empty()).map(canon).unwrap_or_else(|| canon(Path::new(".")));
+    let is_file = std::fs::metadata(&img).is_ok_and(|m| m.is_file());
     match (img.parent(), img.file_name()) {
-        (Some(d), Some(name)) if d == new_dir => PathBuf::from(name),
+        (Some(d), Some(name)) if d == new_dir && is_file => PathBuf::from(name),
         _ => img,
     }
 }

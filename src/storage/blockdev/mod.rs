@@ -7,7 +7,7 @@
 pub mod sysfs;
 pub mod zero;
 
-pub use sysfs::{is_lvm_thin, lvm_dm_name, sysfs_dir};
+pub use sysfs::{is_lvm_thin, lvm_dm_name, stable_path, sysfs_dir};
 pub use zero::{aligned_inside, ZeroMethod};
 
 use super::Storage;
@@ -82,6 +82,23 @@ pub fn has_nonzero(s: &dyn Storage, off: u64, len: u64) -> bool {
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_dm_node_is_named_by_its_dm_name() {
+        let root = tempfile::tempdir().unwrap();
+        let (sys, dev) = (root.path().join("sys"), root.path().join("dev"));
+        std::fs::create_dir_all(sys.join("block/dm-5/dm")).unwrap();
+        std::fs::write(sys.join("block/dm-5/dm/name"), "vg-thin\n").unwrap();
+        let stable = |p: &str| sysfs::stable_path_in(&dev.join(p), &sys, &dev);
+        assert_eq!(stable("dm-5"), dev.join("mapper/vg-thin"));
+        // No dm name to be had, or not a dm node: the path as it is.
+        assert_eq!(stable("dm-6"), dev.join("dm-6"));
+        assert_eq!(stable("loop0"), dev.join("loop0"));
+        assert_eq!(stable("dm-"), dev.join("dm-"));
+        assert_eq!(stable("dm-5x"), dev.join("dm-5x"));
+        let file = root.path().join("img.fvd");
+        assert_eq!(sysfs::stable_path_in(&file, &sys, &dev), file);
+    }
 
     #[test]
     fn files_are_not_block_devices() {

@@ -15,6 +15,30 @@ pub fn sysfs_dir(fd: RawFd) -> io::Result<PathBuf> {
     Ok(PathBuf::from(format!("/sys/dev/block/{maj}:{min}")))
 }
 
+/// A name for the device at canonical path `canon` that stays the same when the
+/// device is made again: `/dev/dm-N` (whose N the kernel hands out in the order
+/// devices are made, so another boot or activation gives it to another device)
+/// becomes `/dev/mapper/NAME`, NAME being the device-mapper name (for an LV,
+/// lvm2's `VG-LV`). Any other path is returned as it is. `sys` and `dev` are
+/// the roots of sysfs and /dev (`/sys`, `/dev`; other roots in tests).
+pub fn stable_path_in(canon: &Path, sys: &Path, dev: &Path) -> PathBuf {
+    let dm = canon
+        .strip_prefix(dev)
+        .ok()
+        .and_then(|rest| rest.to_str())
+        .filter(|n| n.strip_prefix("dm-").is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())));
+    let Some(dm) = dm else { return canon.to_path_buf() };
+    match read_sys(&sys.join("block").join(dm), "dm/name") {
+        Some(name) if !name.is_empty() && !name.contains('/') => dev.join("mapper").join(name),
+        _ => canon.to_path_buf(),
+    }
+}
+
+/// [`stable_path_in`] with the system's /sys and /dev.
+pub fn stable_path(canon: &Path) -> PathBuf {
+    stable_path_in(canon, Path::new("/sys"), Path::new("/dev"))
+}
+
 /// A sysfs attribute below `dir`, trimmed.
 pub fn read_sys(dir: &Path, rel: &str) -> Option<String> {
     std::fs::read_to_string(dir.join(rel)).ok().map(|s| s.trim().to_string())

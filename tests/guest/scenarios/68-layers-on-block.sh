@@ -72,6 +72,17 @@ want=$({ head -c $((12 * M)) "$WORK/a.bin"; cat "$WORK/b.bin"; head -c $((44 * M
 [[ $(sum_of "$top" 128M) == "$want" ]] || fail "the overlay (fvd io) differs from what was written"
 zeros "$top" 80M 48M
 
+step "the overlay names gold by its device-mapper name; the VG made again in another order (new /dev/dm-N numbers), the chain reads the same"
+base=$("$FVD" info --output json "$top" | python3 -c 'import json, sys; print(json.load(sys.stdin)["base"]["filename"])')
+printf 'top'"'"'s base: %s (gold is %s)\n' "$base" "$(readlink -f "$gold")"
+vgchange -q -an fvdly
+lvchange -q -ay fvdly/top # top first: it takes the number gold had
+lvchange -q -ay fvdly/gold
+udev_settle
+printf 'now: top is %s, gold is %s\n' "$(readlink -f "$top")" "$(readlink -f "$gold")"
+[[ $(sum_of "$top" 128M) == "$want" ]] || fail "the chain reads otherwise once the VG is made again"
+[[ $base == /dev/mapper/fvdly-gold ]] || fail "top names its base $base, not /dev/mapper/fvdly-gold: a /dev/dm-N name points elsewhere after a reboot"
+
 step "fvd commit top into gold (offline)"
 run "$FVD" commit "$top"
 [[ $(sum_of "$gold" 128M) == "$want" ]] || fail "gold does not read what top read after the commit"

@@ -64,6 +64,21 @@ torture_args=(--fvd "$FVD" --work "$WORK" --results "$RESULTS" --seed "$seed" --
     --dev "file:$WORK/file.fvd" --dev "lv:/dev/fvdtl/lin" --dev "thin:/dev/fvdtp/thin"
     --dev "flakey:/dev/mapper/fvdtorture" --dev "overlay:$WORK/overlay.fvd"
     --overlay-base /dev/nbd0 --nbd-down "$WORK/nbd-down" --nbd-up "$WORK/nbd-up" --thin-pool fvdtp/pool)
+# FVD_TORTURE_OPS=NAME,...: only those operations (a failure's replay, aimed).
+[[ -z ${FVD_TORTURE_OPS:-} ]] || torture_args+=(--ops "$FVD_TORTURE_OPS")
+# FVD_TORTURE_ONLY=KIND: that one device alone (a failure's replay, faster).
+if [[ -n ${FVD_TORTURE_ONLY:-} ]]; then
+    kept=()
+    for ((i = 0; i < ${#torture_args[@]}; i++)); do
+        if [[ ${torture_args[i]} == --dev ]]; then
+            [[ ${torture_args[i + 1]} == "$FVD_TORTURE_ONLY:"* ]] && kept+=(--dev "${torture_args[i + 1]}")
+            i=$((i + 1))
+        else
+            kept+=("${torture_args[i]}")
+        fi
+    done
+    torture_args=("${kept[@]}")
+fi
 then_cut=""
 if ((phase <= cuts)); then
     torture_args+=(--power-cut)
