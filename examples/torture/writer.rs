@@ -175,7 +175,7 @@ impl Writer<'_> {
                     // The control: the model forgets this write (it expects the write before),
                     // and the block is read back at once: the run must fail.
                     let forget =
-                        self.control && self.thread == 0 && self.dev.index == 1 && writes_done == 200 && r.is_ok();
+                        self.control && self.thread == 0 && self.dev.index == 1 && writes_done == 25 && r.is_ok();
                     if forget {
                         self.log.line(&format!("control: the model forgets write {:#x} to block {first}", vals[0]));
                         if let Ok(mut m) = self.dev.model.lock() {
