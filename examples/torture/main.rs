@@ -19,6 +19,7 @@ mod ops;
 mod powercut;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
@@ -150,15 +151,17 @@ fn main() {
 /// The writers' counts, by their index in `writer::Writer::counts`.
 const NAMES: [&str; 7] = ["writes", "fua-writes", "reads", "flushes", "discards", "write-zeroes", "request-errors"];
 
-fn summed(
-    a: &std::collections::BTreeMap<String, u64>,
-    b: &std::collections::BTreeMap<String, u64>,
-) -> std::collections::BTreeMap<String, u64> {
-    let mut s = a.clone();
-    for (k, v) in b {
-        *s.entry(k.clone()).or_default() += v;
+/// Every count of the run so far: the earlier phases', this one's operations and its
+/// writers' requests.
+fn totals(earlier: &BTreeMap<String, u64>, log: &Log, requests: &[AtomicU64; 7]) -> BTreeMap<String, u64> {
+    let mut all = earlier.clone();
+    for (k, v) in log.counts() {
+        *all.entry(k).or_default() += v;
     }
-    s
+    for (nm, c) in NAMES.iter().zip(requests) {
+        *all.entry((*nm).to_string()).or_default() += c.load(SeqCst);
+    }
+    all
 }
 
 fn failing_table(healthy: &str) -> Result<String, String> {
@@ -302,7 +305,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         }
         (devs, state.next_value, state.counts)
     } else {
-        (setup(a, log, &ctx)?, 1, std::collections::BTreeMap::new())
+        (setup(a, log, &ctx)?, 1, BTreeMap::new())
     };
     let stop = AtomicBool::new(false);
     let values = AtomicU64::new(next_value);
@@ -414,10 +417,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
         // recovered and read whole; or the whole guest's power cut.
         if !log.has_failed() && a.power_cut {
             log.count("power-cut");
-            let mut all = summed(&earlier, &log.counts());
-            for (i, nm) in NAMES.iter().enumerate() {
-                *all.entry((*nm).to_string()).or_default() += counts[i].load(SeqCst);
-            }
+            let all = totals(&earlier, log, &counts);
             let e = powercut::cut(&a.results, a.seed, a.phase, log, &devs, values.load(SeqCst), all);
             log.fail(&e);
         } else if !log.has_failed() {
@@ -451,11 +451,7 @@ fn torture(a: &Args, log: &Log) -> Result<(), String> {
     summary.insert("seed".into(), a.seed.into());
     summary.insert("phases".into(), a.phase.into());
     summary.insert("seconds".into(), t0.elapsed().as_secs().into());
-    let mut all = summed(&earlier, &log.counts());
-    for (i, nm) in NAMES.iter().enumerate() {
-        *all.entry((*nm).to_string()).or_default() += counts[i].load(SeqCst);
-    }
-    for (k, v) in all {
+    for (k, v) in totals(&earlier, log, &counts) {
         summary.insert(k, v.into());
     }
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(summary)).unwrap_or_default();
